@@ -1,0 +1,165 @@
+"""`python -m infra <command>`: thin wrappers over library functions.
+
+  train  --config experiments/lm.py:tiny --workdir runs/x [--cpu_devices 8] [--config.k=v ...]
+  list   every experiment and its variants
+  smoke  [experiments/x.py ...]  run each experiment's `smoke` variant on 8 emulated CPU devices
+
+JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
+Bad input (`UserError`) prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+from infra.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.k=v` / `--config.k v` overrides from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infra", description="JAX training stack")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="emulate N CPU devices (also: INFRA_CPU_DEVICES=N)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an experiment (resumes if the workdir has a checkpoint)")
+    t.add_argument("--config", required=True, help="experiments/<name>.py[:variant]")
+    t.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")
+    t.add_argument("--cpu_devices", type=int, default=None, help=argparse.SUPPRESS)
+
+    sub.add_parser("list", help="print every experiment and its variants")
+
+    s = sub.add_parser("smoke", help="run the smoke variant of every (or each named) experiment")
+    s.add_argument("experiments", nargs="*", help="experiment files (default: all)")
+    s.add_argument("--cpu_devices", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _setup_devices(cpu_devices: int | None) -> None:
+    from infra import mesh
+
+    if cpu_devices is not None:
+        if cpu_devices < 1:
+            raise UserError(f"--cpu_devices must be >= 1, got {cpu_devices}")
+        mesh.emulate_cpu_devices(cpu_devices)
+    else:
+        mesh.emulate_from_env()
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("infra").setLevel(logging.INFO)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from infra import config, train
+
+    cfg = config.load(args.config, overrides)
+    _, history = train.run(cfg, args.workdir)
+    evals = [r for r in history if "eval/loss" in r]
+    if evals:
+        print(f"eval loss {evals[0]['eval/loss']:.4f} (step {evals[0]['step']}) -> "
+              f"{evals[-1]['eval/loss']:.4f} (step {evals[-1]['step']})")
+    return 0
+
+
+def cmd_list() -> int:
+    from infra import config
+
+    for name, doc, variants in config.describe_experiments():
+        print(f"{name}: {doc}")
+        for variant, desc in variants.items():
+            print(f"  {name}:{variant:<8} {desc}")
+    return 0
+
+
+def run_smoke(experiments: list[str]) -> list[dict]:
+    """Train each experiment's `smoke` variant in a temporary workdir; one result row each."""
+    from infra import config, train
+
+    names = experiments or [str(p) for p in config.list_experiment_files()]
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        row = {"experiment": name, "ok": False, "detail": ""}
+        try:
+            cfg = config.load(f"{name}:smoke", {"train.progress_bar": False, "sharding.print_table": False})
+            with tempfile.TemporaryDirectory(prefix="infra-smoke-") as workdir:
+                state, history = train.run(cfg, workdir)
+            losses = [r["train/loss"] for r in history if "train/loss" in r]
+            finite = bool(losses) and all(v is not None for v in losses)
+            row["ok"] = finite and int(state["step"]) == cfg.train.steps
+            row["detail"] = (f"{cfg.train.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                             if finite else "non-finite or missing loss")
+        except Exception as e:  # a smoke test reports every failure in its table
+            row["detail"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+    return rows
+
+
+def cmd_smoke(args) -> int:
+    rows = run_smoke(args.experiments)
+    width = max(len(r["experiment"]) for r in rows)
+    print(f"{'experiment':<{width}}  result  seconds  detail")
+    for r in rows:
+        print(f"{r['experiment']:<{width}}  {'PASS' if r['ok'] else 'FAIL':<6}  {r['seconds']:7.1f}  {r['detail']}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    try:
+        if overrides and args.command != "train":
+            raise UserError(f"--config.* overrides apply to `train` only, not `{args.command}`")
+        cpu_devices = args.cpu_devices
+        if args.command == "smoke" and cpu_devices is None:
+            cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
+        _setup_devices(cpu_devices)
+        _quiet_libraries()
+        if args.command == "train":
+            return cmd_train(args, overrides)
+        if args.command == "list":
+            return cmd_list()
+        return cmd_smoke(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

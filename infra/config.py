@@ -1,0 +1,324 @@
+"""Experiment configs: the base defaults, loading `experiments/<name>.py:<variant>`, typed overrides.
+
+An experiment file defines `get_config(arg: str | None) -> ConfigDict`, usually by calling
+`base_config()` and changing what it needs, and a `VARIANTS` dict (variant name -> one-line
+description) that `python -m infra list` prints. Experiment files are Python: loading one runs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from infra.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+# Logical axis -> mesh axes. Batch is split over every data-parallel axis; weights are split
+# over `fsdp` along `embed` and over `tensor` along heads / mlp / vocab (Megatron style).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def base_config() -> ConfigDict:
+    """Every key the stack reads, with its default. Experiments override a subset."""
+    c = ConfigDict()
+    c.experiment = ""  # filled in by `load`: the spec the config came from
+    c.task = "lm"
+
+    c.model = ConfigDict(
+        dict(
+            name="transformer",
+            vocab_size=384,  # 259 byte-level ids padded to a multiple of 128
+            d_model=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            mlp_dim=768,
+            max_seq_len=256,
+            rope_theta=10000.0,
+            norm_eps=1e-6,
+            tie_embeddings=True,
+            dtype="float32",
+            param_dtype="float32",
+        )
+    )
+
+    c.data = ConfigDict(
+        dict(
+            files="",  # glob(s), comma-separated; "" = the Python standard library's source
+            seq_len=128,
+            val_fraction=0.05,
+            eval_batches=4,
+        )
+    )
+
+    c.train = ConfigDict(
+        dict(
+            steps=1000,
+            batch_size=32,
+            seed=0,
+            eval_every=200,
+            log_every=20,
+            eval_at_start=True,
+            progress_bar=True,
+        )
+    )
+
+    c.optim = ConfigDict(
+        dict(
+            lr=1e-3,
+            warmup_steps=100,
+            min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio at train.steps
+            weight_decay=0.1,
+            grad_clip=1.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+        )
+    )
+
+    c.mesh = ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    )
+
+    c.distributed = ConfigDict(
+        dict(
+            # "auto": initialise when the environment shows several processes (TPU pod, Slurm,
+            # explicit coordinator); "always" / "never" force it.
+            initialize="auto",
+            coordinator_address="",
+            num_processes=0,
+            process_id=-1,
+        )
+    )
+
+    c.sharding = ConfigDict(
+        dict(
+            rules=DEFAULT_RULES,
+            warn_replicated_mb=16.0,  # warn about replicated params larger than this
+            print_table=True,
+        )
+    )
+
+    c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True))
+    return c
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_experiment_path(name: str) -> Path:
+    """`experiments/lm.py`, `lm.py` or `lm` -> an existing file (cwd first, then the project)."""
+    candidates = [Path(name)]
+    bare = Path(name).name
+    if not bare.endswith(".py"):
+        bare += ".py"
+        candidates.append(Path(name + ".py"))
+    candidates.append(EXPERIMENTS_DIR / bare)
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    known = ", ".join(p.stem for p in list_experiment_files()) or "none"
+    raise ConfigError(
+        f"unknown experiment '{name}': no such file; known experiments in "
+        f"{EXPERIMENTS_DIR}: {known}"
+    )
+
+
+def import_experiment(path: Path):
+    """Import an experiment file as a module (it is Python: this runs its code)."""
+    module_name = f"infra_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment {path} has no get_config(arg) function; add one")
+    return module
+
+
+def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) -> ConfigDict:
+    """Load `experiments/lm.py:tiny`, apply overrides, validate, and return a locked config.
+
+    `overrides` is a mapping of dotted keys to values (`{"optim.lr": 3e-4}`) or a list of
+    command-line strings (`["--config.optim.lr=3e-4"]`); both are type-checked against the
+    base config.
+    """
+    name, _, variant = spec.partition(":")
+    path = resolve_experiment_path(name)
+    module = import_experiment(path)
+    variants = getattr(module, "VARIANTS", None)
+    if variant and variants is not None and variant not in variants:
+        raise ConfigError(
+            f"unknown variant '{variant}' of {path.name}; known variants: {', '.join(variants)}"
+        )
+    config = module.get_config(variant or None)
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path.name}:get_config must return an ml_collections.ConfigDict")
+    with config.unlocked():
+        config.experiment = f"{name}:{variant}" if variant else name
+    if overrides:
+        if not isinstance(overrides, Mapping):
+            overrides = parse_override_args(list(overrides))
+        apply_overrides(config, overrides)
+    validate(config)
+    config.lock()
+    return config
+
+
+def parse_override_args(args: list[str]) -> dict[str, str]:
+    """`["--config.a.b=1", "--config.c", "x"]` -> `{"a.b": "1", "c": "x"}` (values as text)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(
+                f"unrecognised argument '{arg}'; overrides look like --config.optim.lr=3e-4"
+            )
+        key, eq, value = arg[len("--config.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --config.{key} has no value; write --config.{key}=VALUE")
+            i += 1
+            value = args[i]
+        out[key] = value
+        i += 1
+    return out
+
+
+def flatten_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key, dotted."""
+    keys = []
+    for k, v in config.items():
+        if isinstance(v, ConfigDict):
+            keys += flatten_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _unknown_key(key: str, config: ConfigDict) -> ConfigError:
+    keys = flatten_keys(config)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # fall back to a match on the last component (`lr` -> `optim.lr`)
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m infra list` and the experiment file"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Convert `value` (text from the command line, or a Python value) to the type of `current`."""
+    want = type(current)
+    if isinstance(value, str) and want is not str:
+        if want is bool:
+            low = value.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"config key '{key}' expects a bool (true/false), got '{value}'")
+        try:
+            value = ast.literal_eval(value)  # literals only: never runs code
+        except (ValueError, SyntaxError):
+            if current is None:
+                return value
+            raise ConfigError(
+                f"config key '{key}' expects {want.__name__}, got '{value}'"
+            ) from None
+    if current is None or value is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want in (tuple, list) and isinstance(value, (tuple, list)):
+        return want(value)
+    if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+        shown = value if not isinstance(value, str) else f"'{value}'"
+        raise ConfigError(
+            f"config key '{key}' expects {want.__name__}, got {type(value).__name__} {shown}"
+        )
+    return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Set dotted keys in place, checking that each key exists and each value has its type."""
+    for key, value in overrides.items():
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], ConfigDict):
+                raise _unknown_key(key, config)
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node or isinstance(node[leaf], ConfigDict):
+            raise _unknown_key(key, config)
+        with node.unlocked():
+            node[leaf] = _coerce(key, value, node[leaf])
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks that need no devices. Mesh/batch checks happen when the mesh is built."""
+
+    def positive(key: str, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key} must be > 0, got {value}; set --config.{key}=<positive>")
+
+    positive("train.steps", config.train.steps)
+    positive("train.batch_size", config.train.batch_size)
+    positive("train.log_every", config.train.log_every)
+    positive("train.eval_every", config.train.eval_every)
+    positive("optim.lr", config.optim.lr)
+    positive("checkpoint.every", config.checkpoint.every)
+    positive("checkpoint.keep", config.checkpoint.keep)
+    if config.optim.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps must be >= 0")
+    for axis, size in config.mesh.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh.{axis} must be a positive int or -1 (fill), got {size}")
+
+
+def save(config: ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Write the resolved config as `<workdir>/config.json`."""
+    path = Path(workdir) / "config.json"
+    path.write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_experiment_files() -> list[Path]:
+    return sorted(p for p in EXPERIMENTS_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def describe_experiments() -> list[tuple[str, str, dict[str, str]]]:
+    """(file name, one-line description, {variant: description}) for every experiment."""
+    out = []
+    for path in list_experiment_files():
+        module = import_experiment(path)
+        doc = (module.__doc__ or "").strip().splitlines()
+        out.append((f"experiments/{path.name}", doc[0] if doc else "", dict(getattr(module, "VARIANTS", {}))))
+    return out

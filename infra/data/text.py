@@ -1,0 +1,107 @@
+"""Byte-level tokenizer and a packed text corpus read from local files."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from collections.abc import Sequence
+
+import numpy as np
+
+from infra.errors import DataError
+
+PAD_ID = 256
+BOS_ID = 257
+EOS_ID = 258
+VOCAB_SIZE = 259
+
+
+def encode(text: str) -> np.ndarray:
+    """UTF-8 bytes of `text` as int32 token ids (0..255)."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+
+def decode(ids: Sequence[int] | np.ndarray) -> str:
+    """Token ids back to text; special tokens are dropped, bad UTF-8 becomes U+FFFD."""
+    ids = np.asarray(ids).reshape(-1)
+    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+def default_corpus_files() -> list[str]:
+    """The standard library's own top-level `.py` files: real text on every machine."""
+    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+def resolve_files(pattern: str) -> list[str]:
+    """`""` → default corpus; else comma-separated globs (`**` recursive), sorted.
+
+    Directories matched by a wildcard are skipped; a directory named literally is kept
+    (so reading it reports the problem).
+    """
+    if not pattern.strip():
+        return default_corpus_files()
+    files: set[str] = set()
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        literal = glob.escape(part) == part
+        files.update(m for m in glob.glob(os.path.expanduser(part), recursive=True)
+                     if literal or not os.path.isdir(m))
+    if not files:
+        raise DataError(f"data.files matched no files: {pattern!r}; pass an existing glob, "
+                        "e.g. --config.data.files='docs/**/*.txt'")
+    return sorted(files)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path!r}: {e.strerror or e}; "
+                        "check data.files points at readable text files") from None
+
+
+def _val_files(files: Sequence[str], val_fraction: float, seed: int) -> set[str]:
+    """Deterministic held-out subset: files ranked by a hash of (seed, basename)."""
+    if len(files) < 2 or val_fraction <= 0:
+        return set()
+    k = min(len(files) - 1, max(1, round(val_fraction * len(files))))
+    key = lambda f: hashlib.sha256(f"{seed}:{os.path.basename(f)}".encode()).digest()
+    return set(sorted(files, key=key)[:k])
+
+
+def _pack(docs: list[bytes]) -> np.ndarray:
+    parts = []
+    for d in docs:
+        parts += [np.array([BOS_ID], np.uint16), np.frombuffer(d, np.uint8).astype(np.uint16),
+                  np.array([EOS_ID], np.uint16)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def load_corpus(files: Sequence[str], *, val_fraction: float, seed: int,
+                pattern: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read `files` as bytes and pack them into (train, val) uint16 token arrays.
+
+    Each non-empty document becomes `[BOS] + bytes + [EOS]`. Validation holds out whole
+    files (about `val_fraction` of them, at least one if there are ≥ 2); with a single
+    file it holds out the last `val_fraction` of its bytes. `pattern` only names the
+    files in error messages.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    texts = {f: _read(f) for f in files}
+    if not any(texts.values()):
+        name = pattern if pattern is not None else ",".join(files[:3]) + (
+            f",… ({len(files)} files)" if len(files) > 3 else "")
+        raise DataError(f"data files {name!r} hold no text; point data.files at non-empty "
+                        "text files (or leave it empty for the default corpus)")
+    if len(files) == 1:
+        data = texts[files[0]]
+        cut = len(data) - int(len(data) * val_fraction)
+        return _pack([data[:cut]]), _pack([data[cut:]] if cut < len(data) else [])
+    val = _val_files(files, val_fraction, seed)
+    train_docs = [t for f, t in texts.items() if f not in val and t]
+    val_docs = [t for f, t in texts.items() if f in val and t]
+    return _pack(train_docs), _pack(val_docs)

@@ -1,0 +1,132 @@
+"""Devices -> `jax.sharding.Mesh`, CPU-device emulation and multi-process start-up.
+
+Mesh axes are `data`, `fsdp`, `tensor`. Each has an ICI size (`mesh.<axis>`, within a slice or
+host) and a DCN size (`mesh.dcn_<axis>`, across slices); -1 fills the remaining devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from infra.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+CPU_DEVICES_ENV = "INFRA_CPU_DEVICES"
+log = logging.getLogger(__name__)
+
+
+def emulate_cpu_devices(n: int) -> None:
+    """Run on `n` emulated CPU devices. Must be called before JAX touches a backend."""
+    import jax
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError as e:  # backends already initialised
+        raise ConfigError(f"cannot emulate {n} CPU devices: JAX is already initialised ({e})") from None
+
+
+def emulate_from_env() -> None:
+    """Honour `INFRA_CPU_DEVICES=N` (the env-var form of `--cpu_devices N`)."""
+    n = os.environ.get(CPU_DEVICES_ENV)
+    if n:
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"{CPU_DEVICES_ENV} must be a positive integer, got '{n}'")
+        emulate_cpu_devices(int(n))
+
+
+def _is_multiprocess_env() -> bool:
+    """True when the environment describes a run of several processes."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return True
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return True
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def initialize_distributed(cfg) -> bool:
+    """Call `jax.distributed.initialize` when the run is multi-process. Returns whether it did.
+
+    Explicit `distributed.coordinator_address` / `num_processes` / `process_id` win; otherwise
+    JAX auto-detects TPU VMs, Slurm and Open MPI.
+    """
+    import jax
+
+    mode = cfg.initialize
+    if mode not in ("auto", "always", "never"):
+        raise ConfigError(f"distributed.initialize must be auto, always or never, got '{mode}'")
+    explicit = bool(cfg.coordinator_address) or cfg.num_processes > 1
+    if mode == "never" or (mode == "auto" and not explicit and not _is_multiprocess_env()):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes > 0:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+    """Replace a single -1 by whatever makes the product equal `total`; check the product."""
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ConfigError(f"at most one {what} mesh axis may be -1, got {', '.join(free)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    shown = " x ".join(f"{a}={s}" for a, s in sizes.items())
+    if free:
+        if total % fixed:
+            raise ConfigError(
+                f"{what} mesh {shown} cannot fill {total} devices: {fixed} does not divide {total}; "
+                f"choose axis sizes whose product divides {total}"
+            )
+        sizes = {**sizes, free[0]: total // fixed}
+    elif fixed != total:
+        raise ConfigError(
+            f"{what} mesh {shown} needs {fixed} devices but {total} are available; "
+            f"make the sizes multiply to {total} or set one axis to -1"
+        )
+    return sizes
+
+
+def mesh_shape(cfg, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+    """Resolve (ICI sizes, DCN sizes) per axis from `config.mesh` for the given device count."""
+    dcn = _fill({a: cfg.get(f"dcn_{a}", 1) for a in AXES}, num_slices, "DCN")
+    ici = _fill({a: cfg[a] for a in AXES}, num_devices // num_slices, "ICI")
+    return ici, dcn
+
+
+def make_mesh(cfg, devices=None):
+    """Build the mesh described by `config.mesh` over `devices` (default: all devices)."""
+    import jax
+    from jax.experimental import mesh_utils
+
+    devices = list(devices if devices is not None else jax.devices())
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    ici, dcn = mesh_shape(cfg, len(devices), num_slices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [ici[a] for a in AXES], [dcn[a] for a in AXES], devices=devices
+        )
+        return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
+    shape = [ici[a] * dcn[a] for a in AXES]
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+
+
+def describe(mesh) -> str:
+    """`data=2 fsdp=2 tensor=2 (8 cpu devices, 1 process)`."""
+    import jax
+
+    axes = " ".join(f"{a}={s}" for a, s in mesh.shape.items())
+    return f"{axes} ({mesh.size} {mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es))"

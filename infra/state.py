@@ -1,0 +1,100 @@
+"""The train state: a plain pytree `{"params", "opt_state", "step", "rng"}`, created sharded.
+
+The model is a Flax NNX module only at the edges: its abstract form gives the parameter tree
+and logical axes, and `ModelDef.merge(params)` rebuilds it from a pure dict inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from infra import sharding
+from infra.errors import ConfigError
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """How to turn a pure dict of parameters back into the NNX module."""
+
+    graphdef: Any
+    abstract_params: nnx.State
+
+    def merge(self, params: dict) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self.abstract_params)  # a fresh copy to fill in
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+    """The model with shapes only: no memory allocated, no sharding applied yet."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+
+
+def model_def(model: nnx.Module) -> ModelDef:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        names = ", ".join(sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))}))
+        raise ConfigError(f"model holds non-parameter state ({names}); only nnx.Param variables are supported")
+    return ModelDef(graphdef, params)
+
+
+def init_fn(build: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation):
+    """`key -> state`: a fresh model, its optimizer state, step 0 and the loop's rng."""
+
+    def init(key: jax.Array) -> State:
+        init_key, loop_key = jax.random.split(key)
+        with nnx.use_eager_sharding(False):
+            model = build(nnx.Rngs(init_key))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(loop_key),
+        }
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedState:
+    """Everything derived from the abstract model: shapes, shardings and the sharded init."""
+
+    model: ModelDef
+    abstract: State  # ShapeDtypeStructs carrying their target shardings
+    shardings: State
+    init: Callable[[jax.Array], State]  # jitted: creates the state directly in its shardings
+
+
+def shard_state(build, tx, mesh: Mesh, rules) -> ShardedState:
+    """eval_shape the init, derive each leaf's sharding from the rules, jit init with out_shardings."""
+    abstract = abstract_model(build)
+    specs = sharding.param_specs(abstract, rules)
+    init = init_fn(build, tx)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    param_sh = sharding.named_shardings(specs, shapes["params"], mesh)
+    shardings = sharding.state_shardings(shapes, param_sh, mesh)
+    shardings["params"] = param_sh
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+    return ShardedState(
+        model=model_def(abstract),
+        abstract=abstract_state,
+        shardings=shardings,
+        init=jax.jit(init, out_shardings=shardings),
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

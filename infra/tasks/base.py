@@ -1,0 +1,60 @@
+"""The contract between a workload and the model-agnostic training loop."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+    """A workload: its model, its loss and metrics, and its data.
+
+    The loop calls these and nothing else; it never looks inside a batch or a model.
+    `loss_fn` and `eval_fn` run inside `jax.jit` and return scalar means over the batch.
+    """
+
+    #: What one example counts as in throughput figures (`tokens` for an LM, `examples` otherwise).
+    unit: str = "examples"
+
+    def __init__(self, config):
+        self.config = config
+
+    @abc.abstractmethod
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """A fresh model; called under `nnx.eval_shape` and inside `jax.jit`."""
+
+    @abc.abstractmethod
+    def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        """(scalar loss to minimise, metrics) for one training batch."""
+
+    def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
+        """Metrics on one held-out batch; defaults to the training loss and metrics."""
+        loss, metrics = self.loss_fn(model, batch, jax.random.key(0))
+        return {"loss": loss, **metrics}
+
+    @abc.abstractmethod
+    def train_iterator(self, process_index: int, process_count: int) -> Iterator[Batch]:
+        """This process's share of each global training batch, as numpy arrays.
+
+        The iterator must be checkpointable by grain (`get_state` / `set_state`).
+        """
+
+    @abc.abstractmethod
+    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
+        """This process's share of a fixed list of held-out global batches."""
+
+    @abc.abstractmethod
+    def batch_axes(self) -> dict[str, tuple[str, ...]]:
+        """Logical names of the leading dimensions of every batch array, e.g.
+        `{"inputs": ("batch", "length")}`; the sharding rules turn them into shardings."""
+
+    def units_per_example(self) -> int:
+        """How many `unit`s one example holds (sequence length for an LM)."""
+        return 1

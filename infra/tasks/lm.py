@@ -1,0 +1,80 @@
+"""Language modelling: next-token cross-entropy on packed byte-level text."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from infra import data, models
+from infra.errors import ConfigError
+from infra.tasks.base import Batch, Metrics, Task
+
+
+class LanguageModelTask(Task):
+    """Decoder-only LM over the files in `config.data.files` (default: the Python stdlib)."""
+
+    unit = "tokens"
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.model.vocab_size < data.VOCAB_SIZE:
+            raise ConfigError(
+                f"model.vocab_size={config.model.vocab_size} is smaller than the byte-level "
+                f"vocabulary ({data.VOCAB_SIZE}); set --config.model.vocab_size=384"
+            )
+        if config.data.seq_len > config.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
+            )
+
+    @functools.cached_property
+    def corpus(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train tokens, held-out tokens), read once."""
+        d = self.config.data
+        files = data.resolve_files(d.files)
+        return data.load_corpus(
+            files, val_fraction=d.val_fraction, seed=self.config.train.seed, pattern=d.files or None
+        )
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return models.build_model(self.config.model, rngs=rngs)
+
+    def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        del rng  # the model is deterministic
+        logits = model(batch["inputs"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        loss = jnp.mean(losses)
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["targets"])
+        return loss, {"accuracy": accuracy}
+
+    def train_iterator(self, process_index: int, process_count: int):
+        return data.train_iterator(
+            self.corpus[0],
+            seq_len=self.config.data.seq_len,
+            global_batch_size=self.config.train.batch_size,
+            seed=self.config.train.seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
+        return data.eval_batches(
+            self.corpus[1],
+            seq_len=self.config.data.seq_len,
+            global_batch_size=self.config.train.batch_size,
+            num_batches=self.config.data.eval_batches,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def batch_axes(self) -> dict[str, tuple[str, ...]]:
+        return {"inputs": ("batch", "length"), "targets": ("batch", "length")}
+
+    def units_per_example(self) -> int:
+        return self.config.data.seq_len
