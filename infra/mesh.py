@@ -77,7 +77,7 @@ def initialize_distributed(cfg) -> bool:
     return True
 
 
-def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+def _fill(sizes: dict[str, int], total: int, what: str, unit: str) -> dict[str, int]:
     """Replace a single -1 by whatever makes the product equal `total`; check the product."""
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
@@ -87,13 +87,13 @@ def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
     if free:
         if total % fixed:
             raise ConfigError(
-                f"{what} mesh {shown} cannot fill {total} devices: {fixed} does not divide {total}; "
+                f"{what} mesh {shown} cannot fill {total} {unit}: {fixed} does not divide {total}; "
                 f"choose axis sizes whose product divides {total}"
             )
         sizes = {**sizes, free[0]: total // fixed}
     elif fixed != total:
         raise ConfigError(
-            f"{what} mesh {shown} needs {fixed} devices but {total} are available; "
+            f"{what} mesh {shown} needs {fixed} {unit} but {total} are available; "
             f"make the sizes multiply to {total} or set one axis to -1"
         )
     return sizes
@@ -101,8 +101,8 @@ def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
 
 def mesh_shape(cfg, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """Resolve (ICI sizes, DCN sizes) per axis from `config.mesh` for the given device count."""
-    dcn = _fill({a: cfg.get(f"dcn_{a}", 1) for a in AXES}, num_slices, "DCN")
-    ici = _fill({a: cfg[a] for a in AXES}, num_devices // num_slices, "ICI")
+    dcn = _fill({a: cfg.get(f"dcn_{a}", 1) for a in AXES}, num_slices, "DCN", "slices")
+    ici = _fill({a: cfg[a] for a in AXES}, num_devices // num_slices, "ICI", "devices")
     return ici, dcn
 
 

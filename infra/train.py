@@ -71,7 +71,7 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
         metrics = {
             "loss": loss,
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
         }
         return new_state, metrics
