@@ -52,6 +52,7 @@ class MetricWriter:
         progress_bar: bool = True,
     ):
         self.enabled = enabled
+        self.total_steps = total_steps
         self.jsonl = None
         self.tb = None
         self.bar = None
@@ -78,9 +79,15 @@ class MetricWriter:
         return record
 
     def progress(self, step: int, summary: dict[str, str]) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(summary, refresh=True)
+        """Advance the bar; where stderr is not a terminal (logs, CI), print one line instead."""
+        if self.bar is None:
+            return
+        if self.bar.disable:
+            fields = "  ".join(f"{k} {v}" for k, v in summary.items())
+            print(f"step {step}/{self.total_steps}  {fields}", file=sys.stderr, flush=True)
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(summary, refresh=True)
 
     def flush(self) -> None:
         if self.tb is not None:
