@@ -25,11 +25,13 @@ from infra.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 
-# Logical axis -> mesh axes. Batch is split over every data-parallel axis; weights are split
-# over `fsdp` along `embed` and over `tensor` along heads / mlp / vocab (Megatron style).
+# Logical axis -> mesh axes. Batch is split over every data-parallel axis and `length` over
+# `sequence` (sequence parallelism, a no-op while that axis has size 1); weights are split over
+# `fsdp` along `embed` and over `tensor` along heads / mlp / vocab (Megatron style). `act_*` names
+# are activation dimensions (the model pins them with `infra.sharding.constrain`).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "sequence"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -37,7 +39,27 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
+
+# Named parallelism layouts: mesh sizes (-1 = the remaining devices) on top of DEFAULT_RULES.
+# `--config.sharding.preset=fsdp_tp`; an explicit `--config.mesh.<axis>=N` still wins.
+PRESETS = {
+    "dp": dict(data=-1, fsdp=1, sequence=1, tensor=1),
+    "fsdp": dict(data=1, fsdp=-1, sequence=1, tensor=1),
+    "tp": dict(data=1, fsdp=1, sequence=1, tensor=-1),
+    "dp_fsdp": dict(data=2, fsdp=-1, sequence=1, tensor=1),
+    "fsdp_tp": dict(data=1, fsdp=-1, sequence=1, tensor=2),
+    "dp_fsdp_tp": dict(data=2, fsdp=-1, sequence=1, tensor=2),
+    "dp_sp": dict(data=-1, fsdp=1, sequence=2, tensor=1),
+    "fsdp_sp": dict(data=1, fsdp=-1, sequence=2, tensor=1),
+    "fsdp_tp_sp": dict(data=1, fsdp=-1, sequence=2, tensor=2),
+}
 
 
 def base_config() -> ConfigDict:
@@ -78,6 +100,7 @@ def base_config() -> ConfigDict:
         dict(
             steps=1000,
             batch_size=32,
+            microbatches=1,  # gradient accumulation: the batch is split into this many
             seed=0,
             eval_every=200,
             log_every=20,
@@ -100,7 +123,10 @@ def base_config() -> ConfigDict:
     )
 
     c.mesh = ConfigDict(
-        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        dict(
+            data=-1, fsdp=1, sequence=1, tensor=1,  # within a slice / host (ICI)
+            dcn_data=1, dcn_fsdp=1, dcn_sequence=1, dcn_tensor=1,  # across slices (DCN)
+        )
     )
 
     c.distributed = ConfigDict(
@@ -116,6 +142,7 @@ def base_config() -> ConfigDict:
 
     c.sharding = ConfigDict(
         dict(
+            preset="",  # one of PRESETS; sets mesh.* sizes
             rules=DEFAULT_RULES,
             warn_replicated_mb=16.0,  # warn about replicated params larger than this
             print_table=True,
@@ -179,10 +206,11 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
         raise ConfigError(f"{path.name}:get_config must return an ml_collections.ConfigDict")
     with config.unlocked():
         config.experiment = f"{name}:{variant}" if variant else name
-    if overrides:
-        if not isinstance(overrides, Mapping):
-            overrides = parse_override_args(list(overrides))
-        apply_overrides(config, overrides)
+    overrides = overrides or {}
+    if not isinstance(overrides, Mapping):
+        overrides = parse_override_args(list(overrides))
+    apply_overrides(config, overrides)
+    apply_preset(config, explicit=set(overrides))
     validate(config)
     config.lock()
     return config
@@ -279,6 +307,21 @@ def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> None:
             node[leaf] = _coerce(key, value, node[leaf])
 
 
+def apply_preset(config: ConfigDict, explicit: set[str] = frozenset()) -> None:
+    """Set the mesh sizes of `sharding.preset`, except those given explicitly as overrides."""
+    name = config.sharding.preset
+    if not name:
+        return
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown sharding.preset '{name}'; known presets: {', '.join(PRESETS)}"
+        )
+    with config.mesh.unlocked():
+        for axis, size in PRESETS[name].items():
+            if f"mesh.{axis}" not in explicit:
+                config.mesh[axis] = size
+
+
 def validate(config: ConfigDict) -> None:
     """Checks that need no devices. Mesh/batch checks happen when the mesh is built."""
 
@@ -289,6 +332,7 @@ def validate(config: ConfigDict) -> None:
     positive("train.steps", config.train.steps)
     positive("train.batch_size", config.train.batch_size)
     positive("train.log_every", config.train.log_every)
+    positive("train.microbatches", config.train.microbatches)
     positive("train.eval_every", config.train.eval_every)
     positive("optim.lr", config.optim.lr)
     positive("checkpoint.every", config.checkpoint.every)

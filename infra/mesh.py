@@ -1,6 +1,6 @@
 """Devices -> `jax.sharding.Mesh`, CPU-device emulation and multi-process start-up.
 
-Mesh axes are `data`, `fsdp`, `tensor`. Each has an ICI size (`mesh.<axis>`, within a slice or
+Mesh axes are `data`, `fsdp`, `sequence`, `tensor` (innermost: the fastest links). Each has an ICI size (`mesh.<axis>`, within a slice or
 host) and a DCN size (`mesh.dcn_<axis>`, across slices); -1 fills the remaining devices.
 """
 
@@ -12,7 +12,7 @@ import os
 
 from infra.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")
 CPU_DEVICES_ENV = "INFRA_CPU_DEVICES"
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _fill(sizes: dict[str, int], total: int, what: str, unit: str) -> dict[str, 
 def mesh_shape(cfg, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """Resolve (ICI sizes, DCN sizes) per axis from `config.mesh` for the given device count."""
     dcn = _fill({a: cfg.get(f"dcn_{a}", 1) for a in AXES}, num_slices, "DCN", "slices")
-    ici = _fill({a: cfg[a] for a in AXES}, num_devices // num_slices, "ICI", "devices")
+    ici = _fill({a: cfg.get(a, 1) for a in AXES}, num_devices // num_slices, "ICI", "devices")
     return ici, dcn
 
 

@@ -6,9 +6,11 @@ Models name their weight dimensions with logical names (`embed`, `heads`, `mlp`,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -117,13 +119,16 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, process_count: int) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, process_count: int,
+                     microbatches: int = 1) -> None:
+    """The global batch must split evenly over batch shards, processes and microbatches."""
     shards = batch_shards(mesh, rules)
-    if batch_size % shards or batch_size % process_count:
-        need = math.lcm(shards, process_count)
+    need = math.lcm(shards, process_count) * microbatches
+    if batch_size % need:
         raise ConfigError(
             f"train.batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh "
-            f"({' x '.join(f'{a}={s}' for a, s in mesh.shape.items())}) and {process_count} process(es); "
+            f"({' x '.join(f'{a}={s}' for a, s in mesh.shape.items())}), {process_count} process(es) "
+            f"and {microbatches} microbatch(es); "
             f"use a multiple of {need}"
         )
 
@@ -168,3 +173,32 @@ def to_global(local_batch: dict, shardings: dict) -> dict:
         )
         for k, v in local_batch.items()
     }
+
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "infra_activation_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the rules' layout."""
+    token = _ACTIVATIONS.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names (`("batch", "length", "act_embed")`).
+
+    Models call this on activations; it is a no-op outside `activation_rules` (e.g. in eager
+    tests), so models stay mesh-agnostic.
+    """
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = fit_spec(logical_to_spec(logical, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

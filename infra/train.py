@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import optax
 
 from infra import config as config_lib
 from infra import mesh as mesh_lib
@@ -25,6 +24,7 @@ from infra.errors import UserError
 from infra.metrics import MetricWriter, truncate_history
 from infra.optim import make_optimizer
 from infra.state import ShardedState, State, replicated, shard_state
+from infra.step import make_steps
 from infra.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -48,37 +48,16 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     mesh_lib.initialize_distributed(config.distributed)
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     rules = sharding.normalize_rules(config.sharding.rules, mesh)
-    sharding.check_batch_size(config.train.batch_size, mesh, rules, jax.process_count())
+    sharding.check_batch_size(
+        config.train.batch_size, mesh, rules, jax.process_count(), config.train.microbatches
+    )
     task = get_task(config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     sharded = shard_state(task.build_model, tx, mesh, rules)
-    merge = sharded.model.merge
-
-    def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
-        def loss_of(params):
-            return task.loss_fn(merge(params), batch, rng)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-        }
-        metrics = {
-            "loss": loss,
-            **metrics,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state["step"]),
-        }
-        return new_state, metrics
-
-    def eval_step(params: dict, batch: dict) -> dict:
-        return task.eval_fn(merge(params), batch)
-
+    train_step, eval_step = make_steps(
+        task, sharded.model.merge, tx, schedule,
+        microbatches=config.train.microbatches, mesh=mesh, rules=rules,
+    )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
     out = replicated(mesh)
     return Trainer(

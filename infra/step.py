@@ -1,0 +1,82 @@
+"""The train and eval step functions (pure; `infra.train.build` jits them with shardings)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infra import sharding
+from infra.state import State
+from infra.tasks import Task
+
+
+def make_steps(
+    task: Task,
+    merge: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    microbatches: int,
+    mesh: jax.sharding.Mesh,
+    rules,
+) -> tuple[Callable, Callable]:
+    """`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics`.
+
+    With `microbatches = k > 1` the batch is split into k equal microbatches whose gradients are
+    accumulated with `jax.lax.scan`: the same update as one big batch, at 1/k of the activation
+    memory. Activations are pinned to the logical-axis rules while tracing.
+    """
+    axes = task.batch_axes()
+
+    def grads_of(params, batch, rng):
+        def loss_of(p):
+            return task.loss_fn(merge(p), batch, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return grads, {"loss": loss, **metrics}
+
+    def split(x: jax.Array, key: str) -> jax.Array:
+        # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its own rows, so
+        # splitting moves no data between devices.
+        x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, *axes.get(key, ("batch",))))
+
+    def mean_grads(params, batch, rng):
+        if microbatches == 1:
+            return grads_of(params, batch, rng)
+        micro = {k: split(v, k) for k, v in batch.items()}
+
+        def body(acc, xs):
+            mb, i = xs
+            out = grads_of(params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, acc, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grads_of, params, first, rng)
+        )
+        total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+        return jax.tree.map(lambda x: x / microbatches, total)
+
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        with sharding.activation_rules(mesh, rules):
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            grads, metrics = mean_grads(state["params"], batch, rng)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    def eval_step(params: dict, batch: dict) -> dict:
+        with sharding.activation_rules(mesh, rules):
+            return task.eval_fn(merge(params), batch)
+
+    return train_step, eval_step
