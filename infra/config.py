@@ -82,8 +82,10 @@ def base_config() -> ConfigDict:
             rope_theta=10000.0,
             norm_eps=1e-6,
             tie_embeddings=True,
-            dtype="float32",
+            dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)
             param_dtype="float32",
+            remat="none",  # none | full | save_dots: recompute activations in the backward pass
+            scan_layers=False,  # one stacked block applied with a scan: faster compiles
         )
     )
 
