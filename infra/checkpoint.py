@@ -72,6 +72,7 @@ class Checkpointer:
             "step": int(step),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "versions": _versions(),
+            "process_count": jax.process_count(),
             **meta,
         }
         return self.manager.save(
@@ -84,16 +85,16 @@ class Checkpointer:
             force=force,
         )
 
-    def restore(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, dict]:
-        """Restore `step` onto the shardings in `abstract_state`; moves `data_iterator` in place."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore(),
-            ),
+    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
+        """Restore `step` onto the shardings in `abstract_state`. With `data_iterator`, its
+        position is restored in place too (the checkpoint must come from as many processes)."""
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore(),
         )
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored.state, dict(restored.meta)
 
     def read_meta(self, step: int) -> dict:

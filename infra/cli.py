@@ -3,6 +3,7 @@
   train  --config experiments/lm.py:tiny --workdir runs/x [--cpu_devices 8] [--config.k=v ...]
   list   every experiment and its variants
   smoke  [experiments/x.py ...]  run each experiment's `smoke` variant on 8 emulated CPU devices
+  plan   --config experiments/lm.py:8b --devices 256 --mesh fsdp=256  memory/FLOPs/cost estimate
 
 JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
 Bad input (`UserError`) prints one line on stderr and exits with status 2.
@@ -48,13 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment (resumes if the workdir has a checkpoint)")
     t.add_argument("--config", required=True, help="experiments/<name>.py[:variant]")
     t.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")
-    t.add_argument("--cpu_devices", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     sub.add_parser("list", help="print every experiment and its variants")
 
     s = sub.add_parser("smoke", help="run the smoke variant of every (or each named) experiment")
     s.add_argument("experiments", nargs="*", help="experiment files (default: all)")
-    s.add_argument("--cpu_devices", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    from infra import plan  # imports no JAX: devices are emulated before JAX starts
+
+    pl = sub.add_parser("plan", help="per-device memory, FLOPs, collectives, step time and cost "
+                                     "of a config on N chips (nothing is allocated)")
+    plan.add_arguments(pl)
     return p
 
 
@@ -86,7 +93,7 @@ def cmd_train(args, overrides: list[str]) -> int:
     cfg = config.load(args.config, overrides)
     _, history = train.run(cfg, args.workdir)
     evals = [r for r in history if "eval/loss" in r]
-    if evals:
+    if evals and train.is_main_process():
         print(f"eval loss {evals[0]['eval/loss']:.4f} (step {evals[0]['step']}) -> "
               f"{evals[-1]['eval/loss']:.4f} (step {evals[-1]['step']})")
     return 0
@@ -141,15 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     try:
-        if overrides and args.command != "train":
-            raise UserError(f"--config.* overrides apply to `train` only, not `{args.command}`")
+        if overrides and args.command not in ("train", "plan"):
+            raise UserError(f"--config.* overrides apply to `train` and `plan` only, not `{args.command}`")
         cpu_devices = args.cpu_devices
+        if args.command == "plan":
+            cpu_devices = args.devices  # plan emulates the chips it plans for
         if args.command == "smoke" and cpu_devices is None:
             cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
         _setup_devices(cpu_devices)
         _quiet_libraries()
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "plan":
+            from infra import plan
+
+            return plan.run_cli(args, overrides)
         if args.command == "list":
             return cmd_list()
         return cmd_smoke(args)

@@ -106,6 +106,7 @@ def base_config() -> ConfigDict:
             seed=0,
             eval_every=200,
             log_every=20,
+            stop_at=0,  # stop (with a checkpoint) at this step, schedule unchanged; 0 = steps
             eval_at_start=True,
             progress_bar=True,
         )

@@ -46,7 +46,21 @@ def _is_multiprocess_env() -> bool:
     for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
         if int(os.environ.get(var, "1") or 1) > 1:
             return True
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    return _jax_detects_cluster()
+
+
+def _jax_detects_cluster() -> bool:
+    """Ask JAX's own cluster detection (Cloud TPU VMs via their metadata server, GKE, Slurm,
+    Open MPI), which is what `jax.distributed.initialize()` itself uses."""
+    try:
+        from jax._src.clusters import ClusterEnv  # no public API exposes the detection
+    except ImportError:
+        return False
+    return any(
+        not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types
+    )
 
 
 def initialize_distributed(cfg) -> bool:

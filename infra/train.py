@@ -78,6 +78,11 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     )
 
 
+def is_main_process() -> bool:
+    """Process 0 writes metrics, the resolved config and console summaries."""
+    return jax.process_index() == 0
+
+
 def _prepare_workdir(workdir: str | Path) -> Path:
     workdir = Path(workdir)
     try:
@@ -108,7 +113,7 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     workdir = _prepare_workdir(workdir)
     trainer = build(config)
     task, tc = trainer.task, config.train
-    is_main = jax.process_index() == 0
+    is_main = is_main_process()
     if is_main:
         if config.sharding.print_table:
             print(mesh_lib.describe(trainer.mesh))
@@ -118,7 +123,6 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
             ))
         config_lib.save(config, workdir)
 
-    train_iter = task.train_iterator(jax.process_index(), jax.process_count())
     to_global = lambda b: sharding.to_global(b, trainer.batch_shardings)  # noqa: E731
     eval_batches = [to_global(b) for b in task.eval_batches(jax.process_index(), jax.process_count())]
 
@@ -127,8 +131,12 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
         async_save=config.checkpoint.async_save,
     )
     latest = ckpt.latest_step()
+    train_iter = task.train_iterator(jax.process_index(), jax.process_count(), start_step=latest or 0)
     if latest is not None:
-        state, _ = ckpt.restore(latest, trainer.state.abstract, train_iter)
+        # The saved iterator position is exact; it is per process, so after a change of process
+        # count the iterator instead starts at the checkpoint's step (set just above).
+        same_processes = ckpt.read_meta(latest).get("process_count") == jax.process_count()
+        state, _ = ckpt.restore(latest, trainer.state.abstract, train_iter if same_processes else None)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
     else:
         state = trainer.state.init(jax.random.key(tc.seed))
@@ -149,7 +157,8 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
         units_per_step = tc.batch_size * task.units_per_example()
         pending: list[dict] = []
         first_log = True
-        while step < tc.steps:
+        end = min(tc.steps, tc.stop_at or tc.steps)
+        while step < end:
             batch = to_global(next(train_iter))
             if first_log and not pending:  # compile ahead of time so throughput excludes it
                 t0 = time.perf_counter()
@@ -159,7 +168,7 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
-            last = step == tc.steps
+            last = step == end
             if step % tc.log_every == 0 or last:
                 train = _mean(pending)
                 pending = []

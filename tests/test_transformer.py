@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from infra import sharding
+from infra.config import DEFAULT_RULES
 from infra.errors import ConfigError
 from infra.models import available_models, build_model, get_model_class
 from infra.models.transformer import Transformer
@@ -234,3 +236,191 @@ def test_bfloat16_compute_close_to_float32():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.05 * scale)
     with pytest.raises(ConfigError, match="model.dtype"):
         make(dtype="float64x")
+
+
+# 7. remat and scan over layers ------------------------------------------------------------------
+
+def _pure_params(model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _stack_layers(loop_params: dict, num_layers: int) -> dict:
+    """Loop layout {blocks: {0: {...}, 1: {...}}} -> scan layout {blocks: {...: (layers, ...)}}."""
+    out = {k: v for k, v in loop_params.items() if k != "blocks"}
+    layers = [loop_params["blocks"][i] for i in range(num_layers)]
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def _assert_trees_close(a, b, tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _loss_and_grads(model, params, x):
+    return jax.jit(jax.value_and_grad(_loss_fn(model)))(params, x)
+
+
+def test_scan_matches_loop_logits_and_grads():
+    layers = 3
+    loop = make(seed=0, num_layers=layers)
+    scan = make(seed=5, num_layers=layers, scan_layers=True)
+    loop_params = _pure_params(loop)
+    stacked = _stack_layers(loop_params, layers)
+    # Same tree as the scan model's own params, only the values come from the loop model.
+    assert jax.tree.structure(stacked) == jax.tree.structure(_pure_params(scan))
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, _pure_params(scan))
+    # With the same seed the two layouts start from the same weights.
+    _assert_trees_close(_pure_params(make(seed=0, num_layers=layers, scan_layers=True)), stacked,
+                        0.0)
+
+    x = tokens(batch=3, length=12)
+    graphdef, abstract = nnx.split(scan)
+
+    def scan_logits(params, t):
+        state = jax.tree.map(lambda a: a, abstract)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)(t)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(scan_logits)(stacked, x)),
+                               np.asarray(apply(loop, x)), rtol=1e-5, atol=1e-5)
+
+    loss_loop, g_loop = _loss_and_grads(loop, loop_params, x)
+    loss_scan, g_scan = _loss_and_grads(scan, stacked, x)
+    np.testing.assert_allclose(float(loss_scan), float(loss_loop), rtol=1e-5, atol=1e-5)
+    _assert_trees_close(g_scan, _stack_layers(g_loop, layers), 1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_remat_policies_match_no_remat(scan):
+    x = tokens(batch=2, length=12)
+    base = make(scan_layers=scan)
+    params = _pure_params(base)
+    loss0, grads0 = _loss_and_grads(base, params, x)
+    for remat in ("full", "save_dots"):
+        model = make(scan_layers=scan, remat=remat)
+        _assert_trees_close(_pure_params(model), params, 0.0)  # remat does not change init
+        loss, grads = _loss_and_grads(model, params, x)
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6, atol=1e-6)
+        _assert_trees_close(grads, grads0, 1e-6)
+
+
+def test_remat_actually_recomputes():
+    """The remat wrapper is in the traced program (a checkpoint / remat primitive per block)."""
+    x = tokens()
+    for scan in (False, True):
+        for remat, expected in (("none", 0), ("full", 1)):
+            model = make(scan_layers=scan, remat=remat)
+            graphdef, state = nnx.split(model)
+            jaxpr = str(jax.make_jaxpr(
+                jax.grad(lambda st: jnp.mean(nnx.merge(graphdef, st)(x))))(state))
+            assert ("remat" in jaxpr or "checkpoint" in jaxpr) == bool(expected), (scan, remat)
+
+
+def test_stacked_params_carry_layers_axis():
+    model = make(scan_layers=True, num_layers=3)
+    leaves = param_leaves(model)
+    assert "blocks/attn/q" in leaves and "blocks/mlp/down" in leaves
+    assert not any(name.startswith("blocks/0") for name in leaves)
+    q = leaves["blocks/attn/q"]
+    assert q[...].shape == (3, 32, 4, 8)
+    assert q.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
+    for name, var in leaves.items():
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var[...].ndim, name
+        if name.startswith("blocks/"):
+            assert axes[0] == "layers" and var[...].shape[0] == 3, (name, axes)
+        else:
+            assert "layers" not in axes, name
+    # Only Params are kept (no RNG state from the vmapped init), before and after a forward pass
+    # (nnx.scan strips and re-adds the "layers" axis in the metadata).
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(model, nnx.Param))
+    apply(model, tokens())
+    model(tokens())
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(model, nnx.Param))
+    assert leaves["blocks/attn/q"].get_metadata()["out_sharding"][0] == "layers"
+    # Every layer gets its own initial values.
+    assert not np.allclose(np.asarray(q[0]), np.asarray(q[1]))
+    specs = sharding.param_specs(nnx.eval_shape(lambda: make(scan_layers=True)), DEFAULT_RULES)
+    assert specs["blocks"]["attn"]["q"] == P(None, "fsdp", "tensor", None)
+    assert specs["blocks"]["mlp"]["down"] == P(None, "tensor", "fsdp")
+
+
+def test_scan_pure_dict_workflow_sharded_init_and_grad():
+    cfg = dict(scan_layers=True, remat="full")
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    abstract = nnx.eval_shape(lambda: make(**cfg))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    assert not jax.tree.leaves(rest)
+    specs = sharding.param_specs(abstract, DEFAULT_RULES)
+    init = _init_fn(cfg)
+    shardings = sharding.named_shardings(specs, jax.eval_shape(init), mesh)
+    params = jax.jit(init, out_shardings=shardings)()
+    assert params["blocks"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    _assert_trees_close(params, _pure_params(make(**cfg)), 1e-6)
+    x = jax.device_put(tokens(batch=4, length=9), NamedSharding(mesh, P(("data", "fsdp"))))
+    loss, grads = jax.jit(jax.value_and_grad(_loss_fn(abstract)))(params, x)
+    assert np.isfinite(float(loss)) and abs(float(loss) - math.log(64)) < 1.0
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("bad", ["selective", "", None, True])
+def test_invalid_remat_raises_config_error(bad):
+    with pytest.raises(ConfigError) as info:
+        make(remat=bad)
+    msg = str(info.value)
+    assert "model.remat" in msg and "\n" not in msg
+    assert all(choice in msg for choice in ("none", "full", "save_dots"))
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        make(scan_layers="yes")
+
+
+# 8. activation sharding constraints ------------------------------------------------------------
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_activation_constraints_under_sequence_and_tensor_parallelism(scan):
+    mesh = jax.make_mesh((2, 1, 2, 2), ("data", "fsdp", "sequence", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    model = make(scan_layers=scan, remat="save_dots" if scan else "none")
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    specs = sharding.param_specs(model, DEFAULT_RULES)
+    params = jax.device_put(params, sharding.named_shardings(specs, params, mesh))
+    x = tokens(batch=4, length=12)
+    x_sharded = jax.device_put(x, sharding.batch_sharding(mesh, DEFAULT_RULES, ("batch", "length")))
+    assert x_sharded.sharding.spec == P(("data", "fsdp"), "sequence")
+
+    def forward(p, t):
+        st = jax.tree.map(lambda a: a, state)
+        nnx.replace_by_pure_dict(st, p)
+        return nnx.merge(graphdef, st)(t)
+
+    def constrained(p, t):
+        with sharding.activation_rules(mesh, DEFAULT_RULES):
+            return forward(p, t)
+
+    plain_jaxpr = str(jax.make_jaxpr(forward)(params, x_sharded))
+    assert "sharding_constraint" not in plain_jaxpr
+    jaxpr = str(jax.make_jaxpr(constrained)(params, x_sharded))
+    # embedding + per-block residual, q, k, v, mlp hidden (once in scan) + logits
+    assert jaxpr.count("sharding_constraint") >= 7
+    lowered = jax.jit(constrained).lower(params, x_sharded).as_text()
+    assert "sharding" in lowered.lower()
+
+    expected = apply(model, x)  # unsharded, no constraints
+    out = jax.jit(constrained)(params, x_sharded)
+    assert out.sharding.is_equivalent_to(
+        NamedSharding(mesh, P(("data", "fsdp"), "sequence", "tensor")), out.ndim)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    # Causality with `length` split over `sequence`: a change at position t leaves positions < t
+    # alone, also for t in the second sequence shard.
+    t = 8
+    x2 = x.at[:, t].set((x[:, t] + 1) % 64)
+    out2 = jax.jit(constrained)(params, jax.device_put(x2, x_sharded.sharding))
+    np.testing.assert_allclose(np.asarray(out2[:, :t]), np.asarray(out[:, :t]),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(out2[:, t:]), np.asarray(out[:, t:]))

@@ -58,7 +58,8 @@ def _shuffle_seed(seed: int) -> int:
 
 
 def train_iterator(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                   process_index: int = 0, process_count: int = 1,
+                   start_step: int = 0) -> grain.DatasetIterator:
     """Endless, checkpointable iterator of this process's training batches.
 
     Windows are shuffled from `seed` (a new order each epoch), repeated forever, then
@@ -74,7 +75,12 @@ def train_iterator(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, 
           .repeat()  # ShuffleMapDataset reseeds per epoch: each epoch has its own order
           [process_index::process_count]
           .batch(local, drop_remainder=True))
-    return iter(ds.to_iter_dataset())
+    it = iter(ds.to_iter_dataset())
+    if start_step:
+        # One local batch per step on every process, so global step s is local batch s for any
+        # process count: this is how a run resumes on a different number of processes.
+        it.set_state({"next_index": int(start_step)})
+    return it
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, num_batches: int,

@@ -4,6 +4,25 @@ Every weight is an ``nnx.Param`` whose ``out_sharding`` metadata holds logical a
 (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm``); the config's
 ``sharding.rules`` map them to mesh axes. The module holds no state other than Params (no RNGs,
 no dropout), so ``nnx.state(model, nnx.Param)`` is the whole state.
+
+Two switches trade compute for memory / compile time:
+
+* ``remat`` ("none" | "full" | "save_dots"): each block is wrapped in ``nnx.remat`` so its
+  activations are recomputed in the backward pass; "full" saves only the block inputs,
+  "save_dots" also keeps the weight-projection matmul outputs (dots without batch dimensions,
+  i.e. not the (length x length) attention scores).
+* ``scan_layers``: the blocks are one stacked ``Block`` whose params have a leading ``layers``
+  dimension (``blocks/attn/q``: (num_layers, d_model, heads, head_dim), logical names ("layers",
+  "embed", "heads", "head_dim")), applied with ``nnx.scan``: one block in the HLO instead of
+  ``num_layers`` copies. The weights are the loop layout's, stacked: the same seed gives the same
+  initial model in both layouts. Remat, when on, is applied inside the scanned body.
+
+Activations are pinned with ``infra.sharding.constrain`` (a no-op outside
+``infra.sharding.activation_rules``): residual stream ("batch", "length", "act_embed"), q
+("batch", "length", "act_heads", "head_dim"), k / v ("batch", "length", "act_kv_heads",
+"head_dim"), MLP hidden ("batch", "length", "act_mlp"), logits ("batch", "length", "act_vocab").
+Causal masking uses global positions (``jnp.arange(length)``), so it stays correct when
+``length`` is split over the ``sequence`` mesh axis (GSPMD gathers K/V along length).
 """
 
 from __future__ import annotations
@@ -16,8 +35,19 @@ from flax import nnx
 
 from infra.errors import ConfigError
 from infra.models import register
+from infra.sharding import constrain
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# remat name -> jax.checkpoint policy. `dots_with_no_batch_dims_saveable` keeps the outputs of the
+# weight projections (q/k/v/o, gate/up/down: dot_generals without batch dims) and recomputes the
+# rest, including the attention scores/probabilities (batched dots, O(length^2) memory).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+RESIDUAL_AXES = ("batch", "length", "act_embed")
+LAYERS = "layers"  # logical name of the stacked-layers dimension in scan mode
 
 
 def _dtype(name: str, key: str) -> jnp.dtype:
@@ -89,6 +119,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
         # Query head n uses kv head n // group: split heads into (kv_heads, group).
@@ -96,7 +129,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
-        causal = positions[:, None] >= positions[None, :]  # (t, s)
+        causal = positions[:, None] >= positions[None, :]  # (t, s), global positions
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
@@ -120,6 +153,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         x = x.astype(dt)
         h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = constrain(h, ("batch", "length", "act_mlp"))
         return h @ self.down[...].astype(dt)
 
 
@@ -139,7 +173,27 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, RESIDUAL_AXES)
+
+
+def _apply_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return block(x, positions)
+
+
+def _stack_blocks(layers: list[Block]) -> Block:
+    """One Block whose every Param is the layers' Params stacked along a new leading dim, with
+    ``"layers"`` prepended to its ``out_sharding`` names (what ``nnx.vmap(...,
+    transform_metadata={nnx.PARTITION_NAME: "layers"})`` does to its outputs).
+
+    The layers are drawn exactly as in the loop layout (same keys, same order) rather than with
+    ``nnx.vmap`` over split rngs, so ``scan_layers`` changes the program, not the initial model:
+    the same seed gives the same weights (and the same training run) in both layouts.
+    """
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in layers))
+    stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS})
+    return nnx.merge(graphdef, stacked)
 
 
 @register("transformer")
@@ -149,7 +203,8 @@ class Transformer(nnx.Module):
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                  num_kv_heads: int, head_dim: int, mlp_dim: int, max_seq_len: int,
                  rope_theta: float = 10000.0, norm_eps: float = 1e-6, tie_embeddings: bool = True,
-                 dtype: str = "float32", param_dtype: str = "float32", rngs: nnx.Rngs):
+                 dtype: str = "float32", param_dtype: str = "float32", remat: str = "none",
+                 scan_layers: bool = False, rngs: nnx.Rngs):
         sizes = dict(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
                      num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                      mlp_dim=mlp_dim, max_seq_len=max_seq_len)
@@ -163,22 +218,32 @@ class Transformer(nnx.Module):
             raise ConfigError(f"model.head_dim ({head_dim}) must be even for rotary embeddings")
         compute_dtype = _dtype(dtype, "dtype")
         storage_dtype = _dtype(param_dtype, "param_dtype")
+        if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat is {remat!r}; expected one of "
+                              f"{', '.join(REMAT_POLICIES)}")
+        if not isinstance(scan_layers, bool):
+            raise ConfigError(f"model.scan_layers must be true or false, got {scan_layers!r}")
 
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tie_embeddings = bool(tie_embeddings)
         self.dtype = compute_dtype
+        self.num_layers = num_layers
+        self.remat = remat
+        self.scan_layers = scan_layers
         out_scale = 1.0 / math.sqrt(2 * num_layers)  # GPT-2 residual-projection scaling
 
         self.embedding = _param(rngs, _normal(0.02), (vocab_size, d_model), storage_dtype,
                                 ("vocab", "embed"))
-        self.blocks = nnx.List([
-            Block(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                  head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=float(rope_theta),
-                  norm_eps=float(norm_eps), out_scale=out_scale, dtype=compute_dtype,
-                  param_dtype=storage_dtype, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        block_kwargs = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=float(rope_theta),
+                            norm_eps=float(norm_eps), out_scale=out_scale, dtype=compute_dtype,
+                            param_dtype=storage_dtype)
+        layers = [Block(**block_kwargs, rngs=rngs) for _ in range(num_layers)]
+        if scan_layers:
+            self.blocks = _stack_blocks(layers)
+        else:
+            self.blocks = nnx.List(layers)
         self.final_norm = RMSNorm(d_model, eps=float(norm_eps), dtype=compute_dtype,
                                   param_dtype=storage_dtype, rngs=rngs)
         if not self.tie_embeddings:
@@ -192,12 +257,36 @@ class Transformer(nnx.Module):
                               f"{self.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
         dt = self.dtype
         positions = jnp.arange(length)
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dt)
-        for block in self.blocks:
-            x = block(x, positions)
+        # FSDP-style: gather the table's embed dim before the lookup (vocab may stay sharded);
+        # a lookup into an embed-sharded table cannot be resharded to batch/length efficiently.
+        table = constrain(self.embedding[...], ("vocab", "act_embed"))
+        x = jnp.take(table, tokens, axis=0).astype(dt)
+        x = constrain(x, RESIDUAL_AXES)
+        policy = REMAT_POLICIES[self.remat]
+        if self.scan_layers:
+            body = _apply_block
+            if self.remat != "none":
+                # Inside a scan body CSE cannot merge the recomputation away: no need for the
+                # optimisation barriers of prevent_cse.
+                body = nnx.remat(body, policy=policy, prevent_cse=False)
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: LAYERS})
+            def run_layers(h: jax.Array, block: Block, pos: jax.Array) -> jax.Array:
+                return body(block, h, pos)
+
+            x = run_layers(x, self.blocks, positions)
+        else:
+            body = _apply_block
+            if self.remat != "none":
+                body = nnx.remat(body, policy=policy)
+            for block in self.blocks:
+                x = body(block, x, positions)
         x = self.final_norm(x)
         if self.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, self.unembedding[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.unembedding[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))

@@ -40,8 +40,10 @@ class Task(abc.ABC):
         return {"loss": loss, **metrics}
 
     @abc.abstractmethod
-    def train_iterator(self, process_index: int, process_count: int) -> Iterator[Batch]:
-        """This process's share of each global training batch, as numpy arrays.
+    def train_iterator(self, process_index: int, process_count: int,
+                       start_step: int = 0) -> Iterator[Batch]:
+        """This process's share of each global training batch, as numpy arrays, starting with
+        global batch `start_step` (how a run resumes on a different number of processes).
 
         The iterator must be checkpointable by grain (`get_state` / `set_state`).
         """

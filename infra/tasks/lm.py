@@ -53,7 +53,7 @@ class LanguageModelTask(Task):
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["targets"])
         return loss, {"accuracy": accuracy}
 
-    def train_iterator(self, process_index: int, process_count: int):
+    def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
         return data.train_iterator(
             self.corpus[0],
             seq_len=self.config.data.seq_len,
@@ -61,6 +61,7 @@ class LanguageModelTask(Task):
             seed=self.config.train.seed,
             process_index=process_index,
             process_count=process_count,
+            start_step=start_step,
         )
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
