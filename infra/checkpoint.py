@@ -1,9 +1,16 @@
 """Orbax checkpoints of the train state, the data-iterator position and JSON metadata.
 
 A checkpoint is `<workdir>/checkpoints/<step>/` with three items: `state` (params, optimizer
-state, step, rng; tensorstore arrays), `data` (the grain iterator state, JSON) and `meta` (JSON:
-step, config, versions). No pickle anywhere. Restoring uses abstract targets that carry the
-*current* mesh's shardings, so a checkpoint saved on one mesh loads onto another.
+state, step, rng; tensorstore arrays), `data` (the grain iterator position, JSON, one file per
+process) and `meta` (JSON: step, config, versions, and a fingerprint of every state array). No
+pickle anywhere. Restoring uses abstract targets that carry the *current* mesh's shardings, so a
+checkpoint saved on one mesh loads onto another.
+
+Trust: Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+process killed mid-save leaves the previous checkpoints intact; leftovers are removed on the next
+start. Every restore recomputes the fingerprints and compares them with the saved ones, so
+truncated or altered files are detected instead of loading wrong values; with
+`checkpoint.fallback` the previous intact checkpoint is used instead (the bad one is moved aside).
 """
 
 from __future__ import annotations
@@ -11,12 +18,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from infra.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,38 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _path_name(path) -> str:
+    """`params/blocks/0/attn/q` for any mix of dict, sequence and attribute keys."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
+    """A position-weighted 32-bit checksum of each array's bits (computed where it lives)."""
+    out = []
+    for x in leaves:
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+        index = jnp.arange(bits.size, dtype=jnp.uint32)
+        out.append(jnp.sum(bits * (index * jnp.uint32(2654435761) + 1)) ^ jnp.sum(bits))
+    return out
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+    """`{leaf path: checksum}` of every array in `state` (one small device-to-host copy)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    sums = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
+    return {_path_name(path): int(s) for (path, _), s in zip(flat, sums)}
+
+
 class _IteratorSnapshot:
     """The iterator's position taken when `save` is called, so an async save that runs later
     cannot record a position the loop has moved past. grain's handler writes it per process."""
@@ -45,18 +89,39 @@ class _IteratorSnapshot:
         return self._state
 
 
-class Checkpointer:
-    """Saves every `every` steps (asynchronously) and on demand, keeps the last `keep`."""
+class Corrupt(Exception):
+    """A checkpoint whose files cannot be read back or whose values do not match."""
 
-    def __init__(self, workdir: str | Path, *, every: int, keep: int, async_save: bool = True):
+
+class Checkpointer:
+    """Saves every `every` steps and/or `every_seconds` (asynchronously), on preemption and on
+    demand; keeps the last `keep`; restores the latest intact checkpoint."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool = True,
+        every_seconds: float = 0,
+        fallback: bool = True,
+    ):
         self.directory = Path(workdir).resolve() / "checkpoints"
+        self.fallback = fallback
+        decisions = [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
+        if every_seconds > 0:
+            decisions.append(
+                policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(every_seconds))
+            )
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
-                save_interval_steps=every,
                 enable_async_checkpointing=async_save,
                 create=True,
+                cleanup_tmp_directories=True,  # unfinished saves of a killed run
+                save_decision_policy=policies.AnySavePolicy(decisions),
             ),
         )
 
@@ -64,48 +129,147 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator, meta: dict, *, force: bool = False) -> bool:
-        """Start saving `step` if it is on the interval (or `force`); returns whether it did."""
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when a multi-process run's processes agreed to stop at `step` (SIGTERM)."""
+        return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, data_iterator, meta: dict) -> None:
+        """Start saving `step` now (asynchronously); `should_save` says when it is due."""
         meta = {
             "step": int(step),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "versions": _versions(),
             "process_count": jax.process_count(),
+            "fingerprint": fingerprint(state),
             **meta,
         }
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=force,
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
+            meta=ocp.args.JsonSave(meta),
         )
-
-    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
-        """Restore `step` onto the shardings in `abstract_state`. With `data_iterator`, its
-        position is restored in place too (the checkpoint must come from as many processes)."""
-        items = dict(
-            state=ocp.args.StandardRestore(abstract_state),
-            meta=ocp.args.JsonRestore(),
-        )
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored.state, dict(restored.meta)
-
-    def read_meta(self, step: int) -> dict:
-        """The JSON metadata of one checkpoint, without touching the arrays."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored.meta)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._write_error(step, e) from None
 
     def wait(self) -> None:
         """Block until every started save has committed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(self.latest_step(), e) from None
+
+    def _write_error(self, step, e: Exception) -> CheckpointError:
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return CheckpointError(
+            f"cannot write the checkpoint of step {step} to {self.directory}: {cause}; "
+            f"free disk space or use another --workdir (earlier checkpoints are intact)"
+        )
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+    # ------------------------------------------------------------------ restoring
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of one checkpoint, without touching the arrays."""
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise Corrupt(f"unreadable metadata {path} ({type(e).__name__})") from None
+
+    def check_compatible(self, step: int, abstract_state: Any) -> None:
+        """UserError when the checkpoint's arrays do not have this model's shapes."""
+        path = self.directory / str(step) / "state"
+        try:
+            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        except Exception as e:  # noqa: BLE001
+            raise Corrupt(f"unreadable array metadata in {path} ({type(e).__name__})") from None
+        saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        here = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        fix = "train in a new --workdir, or restore the config that wrote it"
+        for name in sorted(here.keys() | saved.keys()):
+            if name not in saved or name not in here:
+                where = "this model" if name in here else "the checkpoint"
+                raise UserError(
+                    f"checkpoint step {step} in {self.directory} is from an incompatible model: "
+                    f"'{name}' exists only in {where}; {fix}"
+                )
+            if saved[name] != here[name]:
+                raise UserError(
+                    f"checkpoint step {step} in {self.directory} is from an incompatible model: "
+                    f"'{name}' has shape {saved[name]} there but {here[name]} here; {fix}"
+                )
+
+    def _restore(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
+        meta = self.read_meta(step)
+        self.check_compatible(step, abstract_state)
+        # The saved data position is exact but per process: after a change of process count
+        # the iterator starts at the checkpoint's step instead (one global batch per step).
+        iterator = make_iterator(step)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if meta.get("process_count") == jax.process_count():
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - truncated / unreadable files
+            cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
+        expected = meta.get("fingerprint")
+        if expected is None:
+            raise Corrupt("no fingerprint in its metadata")
+        got = fingerprint(restored.state)
+        bad = sorted(k for k in expected if got.get(k) != expected[k]) or sorted(got.keys() ^ expected.keys())
+        if bad:
+            raise Corrupt(f"values of '{bad[0]}' differ from those saved")
+        return restored.state, meta, iterator
+
+    def restore_latest(self, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any] | None:
+        """Restore the newest intact checkpoint onto `abstract_state`'s shardings; returns
+        (state, meta, data iterator positioned after that step), or None without checkpoints.
+
+        `make_iterator(start_step)` builds the task's training iterator. A corrupted checkpoint
+        raises CheckpointError naming step and path or, with `fallback`, is moved aside
+        (`checkpoints/corrupt-<step>-<time>`) with a warning and the previous one is tried.
+        """
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                return self._restore(step, abstract_state, make_iterator)
+            except Corrupt as e:
+                where = self.directory / str(step)
+                if not self.fallback:
+                    raise CheckpointError(
+                        f"checkpoint step {step} at {where} is corrupted: {e}; set "
+                        f"--config.checkpoint.fallback=true to resume from the previous good step"
+                    ) from None
+                log.warning("warning: checkpoint step %d at %s is corrupted: %s; "
+                            "falling back to the previous checkpoint", step, where, e)
+                self._move_aside(step)
+        if steps:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} (tried steps {steps}); "
+                f"use a new --workdir to start over"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Keep a corrupted checkpoint for inspection, out of Orbax's sight."""
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            src.rename(self.directory / f"corrupt-{step}-{int(time.time())}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"infra_move_aside_{step}")
+        self.manager.reload()

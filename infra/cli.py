@@ -6,7 +6,7 @@
   plan   --config experiments/lm.py:8b --devices 256 --mesh fsdp=256  memory/FLOPs/cost estimate
 
 JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
-Bad input (`UserError`) prints one line on stderr and exits with status 2.
+Bad input (`UserError`) prints one line on stderr and exits with its code (see infra/errors.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import sys
 import tempfile
 import time
 
-from infra.errors import UserError
-
-EXIT_USER_ERROR = 2
+from infra.errors import Preempted, UserError
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -168,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_smoke(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_code
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

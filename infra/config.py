@@ -108,6 +108,7 @@ def base_config() -> ConfigDict:
             log_every=20,
             stop_at=0,  # stop (with a checkpoint) at this step, schedule unchanged; 0 = steps
             eval_at_start=True,
+            nonfinite="stop",  # NaN/Inf loss or gradients: "stop" (exit 4) or "skip" the update
             progress_bar=True,
         )
     )
@@ -140,6 +141,8 @@ def base_config() -> ConfigDict:
             coordinator_address="",
             num_processes=0,
             process_id=-1,
+            # a process that stops answering is declared dead after this long; the others exit
+            heartbeat_timeout_s=30,
         )
     )
 
@@ -152,7 +155,15 @@ def base_config() -> ConfigDict:
         )
     )
 
-    c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True))
+    c.checkpoint = ConfigDict(
+        dict(
+            every=500,  # steps between saves
+            every_seconds=0.0,  # also save when this much time has passed (0 = off)
+            keep=3,
+            async_save=True,
+            fallback=True,  # a corrupted latest checkpoint: warn and use the previous one
+        )
+    )
     return c
 
 
@@ -340,6 +351,8 @@ def validate(config: ConfigDict) -> None:
     positive("optim.lr", config.optim.lr)
     positive("checkpoint.every", config.checkpoint.every)
     positive("checkpoint.keep", config.checkpoint.keep)
+    if config.train.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got '{config.train.nonfinite}'")
     if config.optim.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps must be >= 0")
     for axis, size in config.mesh.items():

@@ -1,8 +1,23 @@
-"""Errors that mean the user must fix their input; the CLI prints them as one line."""
+"""Errors that end a run with one line on stderr and a documented exit code (no traceback).
+
+| exit | meaning |
+|---|---|
+| 0 | finished |
+| 2 | bad input (`UserError`): config, data, workdir, incompatible checkpoint |
+| 3 | checkpoint cannot be written or read (`CheckpointError`): disk full, corruption |
+| 4 | non-finite loss or gradients (`NumericalError`); the last checkpoint is finite |
+| 5 | another process of a multi-process run failed or stopped answering (`PeerError`) |
+| 75 | preempted (SIGTERM): a checkpoint was written; run the same command to resume |
+| 130 | interrupted (Ctrl-C) |
+"""
+
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+    exit_code = 2
 
 
 class ConfigError(UserError):
@@ -11,3 +26,27 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Data files are missing, empty or unreadable."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written (disk full) or read back intact (corruption)."""
+
+    exit_code = 3
+
+
+class NumericalError(UserError):
+    """The loss or the gradients became NaN/Inf."""
+
+    exit_code = 4
+
+
+class PeerError(UserError):
+    """Another process of a multi-process run died or stopped answering."""
+
+    exit_code = 5
+
+
+class Preempted(Exception):
+    """SIGTERM was received; a checkpoint was written. Not an error: exit 75, rerun to resume."""
+
+    exit_code = EXIT_PREEMPTED

@@ -79,7 +79,7 @@ def initialize_distributed(cfg) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    kwargs = {}
+    kwargs = {"heartbeat_timeout_seconds": int(cfg.get("heartbeat_timeout_s", 100))}
     if cfg.coordinator_address:
         kwargs["coordinator_address"] = cfg.coordinator_address
     if cfg.num_processes > 0:

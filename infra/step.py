@@ -66,13 +66,22 @@ def make_steps(
             rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
             grads, metrics = mean_grads(state["params"], batch, rng)
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.tree.norm(grads)
+        # A NaN/Inf loss or gradient must not reach the parameters: such an update is skipped
+        # (the loop then stops or goes on, by `train.nonfinite`), so the state stays finite.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
+            "params": jax.tree.map(keep, optax.apply_updates(state["params"], updates), state["params"]),
+            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        metrics |= {
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
         return new_state, metrics
 
     def eval_step(params: dict, batch: dict) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +22,7 @@ from infra import config as config_lib
 from infra import mesh as mesh_lib
 from infra import sharding
 from infra.checkpoint import Checkpointer
-from infra.errors import UserError
+from infra.errors import NumericalError, PeerError, Preempted, UserError
 from infra.metrics import MetricWriter, truncate_history
 from infra.optim import make_optimizer
 from infra.state import ShardedState, State, replicated, shard_state
@@ -95,52 +97,91 @@ def _prepare_workdir(workdir: str | Path) -> Path:
     return workdir
 
 
-def _mean(metrics: list[dict]) -> dict[str, float]:
-    host = jax.device_get(metrics)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def _mean(host_metrics: list[dict]) -> dict[str, float]:
+    return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
 
 
 def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, float]:
     """Mean of the task's eval metrics over the held-out batches."""
-    return _mean([trainer.eval_step(params, b) for b in batches])
+    return _mean(jax.device_get([trainer.eval_step(params, b) for b in batches]))
+
+
+class _SigtermFlag:
+    """Single-process preemption: SIGTERM sets a flag the loop reads between steps.
+
+    Multi-process runs leave SIGTERM to JAX's preemption service, which makes every process
+    agree on the step to stop at (`Checkpointer.reached_preemption`).
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _first_nonfinite(records: list[tuple[int, dict]]) -> tuple[int, dict] | None:
+    return next(((s, m) for s, m in records if m["skipped"]), None)
 
 
 def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     """Train `config` in `workdir` (resuming if it holds a checkpoint). Returns (state, history).
 
     `history` is every metric record of the run so far, as written to `metrics.jsonl`.
+    Raises `Preempted` after SIGTERM (a checkpoint is written first) and `NumericalError` on a
+    non-finite loss or gradient with `train.nonfinite="stop"`; see `infra/errors.py`.
     """
     workdir = _prepare_workdir(workdir)
     trainer = build(config)
-    task, tc = trainer.task, config.train
+    task, tc, cc = trainer.task, config.train, config.checkpoint
     is_main = is_main_process()
-    if is_main:
-        if config.sharding.print_table:
-            print(mesh_lib.describe(trainer.mesh))
-            print(sharding.sharding_table(
-                trainer.state.abstract["params"], trainer.state.shardings["params"],
-                config.sharding.warn_replicated_mb,
-            ))
-        config_lib.save(config, workdir)
+    if is_main and config.sharding.print_table:
+        print(mesh_lib.describe(trainer.mesh))
+        print(sharding.sharding_table(
+            trainer.state.abstract["params"], trainer.state.shardings["params"],
+            config.sharding.warn_replicated_mb,
+        ))
 
     to_global = lambda b: sharding.to_global(b, trainer.batch_shardings)  # noqa: E731
-    eval_batches = [to_global(b) for b in task.eval_batches(jax.process_index(), jax.process_count())]
-
+    pid, pcount = jax.process_index(), jax.process_count()
+    eval_batches = [to_global(b) for b in task.eval_batches(pid, pcount)]
     ckpt = Checkpointer(
-        workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
+        workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
+        every_seconds=cc.every_seconds, fallback=cc.fallback,
     )
-    latest = ckpt.latest_step()
-    train_iter = task.train_iterator(jax.process_index(), jax.process_count(), start_step=latest or 0)
-    if latest is not None:
-        # The saved iterator position is exact; it is per process, so after a change of process
-        # count the iterator instead starts at the checkpoint's step (set just above).
-        same_processes = ckpt.read_meta(latest).get("process_count") == jax.process_count()
-        state, _ = ckpt.restore(latest, trainer.state.abstract, train_iter if same_processes else None)
-        log.info("resumed from step %d in %s", latest, ckpt.directory)
+    try:
+        return _train(config, workdir, trainer, ckpt, eval_batches, to_global)
+    finally:
+        ckpt.close()
+
+
+def _train(config, workdir, trainer, ckpt, eval_batches, to_global):
+    task, tc = trainer.task, config.train
+    is_main = is_main_process()
+    pid, pcount = jax.process_index(), jax.process_count()
+
+    # Restore the newest intact checkpoint with the data position it saved, or start afresh.
+    make_iterator = lambda start: task.train_iterator(pid, pcount, start_step=start)  # noqa: E731
+    restored = ckpt.restore_latest(trainer.state.abstract, make_iterator)
+    if restored is not None:
+        state, saved_meta, train_iter = restored
+        log.info("resumed from step %d in %s", saved_meta["step"], ckpt.directory)
     else:
-        state = trainer.state.init(jax.random.key(tc.seed))
+        state, train_iter = trainer.state.init(jax.random.key(tc.seed)), make_iterator(0)
     step = int(state["step"])
+
+    if is_main:  # only now that config, data and checkpoint are known to be good
+        config_lib.save(config, workdir)
     history = truncate_history(workdir, step) if is_main else []
     writer = MetricWriter(
         workdir, total_steps=tc.steps, start_step=step, enabled=is_main, progress_bar=tc.progress_bar
@@ -151,41 +192,81 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
         metrics = evaluate(trainer, state["params"], eval_batches)
         history.append(writer.write(step, {f"eval/{k}": v for k, v in metrics.items()}))
 
+    def check_finite(records: list[tuple[int, dict]]) -> None:
+        bad = _first_nonfinite(records)
+        if bad is None:
+            return
+        s, m = bad
+        what = ", ".join(f"{k}={m[k]}" for k in ("loss", "grad_norm"))
+        if tc.nonfinite == "stop":
+            raise NumericalError(
+                f"non-finite loss or gradients at step {s} ({what}); the update was not applied "
+                f"and no checkpoint holds it (latest: step {ckpt.latest_step()}); lower optim.lr "
+                f"or raise optim.grad_clip, or set --config.train.nonfinite=skip"
+            )
+        for s, m in records:
+            if m["skipped"]:
+                log.warning("warning: non-finite loss or gradients at step %d (loss=%s, "
+                            "grad_norm=%s); update skipped", s, m["loss"], m["grad_norm"])
+
+    units_per_step = tc.batch_size * task.units_per_example()
+    end = min(tc.steps, tc.stop_at or tc.steps)
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) since the last log
+    checked = 0  # how many of `pending` were already checked for NaN/Inf
+    compile_s = None
     try:
-        if step == 0 and tc.eval_at_start:
-            log_eval(0)
-        units_per_step = tc.batch_size * task.units_per_example()
-        pending: list[dict] = []
-        first_log = True
-        end = min(tc.steps, tc.stop_at or tc.steps)
-        while step < end:
-            batch = to_global(next(train_iter))
-            if first_log and not pending:  # compile ahead of time so throughput excludes it
-                t0 = time.perf_counter()
-                train_step = trainer.train_step.lower(state, batch).compile()
-                compile_s = time.perf_counter() - t0
-                t_last, steps_last = time.perf_counter(), step
-            state, metrics = train_step(state, batch)
-            pending.append(metrics)
-            step += 1
-            last = step == end
-            if step % tc.log_every == 0 or last:
-                train = _mean(pending)
-                pending = []
-                now = time.perf_counter()
-                seconds = (now - t_last) / (step - steps_last)
-                t_last, steps_last = now, step
-                train |= {"step_time_s": seconds, f"{task.unit}_per_sec": units_per_step / seconds}
-                if first_log:
-                    train["compile_time_s"], first_log = compile_s, False
-                history.append(writer.write(step, {f"train/{k}": v for k, v in train.items()}))
-                writer.progress(step, {"loss": f"{train['loss']:.3f}",
-                                       f"{task.unit}/s": f"{train[f'{task.unit}_per_sec']:,.0f}"})
-            if step % tc.eval_every == 0 or last:
-                log_eval(step)
-            ckpt.save(step, state, train_iter, meta, force=last)
-        ckpt.wait()
+        with _SigtermFlag() as sigterm:
+            if step == 0 and tc.eval_at_start:
+                log_eval(0)
+            while step < end:
+                batch = to_global(next(train_iter))
+                if compile_s is None:  # compile ahead of time so throughput excludes it
+                    t0 = time.perf_counter()
+                    train_step = trainer.train_step.lower(state, batch).compile()
+                    compile_s = time.perf_counter() - t0
+                    t_last, steps_last, first_log = time.perf_counter(), step, True
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                last = step == end
+                preempted = sigterm.raised or ckpt.reached_preemption(step)
+                log_now = step % tc.log_every == 0 or last
+                save_now = last or preempted or ckpt.should_save(step)
+                if log_now or save_now:  # a sync point: look at every step since the last one
+                    host = [(s, jax.device_get(m)) for s, m in pending[checked:]]
+                    check_finite(host)
+                    pending[checked:] = host
+                    checked = len(pending)
+                if log_now:
+                    train = _mean([m for _, m in pending])
+                    pending, checked = [], 0
+                    now = time.perf_counter()
+                    seconds = (now - t_last) / (step - steps_last)
+                    t_last, steps_last = now, step
+                    train |= {"step_time_s": seconds, f"{task.unit}_per_sec": units_per_step / seconds}
+                    if first_log:
+                        train["compile_time_s"], first_log = compile_s, False
+                    history.append(writer.write(step, {f"train/{k}": v for k, v in train.items()}))
+                    writer.progress(step, {"loss": f"{train['loss']:.3f}",
+                                           f"{task.unit}/s": f"{train[f'{task.unit}_per_sec']:,.0f}"})
+                if step % tc.eval_every == 0 or last:
+                    log_eval(step)
+                if save_now:
+                    ckpt.save(step, state, train_iter, meta)
+                if preempted and not last:
+                    ckpt.wait()
+                    raise Preempted(
+                        f"stopped at step {step} on SIGTERM; checkpoint written to "
+                        f"{ckpt.directory / str(step)}; run the same command to resume"
+                    )
+            ckpt.wait()
+    except jax.errors.JaxRuntimeError as e:
+        if pcount > 1:
+            raise PeerError(
+                f"process {pid}: a collective failed ({str(e).strip().splitlines()[0][:160]}); "
+                f"another process of this run probably died: see its log, then rerun to resume"
+            ) from None
+        raise
     finally:
         writer.close()
-        ckpt.close()
     return state, history
