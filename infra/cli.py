@@ -80,7 +80,7 @@ def _quiet_libraries() -> None:
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.WARNING)
+        absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns freely; our errors say what matters
     except ImportError:
         pass
 
@@ -92,8 +92,9 @@ def cmd_train(args, overrides: list[str]) -> int:
     _, history = train.run(cfg, args.workdir)
     evals = [r for r in history if "eval/loss" in r]
     if evals and train.is_main_process():
-        print(f"eval loss {evals[0]['eval/loss']:.4f} (step {evals[0]['step']}) -> "
-              f"{evals[-1]['eval/loss']:.4f} (step {evals[-1]['step']})")
+        fmt = lambda r: f"{r['eval/loss']:.4f}" if r["eval/loss"] is not None else "non-finite"  # noqa: E731
+        print(f"eval loss {fmt(evals[0])} (step {evals[0]['step']}) -> "
+              f"{fmt(evals[-1])} (step {evals[-1]['step']})")
     return 0
 
 

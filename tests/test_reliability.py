@@ -1,0 +1,245 @@
+"""Nothing lost: bit-exact resume after kills, preemption, crash-safe and verified checkpoints,
+numerical faults. Everything through the real CLI in subprocesses, checkpoints read back with
+Orbax itself."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import ROOT, cli, popen
+
+SMOKE = "experiments/lm.py:smoke"
+RUN = ("--config", SMOKE, "--config.train.steps=60", "--config.train.log_every=1",
+       "--config.train.eval_every=30", "--config.checkpoint.every=5", "--config.checkpoint.keep=3",
+       "--config.sharding.print_table=false")
+
+pytestmark = pytest.mark.slow
+
+
+def train_losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def committed(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").glob("*")
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def saved_state(workdir, step):
+    """The arrays of a checkpoint, read with Orbax alone (no infra code)."""
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def assert_bit_identical(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def wait_for(predicate, proc, timeout=240, poll=0.005):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    p = cli("train", *RUN, "--workdir", str(workdir))
+    assert p.returncode == 0, p.stderr
+    return workdir
+
+
+def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight):
+    rng = random.Random(int(os.environ.get("INFRA_TEST_SEED", "1234")))
+    kill_steps = sorted(rng.sample(range(3, 57), 5))
+    workdir = tmp_path / "killed"
+    during_save = 0
+    for i, kill_at in enumerate(kill_steps):
+        proc = popen("train", *RUN, "--workdir", str(workdir))
+        ckpts = workdir / "checkpoints"
+        if i == 0:  # the first kill lands in the middle of an asynchronous save
+            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in ckpts.glob("*")), proc)
+        else:
+            wait_for(lambda: (workdir / "metrics.jsonl").exists()
+                     and any(s >= kill_at for s, _ in train_losses(workdir)), proc, poll=0.02)
+        unfinished = [p.name for p in ckpts.glob("*") if "tmp" in p.name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        during_save += bool(unfinished)
+    assert during_save >= 1, "no kill landed during an asynchronous save"
+
+    p = cli("train", *RUN, "--workdir", str(workdir))
+    assert p.returncode == 0, p.stderr
+    assert not [p.name for p in (workdir / "checkpoints").glob("*") if "tmp" in p.name]
+    assert train_losses(workdir) == train_losses(straight)  # bit-identical floats
+    assert committed(workdir)[-1] == 60
+    assert_bit_identical(saved_state(workdir, 60), saved_state(straight, 60))
+
+
+def test_sigterm_writes_a_checkpoint_and_resumes_bit_exactly(tmp_path, straight):
+    workdir = tmp_path / "term"
+    proc = popen("train", *RUN, "--workdir", str(workdir))
+    wait_for(lambda: (workdir / "metrics.jsonl").exists()
+             and any(s >= 23 for s, _ in train_losses(workdir)), proc, poll=0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    stopped = int(err.split("stopped at step ")[1].split()[0])
+    assert 23 <= stopped < 60
+    assert committed(workdir)[-1] == stopped  # written off the 5-step interval, and committed
+    assert "run the same command to resume" in err.strip().splitlines()[-1]
+
+    p = cli("train", *RUN, "--workdir", str(workdir))
+    assert p.returncode == 0, p.stderr
+    assert f"resumed from step {stopped}" in p.stderr
+    assert train_losses(workdir) == train_losses(straight)
+    assert_bit_identical(saved_state(workdir, 60), saved_state(straight, 60))
+
+
+WRITER = """
+import sys, jax, jax.numpy as jnp
+from infra.checkpoint import Checkpointer
+class It:
+    def get_state(self): return {"next_index": 0}
+ckpt = Checkpointer(sys.argv[1], every=1, keep=2, async_save=True)
+step = (ckpt.latest_step() or 0)
+while True:
+    step += 1
+    state = {"w": jnp.full((512, 1024), float(step)), "step": jnp.int32(step)}
+    ckpt.save(step, state, It(), {})
+"""
+
+
+def test_sigkill_during_saves_never_loses_the_last_committed_checkpoint(tmp_path):
+    from infra.checkpoint import Checkpointer
+
+    class Iterator:
+        def get_state(self):
+            return {"next_index": 0}
+
+        def set_state(self, state):
+            pass
+
+    workdir = tmp_path / "saves"
+    rng = random.Random(99)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    for trial in range(20):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(workdir)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(2.0 + rng.random() * 1.5)  # start-up is ~2 s; then saves run back to back
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        steps = committed(workdir)
+        ckpt = Checkpointer(workdir, every=1, keep=2)
+        import jax
+        abstract = {"w": jax.ShapeDtypeStruct((512, 1024), np.float32),
+                    "step": jax.ShapeDtypeStruct((), np.int32)}
+        restored = ckpt.restore_latest(abstract, lambda step: Iterator())
+        ckpt.close()
+        if not steps:
+            assert restored is None
+            continue
+        state, meta, _ = restored
+        assert meta["step"] == steps[-1] == int(state["step"]), trial
+        assert float(state["w"][0, 0]) == steps[-1] and float(state["w"][-1, -1]) == steps[-1]
+        assert not [p for p in (workdir / "checkpoints").glob("*") if "tmp" in p.name]
+    assert committed(workdir), "no save ever committed"
+
+
+def _corrupt_newest(workdir, how):
+    step = committed(workdir)[-1]
+    files = [f for f in (workdir / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()]
+    target = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        for i in range(len(data) // 3, len(data) // 3 + 8):
+            data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return step
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_corrupted_checkpoint_is_detected_and_falls_back(tmp_path, how):
+    workdir = tmp_path / how
+    args = ("--config", SMOKE, "--config.train.steps=20", "--config.checkpoint.every=10",
+            "--config.sharding.print_table=false")
+    assert cli("train", *args, "--workdir", str(workdir)).returncode == 0
+    bad = _corrupt_newest(workdir, how)
+    before = {f: f.read_bytes() for f in (workdir / "checkpoints").rglob("*") if f.is_file()}
+
+    p = cli("train", *args, "--config.train.steps=30", "--config.checkpoint.fallback=false",
+            "--workdir", str(workdir))
+    assert p.returncode == 3, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr
+    assert f"checkpoint step {bad} at {workdir.resolve() / 'checkpoints' / str(bad)} is corrupted" in lines[0]
+    assert "--config.checkpoint.fallback=true" in lines[0]
+    after = {f: f.read_bytes() for f in (workdir / "checkpoints").rglob("*") if f.is_file()}
+    assert after == before  # nothing touched
+
+    p = cli("train", *args, "--config.train.steps=30", "--workdir", str(workdir))
+    assert p.returncode == 0, p.stderr
+    assert f"checkpoint step {bad}" in p.stderr and "falling back" in p.stderr
+    assert "resumed from step 10" in p.stderr
+    assert committed(workdir)[-1] == 30
+    assert list((workdir / "checkpoints").glob(f"corrupt-{bad}-*"))  # kept for inspection
+
+
+def test_altered_values_are_detected_by_fingerprint(tmp_path):
+    """A checkpoint whose files decode fine but hold other values is still refused."""
+    workdir = tmp_path / "altered"
+    args = ("--config", SMOKE, "--config.train.steps=10", "--config.checkpoint.every=5",
+            "--config.sharding.print_table=false")
+    assert cli("train", *args, "--workdir", str(workdir)).returncode == 0
+    # rewrite step 10's arrays with step 5's values, through Orbax itself
+    other = saved_state(workdir, 5)
+    target = workdir / "checkpoints" / "10" / "state"
+    shutil.rmtree(target)
+    ocp.StandardCheckpointer().save(target, other)
+    ocp.StandardCheckpointer().wait_until_finished() if hasattr(ocp.StandardCheckpointer(), "wait_until_finished") else None
+    time.sleep(1)
+    p = cli("train", *args, "--config.train.steps=15", "--config.checkpoint.fallback=false",
+            "--workdir", str(workdir))
+    assert p.returncode == 3 and "differ from those saved" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips_and_never_checkpoints_nan(tmp_path, mode):
+    workdir = tmp_path / mode
+    p = cli("train", "--config", SMOKE, "--workdir", str(workdir), "--config.train.steps=20",
+            "--config.optim.lr=1e9", "--config.optim.grad_clip=0.0", "--config.optim.warmup_steps=0",
+            "--config.checkpoint.every=2", f"--config.train.nonfinite={mode}",
+            "--config.sharding.print_table=false")
+    if mode == "stop":
+        assert p.returncode == 4, p.stderr
+        line = p.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: non-finite loss or gradients at step ") and "Traceback" not in p.stderr
+        bad_step = int(line.split("at step ")[1].split()[0])
+        assert all(s < bad_step for s in committed(workdir))
+    else:
+        assert p.returncode == 0, p.stderr
+        assert "update skipped" in p.stderr
+    for step in committed(workdir):
+        import jax
+        for leaf in jax.tree.leaves(saved_state(workdir, step)):
+            assert np.all(np.isfinite(np.asarray(leaf, dtype=np.float64))), step
