@@ -89,6 +89,11 @@ class _IteratorSnapshot:
         return self._state
 
 
+# What reading damaged files raises (tensorstore: ValueError; files: OSError; ...). Anything else
+# is a bug, not corruption, and must not get a good checkpoint moved aside.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError)
+
+
 class Corrupt(Exception):
     """A checkpoint whose files cannot be read back or whose values do not match."""
 
@@ -193,7 +198,7 @@ class Checkpointer:
         path = self.directory / str(step) / "state"
         try:
             saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-        except Exception as e:  # noqa: BLE001
+        except _READ_ERRORS as e:
             raise Corrupt(f"unreadable array metadata in {path} ({type(e).__name__})") from None
         saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
         here = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
@@ -222,7 +227,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - truncated / unreadable files
+        except _READ_ERRORS as e:  # truncated / unreadable / undecodable files
             cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
         expected = meta.get("fingerprint")

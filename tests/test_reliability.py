@@ -137,6 +137,9 @@ def test_sigkill_during_saves_never_loses_the_last_committed_checkpoint(tmp_path
         def set_state(self, state):
             pass
 
+        def start_prefetch(self):
+            pass
+
     workdir = tmp_path / "saves"
     rng = random.Random(99)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
