@@ -194,14 +194,15 @@ class Checkpointer:
             raise Corrupt(f"unreadable metadata {path} ({type(e).__name__})") from None
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """UserError when the checkpoint's arrays do not have this model's shapes."""
+        """UserError when the checkpoint's arrays do not have this model's shapes and dtypes."""
         path = self.directory / str(step) / "state"
         try:
             saved = ocp.StandardCheckpointer().metadata(path).item_metadata
         except _READ_ERRORS as e:
             raise Corrupt(f"unreadable array metadata in {path} ({type(e).__name__})") from None
-        saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-        here = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        describe = lambda a: f"{a.dtype}{list(a.shape)}"  # noqa: E731
+        saved = {_path_name(p): describe(m) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        here = {_path_name(p): describe(a) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
         fix = "train in a new --workdir, or restore the config that wrote it"
         for name in sorted(here.keys() | saved.keys()):
             if name not in saved or name not in here:
@@ -213,7 +214,7 @@ class Checkpointer:
             if saved[name] != here[name]:
                 raise UserError(
                     f"checkpoint step {step} in {self.directory} is from an incompatible model: "
-                    f"'{name}' has shape {saved[name]} there but {here[name]} here; {fix}"
+                    f"'{name}' is {saved[name]} there but {here[name]} here; {fix}"
                 )
 
     def _restore(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:

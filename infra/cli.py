@@ -68,7 +68,7 @@ def _setup_devices(cpu_devices: int | None) -> None:
 
     if cpu_devices is not None:
         if cpu_devices < 1:
-            raise UserError(f"--cpu_devices must be >= 1, got {cpu_devices}")
+            raise UserError(f"--cpu_devices must be >= 1, got {cpu_devices}; pass e.g. --cpu_devices 8 or leave it out")
         mesh.emulate_cpu_devices(cpu_devices)
     else:
         mesh.emulate_from_env()

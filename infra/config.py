@@ -184,7 +184,7 @@ def resolve_experiment_path(name: str) -> Path:
     known = ", ".join(p.stem for p in list_experiment_files()) or "none"
     raise ConfigError(
         f"unknown experiment '{name}': no such file; known experiments in "
-        f"{EXPERIMENTS_DIR}: {known}"
+        f"{EXPERIMENTS_DIR}: {known}; pass --config experiments/<name>.py[:variant]"
     )
 
 
@@ -213,7 +213,8 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
     variants = getattr(module, "VARIANTS", None)
     if variant and variants is not None and variant not in variants:
         raise ConfigError(
-            f"unknown variant '{variant}' of {path.name}; known variants: {', '.join(variants)}"
+            f"unknown variant '{variant}' of {path.name}; known variants: {', '.join(variants)} "
+            f"(e.g. --config {name}:{next(iter(variants), 'smoke')})"
         )
     config = module.get_config(variant or None)
     if not isinstance(config, ConfigDict):
@@ -272,9 +273,22 @@ def _unknown_key(key: str, config: ConfigDict) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _example(key: str, current: Any) -> str:
+    """`; e.g. --config.train.steps=1000` (the current value, shown as it is typed)."""
+    if isinstance(current, bool):
+        return f"; e.g. --config.{key}={str(current).lower()}"
+    if isinstance(current, (int, float)):
+        return f"; e.g. --config.{key}={current}"
+    return ""
+
+
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """Convert `value` (text from the command line, or a Python value) to the type of `current`."""
     want = type(current)
+    if isinstance(value, str) and want is float and value.strip().lower().lstrip("+-") in (
+        "nan", "inf", "infinity"
+    ):
+        return float(value)  # not a Python literal; `validate` says which range the key needs
     if isinstance(value, str) and want is not str:
         if want is bool:
             low = value.lower()
@@ -282,14 +296,15 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
                 return True
             if low in ("false", "0", "no"):
                 return False
-            raise ConfigError(f"config key '{key}' expects a bool (true/false), got '{value}'")
+            raise ConfigError(f"config key '{key}' expects a bool (true/false), got '{value}'"
+                              f"{_example(key, current)}")
         try:
             value = ast.literal_eval(value)  # literals only: never runs code
         except (ValueError, SyntaxError):
             if current is None:
                 return value
             raise ConfigError(
-                f"config key '{key}' expects {want.__name__}, got '{value}'"
+                f"config key '{key}' expects {want.__name__}, got '{value}'{_example(key, current)}"
             ) from None
     if current is None or value is None:
         return value
@@ -301,6 +316,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         shown = value if not isinstance(value, str) else f"'{value}'"
         raise ConfigError(
             f"config key '{key}' expects {want.__name__}, got {type(value).__name__} {shown}"
+            f"{_example(key, current)}"
         )
     return value
 
@@ -328,7 +344,8 @@ def apply_preset(config: ConfigDict, explicit: set[str] = frozenset()) -> None:
         return
     if name not in PRESETS:
         raise ConfigError(
-            f"unknown sharding.preset '{name}'; known presets: {', '.join(PRESETS)}"
+            f"unknown sharding.preset '{name}'; known presets: {', '.join(PRESETS)}; set e.g. "
+            f"--config.sharding.preset=fsdp, or leave it empty and set --config.mesh.* yourself"
         )
     with config.mesh.unlocked():
         for axis, size in PRESETS[name].items():
@@ -343,6 +360,20 @@ def validate(config: ConfigDict) -> None:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{key} must be > 0, got {value}; set --config.{key}=<positive>")
 
+    def in_range(key: str, value: float, low: float, high: float, *, high_open: bool = False,
+                 note: str = "") -> None:
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value and (
+            value < high if high_open else value <= high)
+        if not ok:
+            bounds = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+            raise ConfigError(f"{key} must be in {bounds}{note}, got {value}; "
+                              f"set --config.{key}=<value in {bounds}>")
+
+    def non_negative(key: str, value: float, note: str = "") -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be >= 0{note}, got {value}; "
+                              f"set --config.{key}=<value >= 0>")
+
     positive("train.steps", config.train.steps)
     positive("train.batch_size", config.train.batch_size)
     positive("train.log_every", config.train.log_every)
@@ -353,8 +384,20 @@ def validate(config: ConfigDict) -> None:
     positive("checkpoint.keep", config.checkpoint.keep)
     if config.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got '{config.train.nonfinite}'")
-    if config.optim.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps must be >= 0")
+    non_negative("optim.warmup_steps", config.optim.warmup_steps)
+    non_negative("train.seed", config.train.seed)
+    non_negative("train.stop_at", config.train.stop_at, " (0 = run to train.steps)")
+    positive("data.seq_len", config.data.seq_len)
+    positive("data.eval_batches", config.data.eval_batches)
+    in_range("data.val_fraction", config.data.val_fraction, 0, 1, high_open=True)
+    in_range("optim.b1", config.optim.b1, 0, 1, high_open=True)
+    in_range("optim.b2", config.optim.b2, 0, 1, high_open=True)
+    positive("optim.eps", config.optim.eps)
+    in_range("optim.min_lr_ratio", config.optim.min_lr_ratio, 0, 1)
+    non_negative("optim.weight_decay", config.optim.weight_decay)
+    non_negative("optim.grad_clip", config.optim.grad_clip, " (0 = no clipping)")
+    non_negative("checkpoint.every_seconds", config.checkpoint.get("every_seconds", 0.0),
+                 " (0 = off)")
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{axis} must be a positive int or -1 (fill), got {size}")

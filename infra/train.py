@@ -25,6 +25,7 @@ from infra.checkpoint import Checkpointer
 from infra.errors import NumericalError, PeerError, Preempted, UserError
 from infra.metrics import MetricWriter, truncate_history
 from infra.optim import make_optimizer
+from infra.peers import PeerWatchdog
 from infra.state import ShardedState, State, replicated, shard_state
 from infra.step import make_steps
 from infra.tasks import Task, get_task
@@ -159,10 +160,20 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
         workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
         every_seconds=cc.every_seconds, fallback=cc.fallback,
     )
+    peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
+    clean = False
     try:
-        return _train(config, workdir, trainer, ckpt, eval_batches, to_global)
+        result = _train(config, workdir, trainer, ckpt, eval_batches, to_global)
+        clean = True
+        return result
+    except Preempted:
+        clean = True  # every process stops at the same agreed step
+        raise
     finally:
-        ckpt.close()
+        try:
+            ckpt.close()
+        finally:
+            peers.close(clean)
 
 
 def _train(config, workdir, trainer, ckpt, eval_batches, to_global):

@@ -67,3 +67,70 @@ def test_launcher_needs_a_command():
     p = subprocess.run([sys.executable, "scripts/launch_local.py", "--processes", "2"],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "give the infra command after --" in p.stderr
+
+
+def start_pair(workdir, *extra):
+    """Two processes of one run, started directly (no launcher that could stop the survivor)."""
+    import os
+    import socket
+
+    from tests.helpers import popen
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ("train", "--config", "experiments/lm.py:smoke", "--workdir", str(workdir),
+            "--config.sharding.print_table=false", "--config.train.log_every=1",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2", *extra)
+    return [popen(*args, f"--config.distributed.process_id={i}", env={"INFRA_CPU_DEVICES": "4"})
+            for i in range(2)]
+
+
+def wait_until_training(workdir, procs, timeout=240):
+    import time
+
+    deadline = time.time() + timeout
+    while not (workdir / "metrics.jsonl").exists() or "train/loss" not in (workdir / "metrics.jsonl").read_text():
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killing_one_process_stops_the_other_quickly_and_clearly(tmp_path, victim):
+    import signal
+    import time
+
+    procs = start_pair(tmp_path / "w", "--config.train.steps=100000")
+    wait_until_training(tmp_path / "w", procs)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.time()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=120)
+    waited = time.time() - killed
+    procs[victim].wait()
+    print(f"survivor exited {survivor.returncode} after {waited:.2f} s")
+    assert survivor.returncode == 5
+    assert waited < 60  # the default bound; in practice well under a second
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: process {1 - victim}: lost process {victim} of this 2-process run")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
+    import signal
+
+    workdir = tmp_path / "w"
+    procs = start_pair(workdir, "--config.train.steps=100000", "--config.checkpoint.every=1000")
+    wait_until_training(workdir, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outs
+    stops = {int(err.split("stopped at step ")[1].split()[0]) for _, err in outs}
+    assert len(stops) == 1  # both processes agreed on the step
+    (step,) = stops
+    ckpt = workdir / "checkpoints" / str(step)
+    assert (ckpt / "_CHECKPOINT_METADATA").exists()
+    assert sorted(f.name for f in (ckpt / "data").glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]

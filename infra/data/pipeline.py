@@ -52,6 +52,9 @@ def _check_size(source: TokenWindows, global_batch_size: int, what: str) -> None
 
 
 def _shuffle_seed(seed: int) -> int:
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"train.seed must be a non-negative integer, got {seed}; "
+                          "set --config.train.seed=0")
     # grain reshuffles epoch e with (seed + e); spread user seeds apart so seed s+1's
     # first epoch is not seed s's second.
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -88,6 +91,9 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, nu
     """Fixed evaluation batches: the first `num_batches * global_batch_size` windows in order
     (wrapping around if fewer); process `p` gets rows `p*local:(p+1)*local` of each batch."""
     local = _local_batch(global_batch_size, seq_len, process_count)
+    if num_batches < 1:
+        raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}; "
+                          "set --config.data.eval_batches=<positive>")
     source = TokenWindows(tokens, seq_len)
     if len(source) == 0:
         raise DataError(f"validation data has {len(tokens)} tokens but one window needs "

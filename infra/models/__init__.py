@@ -37,8 +37,10 @@ def get_model_class(name: str) -> type:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
+        known = available_models()
+        example = known[0] if known else "<name>"
         raise ConfigError(f"unknown model {name!r} (config model.name); known models: "
-                          f"{', '.join(available_models())}") from None
+                          f"{', '.join(known)}; set e.g. --config.model.name={example}") from None
 
 
 def _hyper_parameters(cls: type) -> tuple[list[str], list[str], bool]:
