@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ class Checkpointer:
     ):
         self.directory = Path(workdir).resolve() / "checkpoints"
         self.fallback = fallback
+        self._in_flight: int | None = None  # the step whose async save may still be running
+        self._failed = False  # a save failed: writes may still be unwinding in the background
         decisions = [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
         if every_seconds > 0:
             decisions.append(
@@ -143,8 +146,30 @@ class Checkpointer:
         """True when a multi-process run's processes agreed to stop at `step` (SIGTERM)."""
         return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse to start a save that cannot fit: a clean error beats a half-written one."""
+        need = sum(
+            shard.data.nbytes
+            for leaf in jax.tree.leaves(state)
+            for shard in getattr(leaf, "addressable_shards", [])
+            if shard.replica_id == 0
+        )
+        free = shutil.disk_usage(self.directory).free
+        if free < need * 1.1 + 2**20:
+            try:  # let the saves already under way commit: they fitted
+                self.manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - reported below as the same full disk
+                pass
+            self._failed = True
+            raise CheckpointError(
+                f"not enough disk space for the checkpoint of step {step} in {self.directory}: "
+                f"{free / 2**20:.1f} MiB free, about {need / 2**20:.1f} MiB needed; free disk space "
+                f"or use another --workdir (earlier checkpoints are intact)"
+            )
+
     def save(self, step: int, state: Any, data_iterator, meta: dict) -> None:
         """Start saving `step` now (asynchronously); `should_save` says when it is due."""
+        self._check_space(step, state)
         meta = {
             "step": int(step),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -159,29 +184,38 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         try:
-            self.manager.save(step, args=args, force=True)
+            self.manager.save(step, args=args, force=True)  # first finishes the previous save
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
-            raise self._write_error(step, e) from None
+            raise self._write_error(self._in_flight or step, e) from None
+        self._in_flight = step
 
     def wait(self) -> None:
         """Block until every started save has committed."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise self._write_error(self.latest_step(), e) from None
+            raise self._write_error(self._in_flight, e) from None
+        self._in_flight = None
 
     def _write_error(self, step, e: Exception) -> CheckpointError:
+        self._failed = True
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = cause if len(cause) < 240 else cause[:120] + " ... " + cause[-100:]
         return CheckpointError(
             f"cannot write the checkpoint of step {step} to {self.directory}: {cause}; "
             f"free disk space or use another --workdir (earlier checkpoints are intact)"
         )
 
     def close(self) -> None:
+        """Finish pending saves and release the manager. Errors were already reported by
+        `save`/`wait`; here they are only logged, so they cannot mask the original one."""
+        if self._failed:  # closing now would tear down Orbax's event loop under failing writes
+            return
         try:
             self.manager.wait_until_finished()
-        finally:
             self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            log.debug("closing the checkpoint manager: %s", e)
 
     # ------------------------------------------------------------------ restoring
 

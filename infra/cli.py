@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from infra.errors import Preempted, UserError
+from infra.errors import CheckpointError, Preempted, UserError
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -74,13 +74,30 @@ def _setup_devices(cpu_devices: int | None) -> None:
         mesh.emulate_from_env()
 
 
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed async save, tensorstore's C++ threads still call back into Orbax's event
+    loop, which is closed by then; each call prints a traceback through `sys.excepthook`. Those
+    carry no information (the failure itself is reported as one line), so drop just them."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def _quiet_libraries() -> None:
+    _ignore_closed_loop_callbacks()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("infra").setLevel(logging.INFO)
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns freely; our errors say what matters
+        # Orbax logs freely, and logs its background failures with tracebacks; the errors this
+        # CLI raises say what matters in one line.
+        absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:
         pass
 
@@ -166,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list()
         return cmd_smoke(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, CheckpointError):
+            # Background writers (Orbax, tensorstore, TensorBoard) may still be failing on a full
+            # disk and would print tracebacks at shutdown; committed checkpoints are safe.
+            os._exit(e.exit_code)
         return e.exit_code
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
 |---|---|
 | 0 | finished |
 | 2 | bad input (`UserError`): config, data, workdir, incompatible checkpoint |
-| 3 | checkpoint cannot be written or read (`CheckpointError`): disk full, corruption |
+| 3 | the workdir cannot be written or a checkpoint read back (`CheckpointError`): disk full, corruption |
 | 4 | non-finite loss or gradients (`NumericalError`); the last checkpoint is finite |
 | 5 | another process of a multi-process run failed or stopped answering (`PeerError`) |
 | 75 | preempted (SIGTERM): a checkpoint was written; run the same command to resume |

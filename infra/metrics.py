@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from infra.errors import CheckpointError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -72,8 +74,14 @@ class MetricWriter:
         """Record one step's metrics everywhere; returns the JSON record."""
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         if self.enabled:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
+            try:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot write metrics to {self.jsonl.name}: {e.strerror}; free disk space or "
+                    f"use another --workdir (earlier checkpoints are intact)"
+                ) from None
             for name, value in metrics.items():
                 self.tb.add_scalar(name, float(value), global_step=step)
         return record
@@ -94,9 +102,12 @@ class MetricWriter:
             self.tb.flush()
 
     def close(self) -> None:
+        """Close everything; a full disk here must not mask the error that ended the run."""
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        for handle in (self.tb, self.jsonl):
+            try:
+                if handle is not None:
+                    handle.close()
+            except OSError:
+                pass

@@ -270,3 +270,39 @@ def test_nothing_loaded_executes_code():
             if re.search(r"import (cloud)?pickle|\b(cloud)?pickle\.|\bdill\b|(?<![\w.])eval\(|(?<![\w.])exec\(|allow_pickle\s*=\s*True", code):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)],
+                             capture_output=True).returncode == 0
+    env = None
+    if not mounted:  # no permission to mount: cap the file size instead (EFBIG, not ENOSPC)
+        env = {"INFRA_TEST_FSIZE": str(3 * 2**20)}
+    try:
+        workdir = mount / "w"
+        args = ("train", "--config", SMOKE, "--workdir", str(workdir), "--config.checkpoint.every=5",
+                "--config.checkpoint.keep=10", "--config.sharding.print_table=false")
+        if mounted:
+            p = cli(*args)
+        else:
+            import resource
+
+            def cap():
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (3 * 2**20, 3 * 2**20))
+
+            p = cli(*args, preexec_fn=cap)
+        assert p.returncode == 3, p.stderr
+        lines = [l for l in p.stderr.strip().splitlines() if not l.startswith("step ")]
+        assert len(lines) == 1, p.stderr
+        assert lines[0].startswith("error: not enough disk space for the checkpoint of step ")
+        assert "earlier checkpoints are intact" in lines[0] and "Traceback" not in p.stderr
+        good = committed(workdir)
+        assert good, "no checkpoint fitted before the disk filled up"
+        state = saved_state(workdir, good[-1])
+        assert int(state["step"]) == good[-1]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mount)])
