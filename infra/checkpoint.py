@@ -90,9 +90,20 @@ class _IteratorSnapshot:
         return self._state
 
 
-# What reading damaged files raises (tensorstore: ValueError; files: OSError; ...). Anything else
-# is a bug, not corruption, and must not get a good checkpoint moved aside.
+# What reading damaged files raises (tensorstore: ValueError; files: OSError; ...), possibly
+# wrapped by Orbax in a plain Exception. Anything else is a bug, not corruption, and must not get
+# a good checkpoint moved aside.
 _READ_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError)
+
+
+def _is_read_error(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, _READ_ERRORS):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Corrupt(Exception):
@@ -262,7 +273,9 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except _READ_ERRORS as e:  # truncated / unreadable / undecodable files
+        except Exception as e:  # noqa: BLE001 - truncated / unreadable / undecodable files
+            if not _is_read_error(e):
+                raise
             cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
         expected = meta.get("fingerprint")
