@@ -155,6 +155,10 @@ def base_config() -> ConfigDict:
         )
     )
 
+    c.profile = ConfigDict(
+        dict(steps=())  # (first, last): capture a jax.profiler trace of these steps (TensorBoard)
+    )
+
     c.checkpoint = ConfigDict(
         dict(
             every=500,  # steps between saves
@@ -398,6 +402,13 @@ def validate(config: ConfigDict) -> None:
     non_negative("optim.grad_clip", config.optim.grad_clip, " (0 = no clipping)")
     non_negative("checkpoint.every_seconds", config.checkpoint.get("every_seconds", 0.0),
                  " (0 = off)")
+    if config.profile.steps and (
+        len(config.profile.steps) != 2 or not 0 < config.profile.steps[0] <= config.profile.steps[1]
+    ):
+        raise ConfigError(
+            f"profile.steps must be (first, last) with 0 < first <= last, got {config.profile.steps}; "
+            f"e.g. --config.profile.steps=[10,12]"
+        )
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{axis} must be a positive int or -1 (fill), got {size}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from infra import config as config_lib
 from infra import mesh as mesh_lib
-from infra import sharding
+from infra import sharding, utilization
 from infra.checkpoint import Checkpointer
 from infra.errors import NumericalError, PeerError, Preempted, UserError
 from infra.metrics import MetricWriter, truncate_history
@@ -224,20 +224,30 @@ def _train(config, workdir, trainer, ckpt, eval_batches, to_global):
     end = min(tc.steps, tc.stop_at or tc.steps)
     pending: list[tuple[int, Any]] = []  # (step, device metrics) since the last log
     checked = 0  # how many of `pending` were already checked for NaN/Inf
-    compile_s = None
+    compile_s, waited = None, 0.0
+    profile = tuple(config.profile.steps)
     try:
         with _SigtermFlag() as sigterm:
             if step == 0 and tc.eval_at_start:
                 log_eval(0)
             while step < end:
+                t_data = time.perf_counter()
                 batch = to_global(next(train_iter))
+                waited += time.perf_counter() - t_data
                 if compile_s is None:  # compile ahead of time so throughput excludes it
                     t0 = time.perf_counter()
                     train_step = trainer.train_step.lower(state, batch).compile()
                     compile_s = time.perf_counter() - t0
-                    t_last, steps_last, first_log = time.perf_counter(), step, True
+                    flops = utilization.compiled_flops(train_step)
+                    peak, _ = utilization.peak_flops_per_device()
+                    t_last, steps_last, first_log, waited = time.perf_counter(), step, True, 0.0
+                if profile and step + 1 == profile[0]:
+                    jax.profiler.start_trace(str(workdir / "tensorboard"))
                 state, metrics = train_step(state, batch)
                 step += 1
+                if profile and step == profile[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
                 pending.append((step, metrics))
                 last = step == end
                 preempted = sigterm.raised or ckpt.reached_preemption(step)
@@ -251,10 +261,23 @@ def _train(config, workdir, trainer, ckpt, eval_batches, to_global):
                 if log_now:
                     train = _mean([m for _, m in pending])
                     pending, checked = [], 0
-                    now = time.perf_counter()
-                    seconds = (now - t_last) / (step - steps_last)
-                    t_last, steps_last = now, step
-                    train |= {"step_time_s": seconds, f"{task.unit}_per_sec": units_per_step / seconds}
+                    interval, steps_done = time.perf_counter() - t_last, step - steps_last
+                    seconds = interval / steps_done
+                    train |= {
+                        "step_time_s": seconds,
+                        f"{task.unit}_per_sec": units_per_step / seconds,
+                        "input_wait_frac": waited / interval,
+                    }
+                    if flops:
+                        train |= {
+                            "flops_per_step": flops * jax.device_count(),
+                            "flops_per_sec_per_device": flops / seconds,
+                        }
+                        if peak:
+                            train["mfu"] = flops / seconds / peak
+                    if (memory := utilization.peak_memory_bytes()) is not None:
+                        train["peak_memory_gib"] = memory / 2**30
+                    t_last, steps_last, waited = time.perf_counter(), step, 0.0
                     if first_log:
                         train["compile_time_s"], first_log = compile_s, False
                     history.append(writer.write(step, {f"train/{k}": v for k, v in train.items()}))
