@@ -245,6 +245,8 @@ class Checkpointer:
             saved = ocp.StandardCheckpointer().metadata(path).item_metadata
         except _READ_ERRORS as e:
             raise Corrupt(f"unreadable array metadata in {path} ({type(e).__name__})") from None
+        if not jax.tree.leaves(saved):  # damaged metadata can read back as an empty tree
+            raise Corrupt(f"no array metadata in {path}")
         describe = lambda a: f"{a.dtype}{list(a.shape)}"  # noqa: E731
         saved = {_path_name(p): describe(m) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
         here = {_path_name(p): describe(a) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}

@@ -4,6 +4,8 @@
   list   every experiment and its variants
   smoke  [experiments/x.py ...]  run each experiment's `smoke` variant on 8 emulated CPU devices
   plan   --config experiments/lm.py:8b --devices 256 --mesh fsdp=256  memory/FLOPs/cost estimate
+  plot   runs/a [runs/b ...] [--out loss.png]  loss vs step and vs tokens seen, one PNG
+  generate --workdir runs/x --prompt "def " [--temperature 0.8 --top_k 40]  sample from a run
 
 JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
 Bad input (`UserError`) prints one line on stderr and exits with its code (see infra/errors.py).
@@ -60,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-device memory, FLOPs, collectives, step time and cost "
                                      "of a config on N chips (nothing is allocated)")
     plan.add_arguments(pl)
+
+    from infra import generate, plot  # import no JAX at module level either
+
+    po = sub.add_parser("plot", help="loss vs step and vs tokens seen of one or more runs, as a PNG")
+    plot.add_arguments(po)
+
+    g = sub.add_parser("generate", help="sample text from the latest checkpoint of an LM run")
+    generate.add_arguments(g)
     return p
 
 
@@ -76,7 +86,8 @@ def _setup_devices(cpu_devices: int | None) -> None:
 
 def _ignore_closed_loop_callbacks() -> None:
     """After a failed async save, tensorstore's C++ threads still call back into Orbax's event
-    loop, which is closed by then; each call prints a traceback through `sys.excepthook`. Those
+    loop, which is closed by then; each call prints a traceback through `sys.excepthook` or
+    `sys.unraisablehook`. Those
     carry no information (the failure itself is reported as one line), so drop just them."""
     default = sys.excepthook
 
@@ -86,6 +97,15 @@ def _ignore_closed_loop_callbacks() -> None:
         default(kind, value, tb)
 
     sys.excepthook = hook
+    default_unraisable = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        default_unraisable(info)
+
+    sys.unraisablehook = unraisable
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _quiet_libraries() -> None:
@@ -181,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             return plan.run_cli(args, overrides)
         if args.command == "list":
             return cmd_list()
+        if args.command == "plot":
+            from infra import plot
+
+            return plot.run_cli(args)
+        if args.command == "generate":
+            from infra import generate
+
+            return generate.run_cli(args)
         return cmd_smoke(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,262 @@
+"""`python -m infra generate --workdir runs/x --prompt "def "`: sample text from a trained LM.
+
+Rebuilds the model from `<workdir>/config.json` (the resolved config the run saved), restores only
+the parameters of the newest checkpoint (their checksums verified against the checkpoint's
+metadata; nothing in the workdir is changed), and samples autoregressively in one jitted loop:
+the context lives in a fixed buffer of `model.max_seq_len` tokens (`[BOS] + prompt`, padded), and
+each step runs the model on the whole buffer and reads the logits at the current position (no KV
+cache: simple, and exact because attention is causal). Temperature scaling and top-k filtering;
+temperature 0 is greedy. Stops at EOS, after `max_new_tokens`, or when the buffer is full.
+
+JAX is imported inside the functions: the CLI applies `--cpu_devices` before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from infra.errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+_SAMPLERS: dict = {}  # (model config, mesh) -> jitted sampler
+
+
+def load_config(workdir: str | Path):
+    """The resolved config a training run saved as `<workdir>/config.json` (an LM task)."""
+    from ml_collections import ConfigDict
+
+    from infra import config as config_lib
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
+    path = workdir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no config.json in '{workdir}'; pass the --workdir of a training run") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); pass the --workdir of a "
+                        f"training run") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a config written by `python -m infra train`")
+    config = ConfigDict(raw)
+    if config.get("task") != "lm":
+        raise UserError(f"generate needs a language-model run (task 'lm'); {path} has task "
+                        f"{config.get('task')!r}")
+    config_lib.validate(config)
+    config.lock()
+    return config
+
+
+def committed_steps(workdir: str | Path) -> list[int]:
+    """Steps of the committed checkpoints in `<workdir>/checkpoints`, oldest first (unfinished
+    saves and checkpoints moved aside as corrupt have other names and are skipped)."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir())
+
+
+def _mesh(config):
+    """Parameters sharded FSDP-style over every local device (tensor-parallel as trained where
+    the device count allows): batch 1 needs no data parallelism. Checkpoints restore onto any
+    mesh."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from infra import mesh as mesh_lib
+
+    n = len(jax.devices())
+    tensor = int(config.mesh.tensor)
+    tensor = tensor if tensor > 0 and n % tensor == 0 else 1
+    sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
+    sizes |= {"fsdp": -1, "tensor": tensor}
+    return mesh_lib.make_mesh(ConfigDict(sizes))
+
+
+def _restore_params(workdir: Path, abstract_params: dict) -> tuple[dict, int]:
+    """The parameters of the newest intact checkpoint, on `abstract_params`' shardings.
+
+    Reads only the `params` subtree (Orbax partial restore) and checks each array's checksum
+    against the checkpoint's metadata. A corrupted checkpoint is reported and the previous one is
+    tried; nothing on disk is changed (training's `Checkpointer` would move it aside)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from infra.checkpoint import _is_read_error, _path_name, fingerprint
+
+    steps = committed_steps(workdir)
+    if not steps:
+        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
+                        f"(python -m infra train --config ... --workdir {workdir})")
+    target = {"params": abstract_params}
+    here = {_path_name(p): (str(a.dtype), tuple(a.shape))
+            for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+    problems = []
+    for step in reversed(steps):
+        path = workdir / "checkpoints" / str(step)
+        try:
+            meta = json.loads((path / "meta" / "metadata").read_text())
+            saved = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
+            saved = {_path_name(p): (str(m.dtype), tuple(m.shape))
+                     for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"step {step} (unreadable metadata: {type(e).__name__})")
+            continue
+        missing = sorted(here.keys() - saved.keys())
+        if missing:  # damaged index files read back as a partial (often empty) tree
+            problems.append(f"step {step} (no array metadata for '{missing[0]}')")
+            continue
+        for name, spec in here.items():
+            if saved[name] != spec:
+                raise UserError(
+                    f"checkpoint step {step} in {path.parent} does not match {workdir}/config.json: "
+                    f"'{name}' is {saved[name][0]}{list(saved[name][1])} there but "
+                    f"{spec[0]}{list(spec[1])} here; pass the workdir the checkpoint was trained in"
+                )
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                path / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - truncated / unreadable files
+            if not _is_read_error(e):
+                raise
+            problems.append(f"step {step} (unreadable files: {type(e).__name__})")
+            continue
+        expected = meta.get("fingerprint") or {}
+        got = fingerprint({"params": restored["params"]})
+        bad = sorted(k for k in got if expected.get(k) != got[k])
+        if bad:
+            problems.append(f"step {step} (values of '{bad[0]}' differ from those saved)")
+            continue
+        for problem in problems:
+            log.warning("warning: checkpoint %s is corrupted; using step %d", problem, step)
+        return restored["params"], step
+    raise CheckpointError(f"no intact checkpoint in {workdir / 'checkpoints'} "
+                          f"({'; '.join(problems)})")
+
+
+def make_sampler(model_def, max_seq_len: int):
+    """A jitted `(params, buffer, start, max_new, temperature, top_k, key) -> (buffer, end)`.
+
+    `buffer` is `(1, max_seq_len)` int32 holding `[BOS] + prompt` in `[0, start)`; tokens are
+    written at `start, start + 1, …` until EOS (written too), `max_new` tokens, or the buffer's
+    end; `end` is one past the last token written.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from infra import data
+
+    def sample(params, buffer, start, max_new, temperature, top_k, key):
+        model = model_def.merge(params)
+        vocab = jnp.arange(model.vocab_size)
+        # Only bytes and EOS can follow: never PAD, BOS or the padding of the vocabulary.
+        allowed = (vocab < 256) | (vocab == data.EOS_ID)
+        stop = jnp.minimum(start + max_new, max_seq_len)
+
+        def cond(carry):
+            _, pos, done, _ = carry
+            return (pos < stop) & ~done
+
+        def body(carry):
+            buf, pos, _, key = carry
+            logits = model(buf)[0, pos - 1].astype(jnp.float32)
+            logits = jnp.where(allowed, logits, -jnp.inf)
+            greedy = jnp.argmax(logits)
+            # top-k: keep logits at least as large as the k-th largest (k <= 0: keep all).
+            k = jnp.clip(top_k, 1, model.vocab_size)
+            kth = jnp.sort(logits)[::-1][k - 1]
+            filtered = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+            key, sub = jax.random.split(key)
+            sampled = jax.random.categorical(sub, filtered / jnp.maximum(temperature, 1e-6))
+            token = jnp.where(temperature > 0, sampled, greedy).astype(buf.dtype)
+            buf = buf.at[0, pos].set(token)
+            return buf, pos + 1, token == data.EOS_ID, key
+
+        buf, end, _, _ = jax.lax.while_loop(cond, body, (buffer, start, jnp.array(False), key))
+        return buf, end
+
+    return jax.jit(sample)
+
+
+def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
+             temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    """Prompt + completion sampled from the newest checkpoint in `workdir`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from infra import data, sharding
+    from infra.state import shard_state
+    from infra.tasks import get_task
+
+    if max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0 = no filtering), got {top_k}")
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    if not committed_steps(workdir):  # before building anything: the common mistake
+        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
+                        f"(python -m infra train --config ... --workdir {workdir})")
+    length = int(config.model.max_seq_len)
+    ids = np.concatenate([[data.BOS_ID], data.encode(prompt)]).astype(np.int32)
+    if len(ids) >= length:
+        raise UserError(f"the prompt is {len(ids) - 1} tokens (bytes) but the model's context is "
+                        f"{length} tokens including BOS; shorten --prompt to under {length - 1} bytes")
+
+    mesh = _mesh(config)
+    rules = sharding.normalize_rules(config.sharding.rules, mesh)
+    task = get_task(config)
+    sharded = shard_state(task.build_model, optax.identity(), mesh, rules)  # params only
+    params, step = _restore_params(workdir, sharded.abstract["params"])
+    log.info("generating from checkpoint step %d in %s", step, workdir)
+
+    buffer = np.full((1, length), data.PAD_ID, np.int32)
+    buffer[0, : len(ids)] = ids
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # One compiled sampler per model and mesh in this process (the prompt, lengths, temperature,
+    # top-k and seed are traced arguments): repeated calls from a notebook compile once.
+    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
+           tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = make_sampler(sharded.model, length)
+    sampler = _SAMPLERS[key]
+    buf, end = sampler(
+        params, jax.device_put(buffer, replicated), jnp.int32(len(ids)),
+        jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
+        jax.random.key(seed),
+    )
+    new = np.asarray(jax.device_get(buf))[0, len(ids): int(end)]
+    return prompt + data.decode(new)  # decode drops EOS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="workdir of a trained language model")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="at most this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=40, help="sample among the k likeliest; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def run_cli(args) -> int:
+    text = generate(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(text)
+    return 0

@@ -1,0 +1,141 @@
+"""`python -m infra plot <workdir> [<workdir> ...] [--out loss.png]`: loss curves as one PNG.
+
+Two panels: loss against step, and loss against data seen (tokens = step × train.batch_size ×
+data.seq_len for the LM task, examples = step × train.batch_size otherwise, from each workdir's
+`config.json`). Train loss is drawn solid, eval loss dashed with markers, one colour per run.
+Imports no JAX: matplotlib draws with its Agg canvas (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from infra.errors import UserError
+from infra.metrics import METRICS_FILE, read_history
+
+DEFAULT_NAME = "loss.png"
+
+
+def _load_config(workdir: Path) -> dict:
+    path = workdir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{workdir} has {METRICS_FILE} but no config.json; pass a workdir "
+                        f"written by `python -m infra train`") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); pass a workdir written by "
+                        f"`python -m infra train`") from None
+
+
+def units_per_step(config: dict) -> tuple[int, str]:
+    """(how many units one step consumes, unit name): tokens for the LM task, else examples."""
+    batch = int(config.get("train", {}).get("batch_size", 1))
+    seq_len = config.get("data", {}).get("seq_len")
+    if config.get("task", "lm") == "lm" and seq_len:
+        return batch * int(seq_len), "tokens"
+    return batch, "examples"
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, last record per step wins, non-finite values dropped."""
+    by_step = {}
+    for record in history:
+        value = record.get(key)
+        if value is not None and math.isfinite(value):
+            by_step[int(record["step"])] = float(value)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _read_run(workdir: str | Path) -> dict:
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
+    if not (workdir / METRICS_FILE).is_file():
+        raise UserError(f"no {METRICS_FILE} in '{workdir}'; pass the --workdir of a training run "
+                        f"that has logged at least one step")
+    try:
+        history = read_history(workdir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {workdir / METRICS_FILE} ({type(e).__name__}); "
+                        f"it is not the JSONL a training run writes") from None
+    train, evals = _series(history, "train/loss"), _series(history, "eval/loss")
+    if not train[0] and not evals[0]:
+        raise UserError(f"{workdir / METRICS_FILE} holds no finite train/loss or eval/loss yet; "
+                        f"train longer or pass another workdir")
+    per_step, unit = units_per_step(_load_config(workdir))
+    return {"workdir": workdir, "train": train, "eval": evals, "per_step": per_step, "unit": unit}
+
+
+def _labels(workdirs: list[Path]) -> list[str]:
+    """Workdir names, or the paths as given where two runs share a name."""
+    names = [w.name or str(w) for w in workdirs]
+    return [n if names.count(n) == 1 else str(w) for n, w in zip(names, workdirs)]
+
+
+def plot_runs(workdirs, out: str | Path | None = None) -> Path:
+    """Draw the loss curves of every workdir into one PNG; returns its path.
+
+    `out` defaults to `<first workdir>/loss.png`. Raises `UserError` for a workdir without
+    `metrics.jsonl` (or without any loss recorded).
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display
+
+    workdirs = [Path(w) for w in workdirs]
+    if not workdirs:
+        raise UserError("plot needs at least one workdir")
+    runs = [_read_run(w) for w in workdirs]
+    out = Path(out) if out is not None else workdirs[0] / DEFAULT_NAME
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got '{out}'")
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_step, ax_data = fig.subplots(1, 2, sharey=True)
+    colors = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+    for i, (run, label) in enumerate(zip(runs, _labels(workdirs))):
+        color = colors[i % len(colors)]
+        for ax, scale in ((ax_step, 1), (ax_data, run["per_step"])):
+            steps, values = run["train"]
+            if steps:
+                ax.plot([s * scale for s in steps], values, "-", color=color, lw=1.6,
+                        label=f"{label} train")
+            steps, values = run["eval"]
+            if steps:
+                ax.plot([s * scale for s in steps], values, "--o", color=color, lw=1.2, ms=4,
+                        label=f"{label} eval")
+    units = sorted({r["unit"] for r in runs})
+    from matplotlib.ticker import EngFormatter
+
+    ax_data.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1.5M, 3G tokens
+    ax_step.set_xlabel("step")
+    ax_data.set_xlabel(f"{' / '.join(units)} seen")
+    ax_step.set_ylabel("loss")
+    ax_step.set_title("loss vs step")
+    ax_data.set_title(f"loss vs {' / '.join(units)} seen")
+    for ax in (ax_step, ax_data):
+        ax.grid(True, alpha=0.3)
+    ax_data.legend(fontsize="small", loc="upper right")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png", dpi=110)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}); pass another --out") from None
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workdirs", nargs="+", metavar="workdir", help="training workdirs to overlay")
+    p.add_argument("--out", default=None,
+                   help=f"PNG to write (default: <first workdir>/{DEFAULT_NAME})")
+
+
+def run_cli(args) -> int:
+    print(plot_runs(args.workdirs, args.out))
+    return 0

@@ -1,0 +1,52 @@
+"""`scripts/bench.py --quick` runs end to end and reports every section with positive numbers.
+
+The figures are not checked against their targets: they depend on the machine and its load.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive(section: dict, *keys: str) -> None:
+    for key in keys:
+        value = section[key]
+        assert isinstance(value, (int, float)) and value > 0, (key, value)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out),
+         "--tmpdir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "met?" in proc.stdout  # the table was printed
+    r = json.loads(out.read_text())
+
+    assert r["quick"] is True and r["machine"]["cpu_count"] > 0 and r["machine"]["jax"]
+    assert r["machine"]["devices"] == 1
+    _positive(r["a_overhead"], "ours_step_s", "plain_step_s", "ours_tokens_per_s",
+              "plain_tokens_per_s", "overhead_ratio")
+    _positive(r["b_throughput"], "ours_tokens_per_s", "nnx_tokens_per_s", "ours_over_nnx")
+    assert "tokens_per_s" in r["b_torch"] or r["b_torch"]["skipped"]
+    _positive(r["c_mfu"], "flops_per_step_per_device", "achieved_flops_per_s",
+              "peak_flops_per_s_per_device", "mfu")
+    _positive(r["d_checkpoint"], "state_bytes", "sync_save_s", "save_mb_per_s",
+              "disk_write_mb_per_s", "sync_blocking_s", "async_blocking_s", "blocking_fraction")
+    _positive(r["e_data"], "iterator_batches_per_s", "step_batches_per_s", "supply_over_demand",
+              "input_wait_fraction")
+    assert len(r["table"]) >= 8
+    # ours and the plain step train the same model from the same start on the same batches
+    last = r["a_overhead"]["last_loss"]
+    assert abs(last["ours"] - last["plain"]) < 1e-3, last
+    assert 0 < r["b_throughput"]["nnx_last_loss"] < 10
