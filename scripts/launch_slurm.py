@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch_common import split_overrides  # noqa: E402 - sibling module in scripts/
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "scripts" / "slurm_train.sbatch"
 SRUN_LINE = 'srun python -m infra train --config "$CONFIG" --workdir "$WORKDIR" "$@"'
@@ -32,26 +34,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--config.k=v` / `--config.k v` overrides (passed to infra) from our own flags."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            if "=" in arg:
-                overrides.append(arg)
-            elif i + 1 < len(argv):
-                overrides.append(f"{arg}={argv[i + 1]}")
-                i += 1
-            else:
-                raise ValueError(f"override {arg} has no value; write {arg}=VALUE")
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch_common import split_overrides  # noqa: E402 - sibling module in scripts/
+
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "~/infra"  # where the project lands on each worker
 REMOTE_VENV = "~/infra-venv"
@@ -56,26 +58,6 @@ class Parser(argparse.ArgumentParser):
 
 class LaunchError(Exception):
     """A failure with a one-line explanation."""
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--config.k=v` / `--config.k v` overrides (passed to infra) from our own flags."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            if "=" in arg:
-                overrides.append(arg)
-            elif i + 1 < len(argv):
-                overrides.append(f"{arg}={argv[i + 1]}")
-                i += 1
-            else:
-                raise LaunchError(f"override {arg} has no value; write {arg}=VALUE")
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
 
 
 def default_version(accelerator_type: str) -> str:
@@ -110,7 +92,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--wait-minutes", type=float, default=120, help="how long to wait for the TPU to be ready")
     try:
         rest, overrides = split_overrides(argv)
-    except LaunchError as e:
+    except ValueError as e:
         p.error(str(e))
     args = p.parse_args(rest)
     if args.slices < 1:
