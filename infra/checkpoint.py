@@ -2,7 +2,8 @@
 
 A checkpoint is `<workdir>/checkpoints/<step>/` with three items: `state` (params, optimizer
 state, step, rng; tensorstore arrays), `data` (the grain iterator position, JSON, one file per
-process) and `meta` (JSON: step, config, versions, and a fingerprint of every state array). No
+process), `meta` (JSON: step, config, versions) and `fingerprint` (a checksum of every state
+array, computed on the devices and written in the background). No
 pickle anywhere. Restoring uses abstract targets that carry the *current* mesh's shardings, so a
 checkpoint saved on one mesh loads onto another.
 
@@ -15,6 +16,7 @@ truncated or altered files are detected instead of loading wrong values; with
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -60,23 +62,63 @@ def _path_name(path) -> str:
 
 @jax.jit
 def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
-    """A position-weighted 32-bit checksum of each array's bits (computed where it lives)."""
+    """A 32-bit checksum of each array: every element's bits, mixed with its position through a
+    murmur3-style finaliser, summed (computed where the array lives)."""
     out = []
     for x in leaves:
         if x.dtype == jnp.bool_:
             x = x.astype(jnp.uint8)
         width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-        bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
-        index = jnp.arange(bits.size, dtype=jnp.uint32)
-        out.append(jnp.sum(bits * (index * jnp.uint32(2654435761) + 1)) ^ jnp.sum(bits))
+        h = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+        h = h ^ (jnp.arange(h.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9))
+        h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+        h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+        out.append(jnp.sum(h ^ (h >> 16), dtype=jnp.uint32))
     return out
+
+
+def _fingerprint_async(state: Any) -> tuple[list[str], list[jax.Array]]:
+    """Leaf paths and their checksums, still being computed on the devices."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [_path_name(path) for path, _ in flat], _fingerprint_leaves([leaf for _, leaf in flat])
 
 
 def fingerprint(state: Any) -> dict[str, int]:
     """`{leaf path: checksum}` of every array in `state` (one small device-to-host copy)."""
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    sums = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
-    return {_path_name(path): int(s) for (path, _), s in zip(flat, sums)}
+    names, sums = _fingerprint_async(state)
+    return {name: int(s) for name, s in zip(names, jax.device_get(sums))}
+
+
+def read_fingerprint(step_dir: Path) -> dict[str, int]:
+    """The checksums a checkpoint was saved with (`Corrupt` when they cannot be read)."""
+    try:
+        return json.loads((Path(step_dir) / "fingerprint" / "fingerprint.json").read_text())
+    except (OSError, ValueError) as e:
+        raise Corrupt(f"unreadable checksums ({type(e).__name__})") from None
+
+
+class _FingerprintHandler(ocp.JsonCheckpointHandler):
+    """Writes the checksums as JSON in Orbax's background save thread, so the training loop
+    never waits for them: they are fetched from the devices only there."""
+
+    def __init__(self):
+        super().__init__(filename="fingerprint.json")
+
+    async def _save_fn(self, x, directory):
+        names, sums = x
+        await super()._save_fn({n: int(s) for n, s in zip(names, jax.device_get(sums))}, directory)
+
+
+@ocp.args.register_with_handler(_FingerprintHandler, for_save=True)
+@dataclasses.dataclass
+class _FingerprintSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_FingerprintHandler, for_restore=True)
+@dataclasses.dataclass
+class _FingerprintRestore(ocp.args.CheckpointArgs):
+    """Orbax wants a restore pairing; `read_fingerprint` reads the file directly."""
 
 
 class _IteratorSnapshot:
@@ -186,11 +228,11 @@ class Checkpointer:
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "versions": _versions(),
             "process_count": jax.process_count(),
-            "fingerprint": fingerprint(state),
             **meta,
         }
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
+            fingerprint=_FingerprintSave(_fingerprint_async(state)),
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
             meta=ocp.args.JsonSave(meta),
         )
@@ -280,9 +322,7 @@ class Checkpointer:
                 raise
             cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
-        expected = meta.get("fingerprint")
-        if expected is None:
-            raise Corrupt("no fingerprint in its metadata")
+        expected = read_fingerprint(self.directory / str(step))
         got = fingerprint(restored.state)
         bad = sorted(k for k in expected if got.get(k) != expected[k]) or sorted(got.keys() ^ expected.keys())
         if bad:

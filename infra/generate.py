@@ -88,7 +88,7 @@ def _restore_params(workdir: Path, abstract_params: dict) -> tuple[dict, int]:
     import jax
     import orbax.checkpoint as ocp
 
-    from infra.checkpoint import _is_read_error, _path_name, fingerprint
+    from infra.checkpoint import Corrupt, _is_read_error, _path_name, fingerprint, read_fingerprint
 
     steps = committed_steps(workdir)
     if not steps:
@@ -133,7 +133,11 @@ def _restore_params(workdir: Path, abstract_params: dict) -> tuple[dict, int]:
                 raise
             problems.append(f"step {step} (unreadable files: {type(e).__name__})")
             continue
-        expected = meta.get("fingerprint") or {}
+        try:
+            expected = read_fingerprint(path)
+        except Corrupt as e:
+            problems.append(f"step {step} ({e})")
+            continue
         got = fingerprint({"params": restored["params"]})
         bad = sorted(k for k in got if expected.get(k) != got[k])
         if bad:
