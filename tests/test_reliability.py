@@ -218,9 +218,9 @@ def test_altered_values_are_detected_by_fingerprint(tmp_path):
     other = saved_state(workdir, 5)
     target = workdir / "checkpoints" / "10" / "state"
     shutil.rmtree(target)
-    ocp.StandardCheckpointer().save(target, other)
-    ocp.StandardCheckpointer().wait_until_finished() if hasattr(ocp.StandardCheckpointer(), "wait_until_finished") else None
-    time.sleep(1)
+    writer = ocp.StandardCheckpointer()
+    writer.save(target, other)
+    writer.wait_until_finished()
     p = cli("train", *args, "--config.train.steps=15", "--config.checkpoint.fallback=false",
             "--workdir", str(workdir))
     assert p.returncode == 3 and "differ from those saved" in p.stderr, p.stderr
