@@ -144,9 +144,8 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     """
     workdir = _prepare_workdir(workdir)
     trainer = build(config)
-    task, tc, cc = trainer.task, config.train, config.checkpoint
-    is_main = is_main_process()
-    if is_main and config.sharding.print_table:
+    task, cc = trainer.task, config.checkpoint
+    if is_main_process() and config.sharding.print_table:
         print(mesh_lib.describe(trainer.mesh))
         print(sharding.sharding_table(
             trainer.state.abstract["params"], trainer.state.shardings["params"],
@@ -254,7 +253,7 @@ def _train(config, workdir, trainer, ckpt, eval_batches, to_global):
                 log_now = step % tc.log_every == 0 or last
                 save_now = last or preempted or ckpt.should_save(step)
                 if log_now or save_now:  # a sync point: look at every step since the last one
-                    host = [(s, jax.device_get(m)) for s, m in pending[checked:]]
+                    host = jax.device_get(pending[checked:])  # one transfer for all of them
                     check_finite(host)
                     pending[checked:] = host
                     checked = len(pending)
