@@ -125,13 +125,18 @@ def _quiet_libraries() -> None:
 def cmd_train(args, overrides: list[str]) -> int:
     from infra import config, train
 
+    from infra.tasks import get_task_class
+
     cfg = config.load(args.config, overrides)
     _, history = train.run(cfg, args.workdir)
-    evals = [r for r in history if "eval/loss" in r]
-    if evals and train.is_main_process():
-        fmt = lambda r: f"{r['eval/loss']:.4f}" if r["eval/loss"] is not None else "non-finite"  # noqa: E731
-        print(f"eval loss {fmt(evals[0])} (step {evals[0]['step']}) -> "
-              f"{fmt(evals[-1])} (step {evals[-1]['step']})")
+    if not train.is_main_process():
+        return 0
+    for name in get_task_class(cfg.task).headline_metrics:  # e.g. "eval loss 5.96 (step 0) -> ..."
+        evals = [r for r in history if f"eval/{name}" in r]
+        if evals:
+            fmt = lambda r: f"{r[f'eval/{name}']:.4f}" if r[f"eval/{name}"] is not None else "non-finite"  # noqa: E731,B023
+            print(f"eval {name} {fmt(evals[0])} (step {evals[0]['step']}) -> "
+                  f"{fmt(evals[-1])} (step {evals[-1]['step']})")
     return 0
 
 

@@ -45,6 +45,20 @@ DEFAULT_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # Vision: flattened patch pixels, conv channels, output classes.
+    ("patch", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("kernel", None),
+    ("classes", None),
+    # Recommendation: embedding-table rows are split over every mesh axis (row-wise sharding,
+    # how tables larger than one device are spread); lookups gather across devices.
+    ("table_rows", ("data", "fsdp", "tensor")),
+    ("table_dim", None),
+    ("features", None),
+    # Forecasting: time steps of an input window and of the forecast horizon.
+    ("window", None),
+    ("horizon", None),
 )
 
 # Named parallelism layouts: mesh sizes (-1 = the remaining devices) on top of DEFAULT_RULES.
@@ -391,9 +405,6 @@ def validate(config: ConfigDict) -> None:
     non_negative("optim.warmup_steps", config.optim.warmup_steps)
     non_negative("train.seed", config.train.seed)
     non_negative("train.stop_at", config.train.stop_at, " (0 = run to train.steps)")
-    positive("data.seq_len", config.data.seq_len)
-    positive("data.eval_batches", config.data.eval_batches)
-    in_range("data.val_fraction", config.data.val_fraction, 0, 1, high_open=True)
     in_range("optim.b1", config.optim.b1, 0, 1, high_open=True)
     in_range("optim.b2", config.optim.b2, 0, 1, high_open=True)
     positive("optim.eps", config.optim.eps)

@@ -58,6 +58,7 @@ class MetricWriter:
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self.postfix: dict[str, str] = {}
         if not enabled:
             return
         from tensorboardX import SummaryWriter
@@ -94,8 +95,9 @@ class MetricWriter:
             fields = "  ".join(f"{k} {v}" for k, v in summary.items())
             print(f"step {step}/{self.total_steps}  {fields}", file=sys.stderr, flush=True)
             return
+        self.postfix |= summary  # train fields and the latest eval fields side by side
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(summary, refresh=True)
+        self.bar.set_postfix(self.postfix, refresh=True)
 
     def flush(self) -> None:
         if self.tb is not None:

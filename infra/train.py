@@ -103,8 +103,8 @@ def _mean(host_metrics: list[dict]) -> dict[str, float]:
 
 
 def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, float]:
-    """Mean of the task's eval metrics over the held-out batches."""
-    return _mean(jax.device_get([trainer.eval_step(params, b) for b in batches]))
+    """The task's eval metrics over all held-out batches (`Task.summarize_eval`)."""
+    return trainer.task.summarize_eval(jax.device_get([trainer.eval_step(params, b) for b in batches]))
 
 
 class _SigtermFlag:
@@ -201,6 +201,8 @@ def _train(config, workdir, trainer, ckpt, eval_batches, to_global):
     def log_eval(step: int) -> None:
         metrics = evaluate(trainer, state["params"], eval_batches)
         history.append(writer.write(step, {f"eval/{k}": v for k, v in metrics.items()}))
+        writer.progress(step, {f"eval {k}": f"{metrics[k]:.4g}" for k in task.headline_metrics
+                               if k in metrics})
 
     def check_finite(records: list[tuple[int, dict]]) -> None:
         bad = _first_nonfinite(records)

@@ -1,10 +1,16 @@
-"""grain pipelines that turn a packed token array into language-modelling batches."""
+"""Language-modelling batches from a packed token array (windows batched by `infra.data.batching`)."""
 from __future__ import annotations
 
-import grain
 import numpy as np
 
+from infra.data.batching import held_out_batches, local_batch_size, shuffled_batches
 from infra.errors import ConfigError, DataError
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}; "
+                          "set --config.data.seq_len=<positive>")
 
 
 class TokenWindows:
@@ -32,16 +38,6 @@ class TokenWindows:
         return f"TokenWindows(tokens={len(self.tokens)}, seq_len={self.seq_len})"
 
 
-def _local_batch(global_batch_size: int, seq_len: int, process_count: int) -> int:
-    if seq_len <= 0 or global_batch_size <= 0:
-        raise ConfigError(f"data.seq_len and train.batch_size must be positive, got "
-                          f"{seq_len} and {global_batch_size}")
-    if global_batch_size % process_count:
-        raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by the "
-                          f"{process_count} JAX processes; pick a multiple of {process_count}")
-    return global_batch_size // process_count
-
-
 def _check_size(source: TokenWindows, global_batch_size: int, what: str) -> None:
     if len(source) < global_batch_size:
         need = global_batch_size * source.seq_len + 1
@@ -51,46 +47,28 @@ def _check_size(source: TokenWindows, global_batch_size: int, what: str) -> None
             "add more files to data.files or lower data.seq_len / train.batch_size")
 
 
-def _shuffle_seed(seed: int) -> int:
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"train.seed must be a non-negative integer, got {seed}; "
-                          "set --config.train.seed=0")
-    # grain reshuffles epoch e with (seed + e); spread user seeds apart so seed s+1's
-    # first epoch is not seed s's second.
-    return int(np.random.SeedSequence(seed).generate_state(1)[0])
-
-
 def train_iterator(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   start_step: int = 0) -> grain.DatasetIterator:
-    """Endless, checkpointable iterator of this process's training batches.
-
-    Windows are shuffled from `seed` (a new order each epoch), repeated forever, then
-    process `p` takes elements `p::process_count` of that stream and batches them, so the
-    processes' batches at step `s` together form global batch `s` of a 1-process run.
+                   start_step: int = 0):
+    """Endless, checkpointable grain iterator of this process's training batches of shuffled
+    windows (see `infra.data.batching.shuffled_batches`).
     Items: `{"inputs", "targets"}`, int32 `[global_batch_size // process_count, seq_len]`.
     """
-    local = _local_batch(global_batch_size, seq_len, process_count)
+    _check_seq_len(seq_len)
     source = TokenWindows(tokens, seq_len)
+    local_batch_size(global_batch_size, process_count)
     _check_size(source, global_batch_size, "training")
-    ds = (grain.MapDataset.source(source)
-          .shuffle(seed=_shuffle_seed(seed))
-          .repeat()  # ShuffleMapDataset reseeds per epoch: each epoch has its own order
-          [process_index::process_count]
-          .batch(local, drop_remainder=True))
-    it = iter(ds.to_iter_dataset())
-    if start_step:
-        # One local batch per step on every process, so global step s is local batch s for any
-        # process count: this is how a run resumes on a different number of processes.
-        it.set_state({"next_index": int(start_step)})
-    return it
+    return shuffled_batches(source, global_batch_size=global_batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count,
+                            start_step=start_step)
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, num_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Fixed evaluation batches: the first `num_batches * global_batch_size` windows in order
     (wrapping around if fewer); process `p` gets rows `p*local:(p+1)*local` of each batch."""
-    local = _local_batch(global_batch_size, seq_len, process_count)
+    _check_seq_len(seq_len)
+    local_batch_size(global_batch_size, process_count)
     if num_batches < 1:
         raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}; "
                           "set --config.data.eval_batches=<positive>")
@@ -99,9 +77,6 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, nu
         raise DataError(f"validation data has {len(tokens)} tokens but one window needs "
                         f"{seq_len + 1}; add more files to data.files, raise "
                         "data.val_fraction or lower data.seq_len")
-    batches = []
-    for b in range(num_batches):
-        start = b * global_batch_size + process_index * local
-        rows = [source[i % len(source)] for i in range(start, start + local)]
-        batches.append({k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")})
-    return batches
+    return held_out_batches(source, global_batch_size=global_batch_size,
+                            process_index=process_index, process_count=process_count,
+                            num_batches=num_batches)

@@ -92,10 +92,13 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query causal self-attention with RoPE on q and k."""
+    """Grouped-query self-attention with RoPE on q and k; causal unless ``causal=False``
+    (encoders: vision patches, forecast windows)."""
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, out_scale: float, dtype, param_dtype, rngs: nnx.Rngs):
+                 rope_theta: float, out_scale: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 causal: bool = True):
+        self.causal = causal
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -129,8 +132,9 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(self.head_dim)
-        causal = positions[:, None] >= positions[None, :]  # (t, s), global positions
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        if self.causal:
+            mask = positions[:, None] >= positions[None, :]  # (t, s), global positions
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
         out = out.reshape(b, t, self.num_heads, self.head_dim)
@@ -162,12 +166,12 @@ class Block(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  mlp_dim: int, rope_theta: float, norm_eps: float, out_scale: float, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+                 param_dtype, rngs: nnx.Rngs, causal: bool = True):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(d_model, eps=norm_eps, **common)
         self.attn = Attention(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_theta=rope_theta, out_scale=out_scale,
-                              **common)
+                              causal=causal, **common)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps, **common)
         self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, **common)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 Batch = dict[str, Any]
@@ -22,6 +23,8 @@ class Task(abc.ABC):
 
     #: What one example counts as in throughput figures (`tokens` for an LM, `examples` otherwise).
     unit: str = "examples"
+    #: Eval metrics (keys of `summarize_eval`) shown in the progress bar and the CLI's last line.
+    headline_metrics: tuple[str, ...] = ("loss",)
 
     def __init__(self, config):
         self.config = config
@@ -35,9 +38,21 @@ class Task(abc.ABC):
         """(scalar loss to minimise, metrics) for one training batch."""
 
     def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
-        """Metrics on one held-out batch; defaults to the training loss and metrics."""
+        """Outputs on one held-out batch; defaults to the training loss and metrics.
+
+        Values may be scalars or per-example arrays (e.g. scores and labels for an AUC);
+        `summarize_eval` turns the outputs of all held-out batches into the logged metrics.
+        """
         loss, metrics = self.loss_fn(model, batch, jax.random.key(0))
         return {"loss": loss, **metrics}
+
+    def summarize_eval(self, outputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Metrics over the whole held-out set from every batch's `eval_fn` outputs (on the host).
+
+        The default averages each scalar over batches; override it for metrics that do not
+        decompose into batch means (AUC, MASE, masked means over a padded last batch).
+        """
+        return {k: float(np.mean([o[k] for o in outputs])) for k in outputs[0]}
 
     @abc.abstractmethod
     def train_iterator(self, process_index: int, process_count: int,

@@ -22,6 +22,14 @@ class LanguageModelTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
+        d = config.data
+        for key in ("seq_len", "eval_batches"):
+            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
+                raise ConfigError(f"data.{key} must be > 0, got {d[key]}; "
+                                  f"set --config.data.{key}=<positive>")
+        if not 0 <= d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}; "
+                              "set --config.data.val_fraction=<value in [0, 1)>")
         if config.model.vocab_size < data.VOCAB_SIZE:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the byte-level "
