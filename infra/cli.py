@@ -153,6 +153,7 @@ def cmd_list() -> int:
 def run_smoke(experiments: list[str]) -> list[dict]:
     """Train each experiment's `smoke` variant in a temporary workdir; one result row each."""
     from infra import config, train
+    from infra.tasks import get_task_class
 
     names = experiments or [str(p) for p in config.list_experiment_files()]
     rows = []
@@ -168,6 +169,10 @@ def run_smoke(experiments: list[str]) -> list[dict]:
             row["ok"] = finite and int(state["step"]) == cfg.train.steps
             row["detail"] = (f"{cfg.train.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
                              if finite else "non-finite or missing loss")
+            evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+            for name in get_task_class(cfg.task).headline_metrics if evals else ():
+                if evals[-1].get(f"eval/{name}") is not None:
+                    row["detail"] += f", eval {name} {evals[-1][f'eval/{name}']:.4g}"
         except Exception as e:  # a smoke test reports every failure in its table
             row["detail"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         row["seconds"] = time.perf_counter() - start

@@ -31,6 +31,10 @@ def test_train_smoke_through_cli(tmp_path):
     train = [r for r in records(tmp_path) if "train/loss" in r]
     assert {"train/loss", "train/tokens_per_sec", "train/lr", "train/grad_norm"} <= set(train[-1])
     assert "blocks/0/attn/q" in p.stdout  # the sharding table
+    # The task's headline eval metric reaches the progress output (one line per update when
+    # stderr is not a terminal) and the final summary line.
+    assert "step 30/30  eval loss " in p.stderr, p.stderr
+    assert f"eval loss {evals[0]['eval/loss']:.4f} (step 0) -> {evals[-1]['eval/loss']:.4f} (step 30)" in p.stdout
 
 
 @pytest.mark.slow
