@@ -123,13 +123,39 @@ class _FingerprintRestore(ocp.args.CheckpointArgs):
 
 class _IteratorSnapshot:
     """The iterator's position taken when `save` is called, so an async save that runs later
-    cannot record a position the loop has moved past. grain's handler writes it per process."""
+    cannot record a position the loop has moved past."""
 
     def __init__(self, iterator):
         self._state = json.dumps(iterator.get_state()).encode()
 
     def get_state(self) -> bytes:
         return self._state
+
+
+class _IteratorHandler(grain.checkpoint.CheckpointHandler, ocp.AsyncCheckpointHandler):
+    """grain's iterator checkpoint (`process_<i>-of-<n>.json`, restored by grain's own code),
+    written in Orbax's background commit instead of grain's synchronous `save`, which Orbax runs
+    in a thread that the training loop waits for."""
+
+    async def _write(self, directory, snapshot: _IteratorSnapshot) -> None:
+        index, count = jax.process_index(), jax.process_count()
+        (directory / f"process_{index}-of-{count}.json").write_text(snapshot.get_state().decode())
+
+    async def async_save(self, directory, args) -> list:
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write(directory, args.item), name="data_iterator_save")]
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class _IteratorSave(ocp.args.CheckpointArgs):
+    item: _IteratorSnapshot
+
+
+@ocp.args.register_with_handler(_IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class _IteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 # What reading damaged files raises (tensorstore: ValueError; files: OSError; ...), possibly
@@ -233,7 +259,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             fingerprint=_FingerprintSave(_fingerprint_async(state)),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
+            data=_IteratorSave(_IteratorSnapshot(data_iterator)),
             meta=ocp.args.JsonSave(meta),
         )
         try:
@@ -266,6 +292,9 @@ class Checkpointer:
             return
         try:
             self.manager.wait_until_finished()
+            # The removal of a killed run's unfinished saves runs in the background and only
+            # `save` waits for it; a run that never saved must not leave it half done either.
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
             self.manager.close()
         except Exception as e:  # noqa: BLE001
             log.debug("closing the checkpoint manager: %s", e)
@@ -314,7 +343,7 @@ class Checkpointer:
         iterator = make_iterator(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if meta.get("process_count") == jax.process_count():
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            items["data"] = _IteratorRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - truncated / unreadable / undecodable files
