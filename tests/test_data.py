@@ -174,3 +174,26 @@ def test_eval_batches_fixed_and_sharded():
                             process_index=p, process_count=2)
         for g, b in zip(full, part):
             np.testing.assert_array_equal(b["inputs"], g["inputs"][2 * p:2 * p + 2])
+
+
+def test_array_source_batches_vectorised_and_sharded_like_one_process():
+    """ArraySource batches (gathered a batch at a time): the processes' batches form the global
+    batch, an epoch visits every row once, and a resumed iterator continues where it left off."""
+    from infra.data import ArraySource, shuffled_batches
+
+    n = 1000
+    src = ArraySource({"x": np.random.default_rng(0).random((n, 3), np.float32), "y": np.arange(n)})
+    full = shuffled_batches(src, global_batch_size=8, seed=3)
+    parts = [shuffled_batches(src, global_batch_size=8, seed=3, process_index=p, process_count=2,
+                              mask=True) for p in range(2)]
+    seen = []
+    for _ in range(300):  # 2.4 epochs
+        g, a, b = next(full), next(parts[0]), next(parts[1])
+        assert sorted(np.concatenate([a["y"], b["y"]])) == sorted(g["y"])
+        assert a["mask"].tolist() == [1.0] * 4 and np.array_equal(g["x"], src.arrays["x"][g["y"]])
+        seen.append(g["y"])
+    stream = np.concatenate(seen)
+    assert sorted(stream[:n]) == list(range(n)) and sorted(stream[n:2 * n]) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n])  # a new order each epoch
+    resumed = shuffled_batches(src, global_batch_size=8, seed=3, start_step=200)
+    assert np.array_equal(next(resumed)["y"], seen[200])

@@ -1,0 +1,127 @@
+"""Patch-transformer forecaster: a window of a (multivariate) series -> the next `horizon` steps.
+
+1. Per-window normalisation (RevIN-style, no learned parameters): each input column is centred
+   on its last value (`center="last"`) or its mean (`"mean"`) over the window and divided by its
+   standard deviation over the window; the forecast is mapped back with the target columns'
+   statistics, so a trend or level shift never has to be learned.
+2. Patch embedding: the window is cut into `window / patch_len` non-overlapping patches, each
+   (patch_len, features) patch projected to `d_model` (weight logical axes ("window", "features",
+   "embed")).
+3. Encoder: `num_layers` of `infra.models.transformer.Block` with `causal=False` (every patch sees
+   every other; all patches lie at or before the forecast origin) and rotary positions.
+4. Head: the flattened patch tokens -> (horizon, targets) (weight ("window", "embed", "horizon",
+   "features")), plus a per-target linear map of the normalised window (`linear_skip`, NLinear
+   style; off by default).
+
+Input (batch, window, features) and output (batch, horizon, targets) are in the series' units.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infra.errors import ConfigError
+from infra.models import register
+from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _dtype, _normal, _param
+from infra.sharding import constrain
+
+CENTERS = ("last", "mean")
+
+
+@register("forecaster")
+class Forecaster(nnx.Module):
+    """(batch, window, features) float -> (batch, horizon, len(target_channels)) float32."""
+
+    def __init__(self, *, window: int, horizon: int, features: int,
+                 target_channels: tuple[int, ...], patch_len: int, d_model: int,
+                 num_layers: int, num_heads: int, head_dim: int, mlp_dim: int,
+                 center: str = "last", linear_skip: bool = False,
+                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, eps: float = 1e-5,
+                 dtype: str = "float32", param_dtype: str = "float32", rngs: nnx.Rngs):
+        sizes = dict(window=window, horizon=horizon, features=features, patch_len=patch_len,
+                     d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                     head_dim=head_dim, mlp_dim=mlp_dim)
+        for key, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if window % patch_len:
+            raise ConfigError(f"data.window={window} is not a multiple of model.patch_len="
+                              f"{patch_len}; pick a patch_len that divides the window")
+        if head_dim % 2:
+            raise ConfigError(f"model.head_dim ({head_dim}) must be even for rotary embeddings")
+        if center not in CENTERS:
+            raise ConfigError(f"model.center is {center!r}; expected one of {', '.join(CENTERS)}")
+        target_channels = tuple(int(c) for c in target_channels)
+        if not target_channels or not all(0 <= c < features for c in target_channels):
+            raise ConfigError(f"target channels {target_channels} must index the {features} "
+                              "input columns")
+        compute, storage = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
+        self.window, self.horizon, self.patch_len = window, horizon, patch_len
+        self.num_patches = window // patch_len
+        self.target_channels = target_channels
+        self.center = center
+        self.eps = float(eps)
+        self.dtype = compute
+        k = len(target_channels)
+        fan_in = patch_len * features
+        self.patch_embed = _param(rngs, _normal(1.0 / math.sqrt(fan_in)),
+                                  (patch_len, features, d_model), storage,
+                                  ("window", "features", "embed"))
+        self.patch_bias = _param(rngs, jax.nn.initializers.zeros, (d_model,), storage, ("embed",))
+        out_scale = 1.0 / math.sqrt(2 * num_layers)
+        self.blocks = nnx.List([
+            Block(d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
+                  head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=float(rope_theta),
+                  norm_eps=float(norm_eps), out_scale=out_scale, dtype=compute,
+                  param_dtype=storage, rngs=rngs, causal=False)
+            for _ in range(num_layers)
+        ])
+        self.final_norm = RMSNorm(d_model, eps=float(norm_eps), dtype=compute,
+                                  param_dtype=storage, rngs=rngs)
+        head_fan_in = self.num_patches * d_model
+        self.head = _param(rngs, _normal(0.1 / math.sqrt(head_fan_in)),
+                           (self.num_patches, d_model, horizon, k), storage,
+                           ("window", "embed", "horizon", "features"))
+        self.head_bias = _param(rngs, jax.nn.initializers.zeros, (horizon, k), storage,
+                                ("horizon", "features"))
+        self.linear_skip = bool(linear_skip)
+        if self.linear_skip:
+            self.linear = _param(rngs, jax.nn.initializers.zeros, (window, horizon, k), storage,
+                                 ("window", "horizon", "features"))
+
+    def window_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(center, scale), each (batch, 1, features), of every input column over the window."""
+        x = x.astype(jnp.float32)
+        loc = x[:, -1:, :] if self.center == "last" else jnp.mean(x, axis=1, keepdims=True)
+        scale = jnp.std(x, axis=1, keepdims=True) + self.eps
+        return loc, scale
+
+    def target_scale(self, x: jax.Array) -> jax.Array:
+        """(batch, 1, targets): the scale that maps errors of the forecast into normalised units."""
+        return self.window_stats(x)[1][..., list(self.target_channels)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, c = x.shape
+        if t != self.window:
+            raise ConfigError(f"input window has {t} steps, the model expects {self.window}")
+        loc, scale = self.window_stats(x)
+        z = (x.astype(jnp.float32) - loc) / scale  # (b, window, features)
+        dt = self.dtype
+        patches = z.reshape(b, self.num_patches, self.patch_len, c).astype(dt)
+        h = jnp.einsum("bnpc,pcd->bnd", patches, self.patch_embed[...].astype(dt))
+        h = constrain(h + self.patch_bias[...].astype(dt), RESIDUAL_AXES)
+        positions = jnp.arange(self.num_patches)
+        for block in self.blocks:
+            h = block(h, positions)
+        h = self.final_norm(h)
+        out = jnp.einsum("bnd,ndhk->bhk", h, self.head[...].astype(dt),
+                         preferred_element_type=jnp.float32)
+        out = out + self.head_bias[...].astype(jnp.float32)
+        tc = list(self.target_channels)
+        if self.linear_skip:
+            out = out + jnp.einsum("btk,thk->bhk", z[..., tc], self.linear[...].astype(jnp.float32))
+        return out * scale[..., tc] + loc[..., tc]  # (b, horizon, targets), original units
