@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 from infra.config import base_config
 
 VARIANTS = {
-    "synthetic": "default: one pass over 2M clicks, ~2 min on a 2-core CPU; AUC 0.005 below Bayes",
+    "synthetic": "default: one pass over 2M clicks, ~1 min on a 2-core CPU; AUC 0.005 below Bayes",
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
 }
 

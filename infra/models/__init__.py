@@ -78,6 +78,6 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
 
 
 # Importing a model module registers its classes (after `register` exists, above).
-from infra.models import dlrm, forecaster, transformer  # noqa: E402,F401
+from infra.models import dlrm, forecaster, transformer, vision  # noqa: E402,F401
 
 __all__ = ["register", "get_model_class", "available_models", "build_model"]
