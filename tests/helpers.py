@@ -27,3 +27,22 @@ def popen(*args: str, env: dict | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "infra", *args],
         cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def assert_metric_everywhere(workdir: Path, stderr: str, name: str) -> None:
+    """Eval metric `name` is in metrics.jsonl, equal in TensorBoard's event files (read with
+    tensorboard's own loader) and shown in the progress output (one line per update off a tty)."""
+    import json
+
+    import pytest
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tag = f"eval/{name}"
+    jsonl = {r["step"]: r[tag] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+             if tag in r}
+    acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars(tag)}
+    assert jsonl and tb.keys() == jsonl.keys(), (tag, tb, jsonl)
+    assert all(tb[s] == pytest.approx(v, rel=1e-6) for s, v in jsonl.items()), (tb, jsonl)
+    assert f"eval {name} " in stderr, stderr

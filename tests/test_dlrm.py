@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from infra import config, sharding, train
 from infra.data import clicks
 from infra.tasks.ctr import ClickThroughTask, log_loss, roc_auc
-from tests.helpers import cli
+from tests.helpers import assert_metric_everywhere, cli
 
 SMOKE = "experiments/dlrm.py:smoke"
 QUIET = {"train.progress_bar": False, "sharding.print_table": False}
@@ -204,3 +204,4 @@ def test_smoke_trains_through_cli_and_logs_auc(tmp_path):
     assert {"eval/bayes_logloss", "eval/auc_gap", "train/examples_per_sec"} <= (
         set(last) | {k for r in records for k in r})
     assert "eval auc" in p.stdout and "eval logloss" in p.stdout
+    assert_metric_everywhere(tmp_path, p.stderr, "auc")

@@ -11,7 +11,7 @@ from infra import config, sharding, train
 from infra.config import PRESETS
 from infra.data import series as S
 from infra.tasks.forecast import ForecastTask, forecast_metrics
-from tests.helpers import cli
+from tests.helpers import assert_metric_everywhere, cli
 
 SMOKE = "experiments/forecast.py:smoke"
 QUIET = {"train.progress_bar": False, "sharding.print_table": False}
@@ -226,6 +226,7 @@ def test_stop_resume_through_cli_matches_a_straight_run_and_logs_mase(reference,
     assert f"eval mase {evals[0]['eval/mase']:.4f} (step 0) -> {evals[-1]['eval/mase']:.4f} " \
         f"(step {STEPS})" in p.stdout, p.stdout
     assert "eval mae " in p.stdout
+    assert_metric_everywhere(tmp_path, p.stderr, "mase")
 
 
 def test_eval_outputs_hold_model_and_naive_on_the_same_test_windows(reference):

@@ -15,7 +15,7 @@ from infra.data import images as I
 from infra.data.batching import ArraySource, held_out_batches
 from infra.errors import ConfigError, DataError
 from infra.tasks.image import ImageClassificationTask
-from tests.helpers import cli
+from tests.helpers import assert_metric_everywhere, cli
 
 SMOKE = "experiments/vit.py:smoke"
 QUIET = {"train.progress_bar": False, "sharding.print_table": False}
@@ -265,6 +265,7 @@ def test_smoke_cli_logs_accuracy_and_a_resumed_run_matches_it(tmp_path):
     lines = p.stdout.strip().splitlines()
     assert lines[-2].startswith("eval accuracy ") and f"{evals[-1]['eval/accuracy']:.4f} (step 20)" in lines[-2]
     assert lines[-1].startswith("eval loss ")
+    assert_metric_everywhere(straight, p.stderr, "accuracy")
 
     # Stopped at step 10 (a checkpoint with the augmented stream's position), then resumed.
     train.run(config.load(SMOKE, {**QUIET, "train.stop_at": 10}), resumed)
