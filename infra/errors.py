@@ -50,3 +50,12 @@ class Preempted(Exception):
     """SIGTERM was received; a checkpoint was written. Not an error: exit 75, rerun to resume."""
 
     exit_code = EXIT_PREEMPTED
+
+
+def check_positive_ints(section: str, **values) -> None:
+    """ConfigError naming the first of `values` (config keys under `section`) that is not a
+    positive integer, and how to set it."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}; "
+                              f"set --config.{section}.{key}=<positive integer>")

@@ -42,7 +42,7 @@ import functools
 
 import numpy as np
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 
 NUM_DENSE = 13
 # Cardinalities of the 26 categorical features of the Criteo Kaggle display-advertising set.
@@ -69,11 +69,8 @@ class ClickSpec:
     target_ctr: float = 0.25
 
     def __post_init__(self):
-        for key in ("num_train", "num_eval", "max_vocab", "hidden_dim"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value}; "
-                                  f"set --config.data.{key}=<positive>")
+        check_positive_ints("data", **{key: getattr(self, key)
+                                       for key in ("num_train", "num_eval", "max_vocab", "hidden_dim")})
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"data.seed must be a non-negative integer, got {self.seed}; "
                               "set --config.data.seed=0")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
 from infra.models.transformer import _dtype, _param
 from infra.sharding import constrain
@@ -83,11 +83,8 @@ class DLRM(nnx.Module):
         vocab_sizes = _check_sizes("vocab_sizes", vocab_sizes)
         bottom_mlp = _check_sizes("bottom_mlp", bottom_mlp)
         top_mlp = _check_sizes("top_mlp", top_mlp)
-        for key, value in (("num_dense", num_dense), ("embed_dim", embed_dim),
-                           ("row_multiple", row_multiple)):
-            if not _positive(value):
-                raise ConfigError(f"model.{key} must be a positive integer, got {value}; "
-                                  f"e.g. --config.model.{key}=8")
+        check_positive_ints("model", num_dense=num_dense, embed_dim=embed_dim,
+                            row_multiple=row_multiple)
         if not embed_init_std > 0:
             raise ConfigError(f"model.embed_init_std must be > 0, got {embed_init_std}; "
                               "e.g. --config.model.embed_init_std=0.05")

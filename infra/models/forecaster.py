@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
 from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _dtype, _normal, _param
 from infra.sharding import constrain
@@ -42,12 +42,9 @@ class Forecaster(nnx.Module):
                  center: str = "last", linear_skip: bool = False,
                  rope_theta: float = 10000.0, norm_eps: float = 1e-6, eps: float = 1e-5,
                  dtype: str = "float32", param_dtype: str = "float32", rngs: nnx.Rngs):
-        sizes = dict(window=window, horizon=horizon, features=features, patch_len=patch_len,
-                     d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-                     head_dim=head_dim, mlp_dim=mlp_dim)
-        for key, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        check_positive_ints("model", window=window, horizon=horizon, features=features,
+                            patch_len=patch_len, d_model=d_model, num_layers=num_layers,
+                            num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim)
         if window % patch_len:
             raise ConfigError(f"data.window={window} is not a multiple of model.patch_len="
                               f"{patch_len}; pick a patch_len that divides the window")

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
 from infra.sharding import constrain
 
@@ -209,12 +209,9 @@ class Transformer(nnx.Module):
                  rope_theta: float = 10000.0, norm_eps: float = 1e-6, tie_embeddings: bool = True,
                  dtype: str = "float32", param_dtype: str = "float32", remat: str = "none",
                  scan_layers: bool = False, rngs: nnx.Rngs):
-        sizes = dict(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
-                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                     mlp_dim=mlp_dim, max_seq_len=max_seq_len)
-        for key, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        check_positive_ints("model", vocab_size=vocab_size, d_model=d_model,
+                            num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, mlp_dim=mlp_dim, max_seq_len=max_seq_len)
         if num_heads % num_kv_heads:
             raise ConfigError(f"model.num_heads ({num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({num_kv_heads})")

@@ -22,19 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
 from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _dtype, _normal, _param
 from infra.sharding import constrain
 
 _zeros = jax.nn.initializers.zeros
-
-
-def _positive(**sizes) -> None:
-    for key, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"model.{key} must be a positive integer, got {value!r}; "
-                              f"set --config.model.{key}=<positive>")
 
 
 def _check_images(images: jax.Array, size: int, channels: int) -> None:
@@ -61,7 +54,7 @@ class ViT(nnx.Module):
                  head_dim: int = 0, pool: str = "mean", rope_theta: float = 10000.0,
                  norm_eps: float = 1e-6, dtype: str = "float32", param_dtype: str = "float32",
                  rngs: nnx.Rngs):
-        _positive(image_size=image_size, channels=channels, num_classes=num_classes,
+        check_positive_ints("model", image_size=image_size, channels=channels, num_classes=num_classes,
                   patch_size=patch_size, d_model=d_model, num_layers=num_layers,
                   num_heads=num_heads, mlp_dim=mlp_dim)
         if image_size % patch_size:
@@ -165,7 +158,7 @@ class ConvNet(nnx.Module):
                  widths: tuple[int, ...] = (32, 64), blocks_per_stage: int = 1,
                  norm_eps: float = 1e-6, dtype: str = "float32", param_dtype: str = "float32",
                  rngs: nnx.Rngs):
-        _positive(image_size=image_size, channels=channels, num_classes=num_classes,
+        check_positive_ints("model", image_size=image_size, channels=channels, num_classes=num_classes,
                   blocks_per_stage=blocks_per_stage)
         widths = tuple(widths)
         if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):

@@ -29,7 +29,7 @@ from flax import nnx
 from infra import models
 from infra.data import ArraySource, held_out_batches, shuffled_batches
 from infra.data import series as series_lib
-from infra.errors import ConfigError
+from infra.errors import ConfigError, check_positive_ints
 from infra.models import forecaster as _forecaster  # noqa: F401  (registers "forecaster")
 from infra.tasks.base import Batch, Metrics, Task
 
@@ -45,10 +45,7 @@ class ForecastTask(Task):
     def __init__(self, config):
         super().__init__(config)
         d = config.data
-        for key in ("window", "horizon"):
-            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
-                raise ConfigError(f"data.{key} must be a positive integer, got {d[key]}; "
-                                  f"set --config.data.{key}=<positive>")
+        check_positive_ints("data", window=d.window, horizon=d.horizon)
         if not isinstance(d.season, int) or d.season < 0:
             raise ConfigError(f"data.season must be a non-negative integer (0 = the source's "
                               f"default), got {d.season}; e.g. --config.data.season=12")
