@@ -114,8 +114,12 @@ def batch_sharding(mesh: Mesh, rules: Rules, logical: Sequence[str] = ("batch",)
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
     """How many ways the global batch is split (the product of the mesh axes `batch` maps to)."""
-    spec = logical_to_spec(("batch",), rules)[0]
-    names = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    return _mesh_size(mesh, logical_to_spec(("batch",), rules)[0])
+
+
+def _mesh_size(mesh: Mesh, spec_entry) -> int:
+    """Number of shards of one PartitionSpec entry (None, an axis name or a tuple of them)."""
+    names = spec_entry if isinstance(spec_entry, tuple) else (spec_entry,) if spec_entry else ()
     return math.prod(mesh.shape[a] for a in names)
 
 
@@ -188,6 +192,16 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVATIONS.reset(token)
+
+
+def activation_shards(logical: str) -> int:
+    """How many ways activations' logical axis ``logical`` is split under the active rules
+    (1 outside `activation_rules`)."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return 1
+    mesh, rules = ctx
+    return _mesh_size(mesh, logical_to_spec((logical,), rules)[0])
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
