@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+# Orbax 0.12 exports neither the transfer-priority callback nor the array metadata store that
+# its default jax.Array handler uses; both are needed to move the device-to-host copy of an
+# async save into the background (see _StateHandler). pyproject pins orbax to 0.12.x.
+from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata
+from orbax.checkpoint._src.serialization import types as _serialization
 
 from infra.errors import CheckpointError, UserError
 
@@ -121,6 +128,59 @@ class _FingerprintRestore(ocp.args.CheckpointArgs):
     """Orbax wants a restore pairing; `read_fingerprint` reads the file directly."""
 
 
+class _InBackground(_serialization.SerializationStatusCallback):
+    """Every array's device-to-host transfer runs in Orbax's background commit
+    (ASYNCHRONOUS_DEPRIORITIZED) instead of inside `save`. Only safe for arrays nothing else
+    will donate or overwrite: `Checkpointer.save` hands Orbax a private on-device copy."""
+
+    def key_priority(self, keypath) -> _serialization.TransferPriority:
+        return _serialization.TransferPriority.ASYNCHRONOUS_DEPRIORITIZED
+
+
+# Host memory the background transfers may hold at once before their bytes are written.
+_IN_FLIGHT_GB = 16
+
+
+def _not_the_background_notice(record: logging.LogRecord) -> bool:
+    """Orbax warns at every such save that all transfers run in the background: by design here."""
+    return "No prioritized params found for saving" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_not_the_background_notice)
+
+
+class _StateHandler(ocp.StandardCheckpointHandler):
+    """Orbax's standard PyTree handler (same files, same restore), with the arrays' transfers to
+    the host in the background commit."""
+
+    def __init__(self):
+        super().__init__()
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(
+                array_metadata_store=_array_metadata.Store(), callback=_InBackground())),
+        )
+        self._impl = ocp.PyTreeCheckpointHandler(
+            type_handler_registry=registry, save_device_host_concurrent_gb=_IN_FLIGHT_GB)
+
+
+@ocp.args.register_with_handler(_StateHandler, for_save=True)
+@dataclasses.dataclass
+class _StateSave(ocp.args.StandardSave):
+    pass
+
+
+@ocp.args.register_with_handler(_StateHandler, for_restore=True)
+@dataclasses.dataclass
+class _StateRestore(ocp.args.StandardRestore):
+    """A manager keeps one handler per item: restoring through it needs its own args class."""
+
+
+@jax.jit
+def _copy_on_device(state: Any) -> Any:
+    """A copy of every array where it lives (new buffers: the loop may donate the originals)."""
+    return jax.tree.map(jnp.copy, state)
+
+
 class _IteratorSnapshot:
     """The iterator's position taken when `save` is called, so an async save that runs later
     cannot record a position the loop has moved past."""
@@ -189,11 +249,20 @@ class Checkpointer:
         every: int,
         keep: int,
         async_save: bool = True,
+        device_copy: bool = True,
         every_seconds: float = 0,
         fallback: bool = True,
     ):
         self.directory = Path(workdir).resolve() / "checkpoints"
         self.fallback = fallback
+        # Async saves copy the state on its devices (one more state of device memory until the
+        # background transfer has read it) and hand the copy to Orbax from a worker thread;
+        # without the copy, `save` waits for Orbax's device-to-host transfer of the live state.
+        self._device_copy = async_save and device_copy
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="infra-checkpoint")
+        # (step, future) of the hand-off to Orbax still running on the worker. Orbax's manager
+        # is not thread-safe: every use of it first waits for this (`_join`).
+        self._handing_off: tuple[int, Future] | None = None
         self._in_flight: int | None = None  # the step whose async save may still be running
         self._failed = False  # a save failed: writes may still be unwinding in the background
         decisions = [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
@@ -212,18 +281,35 @@ class Checkpointer:
             ),
         )
 
+    def _join(self) -> None:
+        """Wait for the worker's hand-off of the last save to Orbax; raise what it raised."""
+        if self._handing_off is None:
+            return
+        step, future = self._handing_off
+        self._handing_off = None
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._write_error(step, e) from None
+
     def latest_step(self) -> int | None:
+        self._join()
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        self._join()
         return sorted(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
+        self._join()
         return self.manager.should_save(step)
 
     def reached_preemption(self, step: int) -> bool:
         """True when a multi-process run's processes agreed to stop at `step` (SIGTERM)."""
-        return jax.process_count() > 1 and self.manager.reached_preemption(step)
+        if jax.process_count() == 1:
+            return False
+        self._join()
+        return self.manager.reached_preemption(step)
 
     def _check_space(self, step: int, state: Any) -> None:
         """Refuse to start a save that cannot fit: a clean error beats a half-written one."""
@@ -247,7 +333,12 @@ class Checkpointer:
             )
 
     def save(self, step: int, state: Any, data_iterator, meta: dict) -> None:
-        """Start saving `step` now (asynchronously); `should_save` says when it is due."""
+        """Start saving `step` now (asynchronously); `should_save` says when it is due.
+
+        With the on-device copy, this returns once the copy is made: the loop may then donate
+        `state`; Orbax receives the copy on the worker thread and transfers it to the host and
+        writes it in its background commit."""
+        self._join()
         self._check_space(step, state)
         meta = {
             "step": int(step),
@@ -256,20 +347,31 @@ class Checkpointer:
             "process_count": jax.process_count(),
             **meta,
         }
+        snapshot = _IteratorSnapshot(data_iterator)
+        failing = self._in_flight or step  # Orbax reports the previous save's failure here
+        if self._device_copy:
+            copy = jax.block_until_ready(_copy_on_device(state))
+            self._handing_off = (failing, self._worker.submit(
+                self._hand_off, step, _StateSave(copy), snapshot, meta))
+        else:
+            try:
+                self._hand_off(step, ocp.args.StandardSave(state), snapshot, meta)
+            except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+                raise self._write_error(failing, e) from None
+        self._in_flight = step
+
+    def _hand_off(self, step: int, state_args, snapshot: _IteratorSnapshot, meta: dict) -> None:
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            fingerprint=_FingerprintSave(_fingerprint_async(state)),
-            data=_IteratorSave(_IteratorSnapshot(data_iterator)),
+            state=state_args,
+            fingerprint=_FingerprintSave(_fingerprint_async(state_args.item)),
+            data=_IteratorSave(snapshot),
             meta=ocp.args.JsonSave(meta),
         )
-        try:
-            self.manager.save(step, args=args, force=True)  # first finishes the previous save
-        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
-            raise self._write_error(self._in_flight or step, e) from None
-        self._in_flight = step
+        self.manager.save(step, args=args, force=True)  # first finishes the previous save
 
     def wait(self) -> None:
         """Block until every started save has committed."""
+        self._join()
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
@@ -288,6 +390,12 @@ class Checkpointer:
     def close(self) -> None:
         """Finish pending saves and release the manager. Errors were already reported by
         `save`/`wait`; here they are only logged, so they cannot mask the original one."""
+        try:
+            self._join()
+        except CheckpointError as e:
+            log.debug("closing the checkpoint manager: %s", e)
+        finally:
+            self._worker.shutdown()
         if self._failed:  # closing now would tear down Orbax's event loop under failing writes
             return
         try:
@@ -341,7 +449,9 @@ class Checkpointer:
         # The saved data position is exact but per process: after a change of process count
         # the iterator starts at the checkpoint's step instead (one global batch per step).
         iterator = make_iterator(step)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        restore = _StateRestore if self._device_copy else ocp.args.StandardRestore
+        items = {"state": restore(abstract_state)}
+        self._join()
         if meta.get("process_count") == jax.process_count():
             items["data"] = _IteratorRestore(iterator)
         try:
@@ -396,4 +506,5 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"infra_move_aside_{step}")
+        self._join()
         self.manager.reload()

@@ -179,6 +179,10 @@ def base_config() -> ConfigDict:
             every_seconds=0.0,  # also save when this much time has passed (0 = off)
             keep=3,
             async_save=True,
+            # async saves copy the state on its devices and return (one more state of device
+            # memory while Orbax reads the copy in the background); false: save() waits for
+            # Orbax's device-to-host transfer instead
+            device_copy=True,
             fallback=True,  # a corrupted latest checkpoint: warn and use the previous one
         )
     )

@@ -157,7 +157,8 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     eval_batches = [to_global(b) for b in task.eval_batches(pid, pcount)]
     ckpt = Checkpointer(
         workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
-        every_seconds=cc.every_seconds, fallback=cc.fallback,
+        device_copy=cc.device_copy, every_seconds=cc.every_seconds,
+        fallback=cc.fallback,
     )
     peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
     clean = False

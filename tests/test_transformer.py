@@ -74,9 +74,9 @@ def _rope_complex(x, theta=10000.0):
     return np.concatenate([z.real, z.imag], axis=-1).astype(np.float32)
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_attention_matches_reference(num_kv_heads):
-    model = make(num_kv_heads=num_kv_heads)
+@pytest.mark.parametrize("num_kv_heads,causal_blocks", [(4, 4), (2, 4), (1, 4), (2, 1), (2, 3)])
+def test_attention_matches_reference(num_kv_heads, causal_blocks):
+    model = make(num_kv_heads=num_kv_heads, causal_blocks=causal_blocks)
     attn = model.blocks[0].attn
     x = jax.random.normal(jax.random.key(3), (2, 10, 32), jnp.float32)
     out = attn(x, jnp.arange(10))
@@ -91,6 +91,46 @@ def test_attention_matches_reference(num_kv_heads):
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
     ref = jnp.einsum("btnh,nhd->btd", ref, attn.o[...])
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_blocks_equal_the_whole_matrix_in_values_and_gradients():
+    """Query blocks skip only masked keys: logits and every gradient match causal_blocks=1."""
+    x = tokens(batch=2, length=13)
+    grads = {}
+    for blocks in (1, 2, 4, 13):
+        model = make(causal_blocks=blocks)
+        graphdef, state = nnx.split(model)
+        assert len(model.blocks[0].attn._query_blocks(13)) == blocks
+
+        def loss(st):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, st)(x)))
+
+        value, g = jax.jit(jax.value_and_grad(loss))(state)
+        grads[blocks] = (value, g)
+    for blocks in (2, 4, 13):
+        np.testing.assert_allclose(grads[blocks][0], grads[1][0], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads[blocks][1]), jax.tree.leaves(grads[1][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_blocks_fall_back_to_one_when_length_is_sharded():
+    attn = make(causal_blocks=4).blocks[0].attn
+    assert attn._query_blocks(12) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    axes = ("data", "fsdp", "sequence", "tensor")
+    mesh = jax.make_mesh((2, 1, 2, 2), axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    with sharding.activation_rules(mesh, DEFAULT_RULES):
+        assert sharding.activation_shards("length") == 2
+        assert attn._query_blocks(12) == [(0, 12)]  # a block would cross device boundaries
+    mesh = jax.make_mesh((8, 1, 1, 1), axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    with sharding.activation_rules(mesh, DEFAULT_RULES):
+        assert sharding.activation_shards("length") == 1
+        assert len(attn._query_blocks(12)) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_invalid_causal_blocks_raises_config_error(bad):
+    with pytest.raises(ConfigError, match="causal_blocks"):
+        make(causal_blocks=bad)
 
 
 def test_rope_scores_depend_only_on_relative_position():
