@@ -85,6 +85,9 @@ class PeerWatchdog:
             f"or stopped on an error; see its log); stopping too. Rerun the same command to resume.",
             file=sys.stderr, flush=True,
         )
+        # The distributed runtime's threads notice the lost peer too and may log it (gRPC
+        # "Socket closed") between this line and the exit: keep the one line the last one.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         os._exit(PeerError.exit_code)
 
     def close(self, clean: bool) -> None:

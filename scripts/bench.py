@@ -3,7 +3,7 @@
 
     python scripts/bench.py [--quick] [--out bench.json] [--cpu_devices N]
 
-The model is the 10.7M-parameter GPT of DESIGN.md (6 layers, d_model 384, 6 heads of 64,
+The model is the GPT shape of DESIGN.md (6 layers, d_model 384, 6 heads of 64,
 mlp 1536, seq 256, batch 8, vocab 384, float32) on 1 CPU device; `--quick` shrinks it so the
 whole script takes well under a minute (what `tests/test_bench.py` runs). Sections:
 

@@ -44,4 +44,7 @@ def test_remat_reduces_temp_memory(scan):
     print(f"\nscan_layers={scan} temp_size_in_bytes: "
           + ", ".join(f"{k}={v / 2**20:.1f} MiB ({v})" for k, v in sizes.items()))
     assert sizes["full"] < sizes["none"]
-    assert sizes["full"] <= sizes["save_dots"]
+    if scan:
+        assert sizes["full"] < sizes["save_dots"]
+    else:  # the CPU scheduler recomputes early (module docstring): full and save_dots tie
+        assert sizes["full"] <= sizes["save_dots"] * 1.01
