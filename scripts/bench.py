@@ -18,9 +18,9 @@ whole script takes well under a minute (what `tests/test_bench.py` runs). Sectio
       the input-wait fraction of a loop run the way `infra.train` runs it (target <= 0.01).
 
 Step timings are medians over N steps after warm-up, each step ended with `block_until_ready`;
-the three JAX steps and the PyTorch step are interleaved step by step so that load from other
-processes hits them
-alike. Prints a table and writes every number, plus machine info, to `--out` (JSON).
+the three JAX steps and the PyTorch step are interleaved step by step, in an order that rotates
+every step, so that load from other processes and cache effects hit them alike. Prints a table
+and writes every number, plus machine info, to `--out` (JSON).
 """
 
 from __future__ import annotations
