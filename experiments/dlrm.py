@@ -16,9 +16,8 @@ VM (1 device, shared with other jobs): held-out AUC 0.7879 against the ground tr
 0.0061 and 0.0050).
 """
 
-from ml_collections import ConfigDict
-
 from infra.config import base_config
+from infra.models import model_config
 
 VARIANTS = {
     "synthetic": "default: one pass over 2M clicks, ~1 min on a 2-core CPU; AUC 0.005 below Bayes",
@@ -28,27 +27,10 @@ VARIANTS = {
 
 def get_config(arg: str | None = None):
     variant = arg or "synthetic"
-    c = base_config()
-    c.task = "ctr"
-    c.model = ConfigDict(dict(
-        name="dlrm",
-        embed_dim=8,
-        bottom_mlp=(64,),
-        top_mlp=(128, 64),
-        row_multiple=64,  # table rows padded to a multiple of this: divisible by the devices
-        embed_init_std=0.05,
-        dtype="float32",
-        param_dtype="float32",
-    ))
-    c.data = ConfigDict(dict(
-        seed=0,  # the ground-truth click model and the examples derive from this alone
-        num_train=2_000_000,  # one pass: a DLRM overfits from the second epoch on
-        num_eval=200_000,
-        max_vocab=5000,
-        zipf=1.2,
-        hidden_dim=4,
-        target_ctr=0.25,
-    ))
+    # data: the click log's defaults (infra/data/clicks.py ClickSpec): 2M training clicks, one
+    # pass, since a DLRM overfits from the second epoch on; 200k held out.
+    c = base_config("ctr")
+    c.model = model_config("dlrm", embed_dim=8)
     c.optim.update(lr=2e-2, warmup_steps=100, weight_decay=0.0, b2=0.999, grad_clip=1.0)
     if variant == "smoke":
         c.model.update(bottom_mlp=(16,), top_mlp=(32,))

@@ -14,9 +14,8 @@ y[t - m + 1 + ((h - 1) mod m)] (the last observed season repeated; m = 12 for mo
 `eval/val_mase` is the same on the validation split: pick `train.steps` by it.
 """
 
-from ml_collections import ConfigDict
-
 from infra.config import base_config
+from infra.models import model_config
 
 VARIANTS = {
     "co2": "monthly Mauna Loa CO2, 48 months -> 12; test MASE 0.27 in ~20 s on a 2-core CPU",
@@ -29,16 +28,11 @@ VARIANTS = {
 MODEL = dict(name="forecaster", patch_len=4, d_model=32, num_layers=2, num_heads=2, head_dim=16,
              mlp_dim=64, center="last", linear_skip=False, dtype="float32")
 
-DATA = dict(source="co2", csv_path="", columns="", targets="", date_column="", season=0,
-            window=48, horizon=12, val_fraction=0.1, test_fraction=0.2, loss="mae")
-
 
 def get_config(arg: str | None = None):
     variant = arg or "co2"
-    c = base_config()
-    c.task = "forecast"
-    c.model = ConfigDict(dict(MODEL))
-    c.data = ConfigDict(dict(DATA))
+    c = base_config("forecast")  # data defaults: CO2, 48 months -> 12 (infra/tasks/forecast.py)
+    c.model = model_config(**MODEL)
     c.checkpoint.every = 500
     if variant == "co2":
         c.model.update(patch_len=12)

@@ -12,20 +12,14 @@ Images are resized to model.image_size and converted to model.channels. Eval acc
 over the whole held-out split.
 """
 
-from ml_collections import ConfigDict
-
 from infra.config import base_config
+from infra.models import model_config
 
 VARIANTS = {
     "digits": "ViT on sklearn digits (default): >= 97% held-out accuracy in a few CPU minutes",
     "convnet": "small ResNet on sklearn digits",
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
 }
-
-# Shifts (in pixels of the model's image_size) move no ink off the canvas: digit strokes touch
-# the top and bottom rows. Noise is in standardised pixel units.
-DATA = dict(source="digits", test_fraction=0.2, split_seed=0, max_shift=2, noise_std=0.25,
-            keep_content=True)
 
 # The ViT sees the digits bilinearly upsampled to 16x16 in 4x4 patches: each patch then mixes a
 # 3x3 neighbourhood of original pixels, overlapping its neighbours (measured here: faster and more
@@ -42,10 +36,8 @@ MODELS = {
 
 def get_config(arg: str | None = None):
     variant = arg or "digits"
-    c = base_config()
-    c.task = "image"
-    c.model = ConfigDict({**MODELS[variant], "channels": 1, "num_classes": 10})
-    c.data = ConfigDict(dict(DATA))
+    c = base_config("image")  # data: the digits, shifted and noised (infra/tasks/image.py)
+    c.model = model_config(**MODELS[variant], channels=1, num_classes=10)
     c.optim.update(weight_decay=0.1, b2=0.99)
     if variant == "smoke":
         c.train.update(steps=20, batch_size=32, log_every=5, eval_every=10)

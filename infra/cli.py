@@ -14,12 +14,12 @@ Bad input (`UserError`) prints one line on stderr and exits with its code (see i
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 import time
 
+from infra import process
 from infra.errors import CheckpointError, Preempted, UserError
 
 
@@ -82,44 +82,6 @@ def _setup_devices(cpu_devices: int | None) -> None:
         mesh.emulate_cpu_devices(cpu_devices)
     else:
         mesh.emulate_from_env()
-
-
-def _ignore_closed_loop_callbacks() -> None:
-    """After a failed async save, tensorstore's C++ threads still call back into Orbax's event
-    loop, which is closed by then; each call prints a traceback through `sys.excepthook` or
-    `sys.unraisablehook`. Those
-    carry no information (the failure itself is reported as one line), so drop just them."""
-    default = sys.excepthook
-
-    def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        default(kind, value, tb)
-
-    sys.excepthook = hook
-    default_unraisable = sys.unraisablehook
-
-    def unraisable(info):
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-            return
-        default_unraisable(info)
-
-    sys.unraisablehook = unraisable
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-
-
-def _quiet_libraries() -> None:
-    _ignore_closed_loop_callbacks()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("infra").setLevel(logging.INFO)
-    try:
-        from absl import logging as absl_logging
-
-        # Orbax logs freely, and logs its background failures with tracebacks; the errors this
-        # CLI raises say what matters in one line.
-        absl_logging.set_verbosity(absl_logging.FATAL)
-    except ImportError:
-        pass
 
 
 def cmd_train(args, overrides: list[str]) -> int:
@@ -190,6 +152,7 @@ def cmd_smoke(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.setup(cli=True)  # first: the malloc settings must precede JAX's threads
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
@@ -202,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "smoke" and cpu_devices is None:
             cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
         _setup_devices(cpu_devices)
-        _quiet_libraries()
         if args.command == "train":
             return cmd_train(args, overrides)
         if args.command == "plan":
@@ -221,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return generate.run_cli(args)
         return cmd_smoke(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {e.cli_message()}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointError):
             # Background writers (Orbax, tensorstore, TensorBoard) may still be failing on a full
             # disk and would print tracebacks at shutdown; committed checkpoints are safe.

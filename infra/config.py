@@ -20,7 +20,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
@@ -28,7 +28,9 @@ EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 # Logical axis -> mesh axes. Batch is split over every data-parallel axis and `length` over
 # `sequence` (sequence parallelism, a no-op while that axis has size 1); weights are split over
 # `fsdp` along `embed` and over `tensor` along heads / mlp / vocab (Megatron style). `act_*` names
-# are activation dimensions (the model pins them with `infra.sharding.constrain`).
+# are activation dimensions (the model pins them with `infra.sharding.constrain`). Names that only
+# one task's models use (image patches, embedding-table rows, forecast windows) are that task's
+# `logical_rules`, appended after these (`infra.tasks.logical_rules`).
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
@@ -45,20 +47,19 @@ DEFAULT_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # Vision: flattened patch pixels, conv channels, output classes.
-    ("patch", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("kernel", None),
-    ("classes", None),
-    # Recommendation: embedding-table rows are split over every mesh axis (row-wise sharding,
-    # how tables larger than one device are spread); lookups gather across devices.
-    ("table_rows", ("data", "fsdp", "tensor")),
-    ("table_dim", None),
-    ("features", None),
-    # Forecasting: time steps of an input window and of the forecast horizon.
-    ("window", None),
-    ("horizon", None),
+)
+
+# The size of the model `base_config` trains when an experiment sets none (`lm.py:tiny`); the
+# transformer's other hyper-parameters default in `infra.models.transformer.TransformerConfig`.
+DEFAULT_MODEL = dict(
+    vocab_size=384,  # 259 byte-level ids padded to a multiple of 128
+    d_model=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=768,
+    max_seq_len=256,
 )
 
 # Named parallelism layouts: mesh sizes (-1 = the remaining devices) on top of DEFAULT_RULES.
@@ -76,41 +77,20 @@ PRESETS = {
 }
 
 
-def base_config() -> ConfigDict:
-    """Every key the stack reads, with its default. Experiments override a subset."""
+def base_config(task: str = "lm") -> ConfigDict:
+    """Every key the stack reads, with its default. Experiments override a subset.
+
+    `model.*` defaults come from the model's typed hyper-parameters (`infra.models`), `data.*`
+    from the task (`Task.data_defaults`); the rest are the loop's and live here.
+    """
+    from infra.models import model_config
+    from infra.tasks import get_task_class
+
     c = ConfigDict()
     c.experiment = ""  # filled in by `load`: the spec the config came from
-    c.task = "lm"
-
-    c.model = ConfigDict(
-        dict(
-            name="transformer",
-            vocab_size=384,  # 259 byte-level ids padded to a multiple of 128
-            d_model=256,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=64,
-            mlp_dim=768,
-            max_seq_len=256,
-            rope_theta=10000.0,
-            norm_eps=1e-6,
-            tie_embeddings=True,
-            dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)
-            param_dtype="float32",
-            remat="none",  # none | full | save_dots: recompute activations in the backward pass
-            scan_layers=False,  # one stacked block applied with a scan: faster compiles
-        )
-    )
-
-    c.data = ConfigDict(
-        dict(
-            files="",  # glob(s), comma-separated; "" = the Python standard library's source
-            seq_len=128,
-            val_fraction=0.05,
-            eval_batches=4,
-        )
-    )
+    c.task = task
+    c.model = model_config("transformer", **DEFAULT_MODEL)
+    c.data = ConfigDict(dict(get_task_class(task).data_defaults))
 
     c.train = ConfigDict(
         dict(
@@ -243,6 +223,7 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
         raise ConfigError(f"{path.name}:get_config must return an ml_collections.ConfigDict")
     with config.unlocked():
         config.experiment = f"{name}:{variant}" if variant else name
+    complete(config)
     overrides = overrides or {}
     if not isinstance(overrides, Mapping):
         overrides = parse_override_args(list(overrides))
@@ -251,6 +232,19 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
     validate(config)
     config.lock()
     return config
+
+
+def complete(config: ConfigDict) -> None:
+    """Add the defaults of the config's model (`model.*`) and task (`data.*`) for every key the
+    experiment left out, so each option the model and task read can be overridden by name."""
+    from infra.models import complete_model_config
+    from infra.tasks import get_task_class
+
+    complete_model_config(config.model)
+    with config.data.unlocked():
+        for key, value in get_task_class(config.task).data_defaults.items():
+            if key not in config.data:
+                config.data[key] = value
 
 
 def parse_override_args(args: list[str]) -> dict[str, str]:
@@ -295,13 +289,13 @@ def _unknown_key(key: str, config: ConfigDict) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _example(key: str, current: Any) -> str:
-    """`; e.g. --config.train.steps=1000` (the current value, shown as it is typed)."""
+def _example(key: str, current: Any) -> dict:
+    """The current value as the fix's example (`e.g. train.steps=1000`), as it is typed."""
     if isinstance(current, bool):
-        return f"; e.g. --config.{key}={str(current).lower()}"
+        return dict(key=key, value=str(current).lower(), verb="e.g.")
     if isinstance(current, (int, float)):
-        return f"; e.g. --config.{key}={current}"
-    return ""
+        return dict(key=key, value=current, verb="e.g.")
+    return {}
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
@@ -318,16 +312,15 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
                 return True
             if low in ("false", "0", "no"):
                 return False
-            raise ConfigError(f"config key '{key}' expects a bool (true/false), got '{value}'"
-                              f"{_example(key, current)}")
+            raise ConfigError(f"config key '{key}' expects a bool (true/false), got '{value}'",
+                              **_example(key, current))
         try:
             value = ast.literal_eval(value)  # literals only: never runs code
         except (ValueError, SyntaxError):
             if current is None:
                 return value
-            raise ConfigError(
-                f"config key '{key}' expects {want.__name__}, got '{value}'{_example(key, current)}"
-            ) from None
+            raise ConfigError(f"config key '{key}' expects {want.__name__}, got '{value}'",
+                              **_example(key, current)) from None
     if current is None or value is None:
         return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -337,9 +330,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
         shown = value if not isinstance(value, str) else f"'{value}'"
         raise ConfigError(
-            f"config key '{key}' expects {want.__name__}, got {type(value).__name__} {shown}"
-            f"{_example(key, current)}"
-        )
+            f"config key '{key}' expects {want.__name__}, got {type(value).__name__} {shown}",
+            **_example(key, current))
     return value
 
 
@@ -366,9 +358,9 @@ def apply_preset(config: ConfigDict, explicit: set[str] = frozenset()) -> None:
         return
     if name not in PRESETS:
         raise ConfigError(
-            f"unknown sharding.preset '{name}'; known presets: {', '.join(PRESETS)}; set e.g. "
-            f"--config.sharding.preset=fsdp, or leave it empty and set --config.mesh.* yourself"
-        )
+            f"unknown sharding.preset '{name}'; known presets: {', '.join(PRESETS)}",
+            key="sharding.preset", value="fsdp", verb="set e.g.",
+            note=", or leave it empty and set the mesh.* sizes yourself")
     with config.mesh.unlocked():
         for axis, size in PRESETS[name].items():
             if f"mesh.{axis}" not in explicit:
@@ -380,7 +372,7 @@ def validate(config: ConfigDict) -> None:
 
     def positive(key: str, value: float) -> None:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{key} must be > 0, got {value}; set --config.{key}=<positive>")
+            raise ConfigError(f"{key} must be > 0, got {value}", key=key, value="<positive>")
 
     def in_range(key: str, value: float, low: float, high: float, *, high_open: bool = False,
                  note: str = "") -> None:
@@ -388,13 +380,13 @@ def validate(config: ConfigDict) -> None:
             value < high if high_open else value <= high)
         if not ok:
             bounds = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-            raise ConfigError(f"{key} must be in {bounds}{note}, got {value}; "
-                              f"set --config.{key}=<value in {bounds}>")
+            raise ConfigError(f"{key} must be in {bounds}{note}, got {value}", key=key,
+                              value=f"<value in {bounds}>")
 
     def non_negative(key: str, value: float, note: str = "") -> None:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{key} must be >= 0{note}, got {value}; "
-                              f"set --config.{key}=<value >= 0>")
+            raise ConfigError(f"{key} must be >= 0{note}, got {value}", key=key,
+                              value="<value >= 0>")
 
     positive("train.steps", config.train.steps)
     positive("train.batch_size", config.train.batch_size)
@@ -421,33 +413,73 @@ def validate(config: ConfigDict) -> None:
         len(config.profile.steps) != 2 or not 0 < config.profile.steps[0] <= config.profile.steps[1]
     ):
         raise ConfigError(
-            f"profile.steps must be (first, last) with 0 < first <= last, got {config.profile.steps}; "
-            f"e.g. --config.profile.steps=[10,12]"
-        )
+            f"profile.steps must be (first, last) with 0 < first <= last, got {config.profile.steps}",
+            key="profile.steps", value="[10,12]", verb="e.g.")
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{axis} must be a positive int or -1 (fill), got {size}")
+    from infra.models import hyper_params
+
+    hyper_params(config.model)  # types and ranges of every model.* key, before anything is built
+
+
+CONFIG_FILE = "config.json"
 
 
 def save(config: ConfigDict, workdir: str | os.PathLike) -> Path:
     """Write the resolved config as `<workdir>/config.json`."""
-    path = Path(workdir) / "config.json"
+    path = Path(workdir) / CONFIG_FILE
     path.write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
     return path
 
 
-# --------------------------------------------------------------------------- listing
+def read_saved(workdir: str | os.PathLike) -> dict:
+    """The JSON a run saved in `<workdir>/config.json`, as it is (UserError when there is none
+    or it is not a config)."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
+    path = workdir / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no {CONFIG_FILE} in '{workdir}'; pass the --workdir of a training "
+                        f"run") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); pass the --workdir of a "
+                        f"training run") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a config written by `python -m infra train`")
+    return raw
 
 
-def list_experiment_files() -> list[Path]:
-    return sorted(p for p in EXPERIMENTS_DIR.glob("*.py") if not p.name.startswith("_"))
+def load_saved(workdir: str | os.PathLike, raw: dict | None = None) -> ConfigDict:
+    """The resolved config a run saved in `<workdir>/config.json` (or `raw`, already read from
+    it), validated and locked. Keys added to the stack since it was written take their
+    defaults; a config without a known task or a model section is refused."""
+    raw = read_saved(workdir) if raw is None else raw
+    path = Path(workdir) / CONFIG_FILE
+    from infra.tasks import TASKS
 
-
-def describe_experiments() -> list[tuple[str, str, dict[str, str]]]:
-    """(file name, one-line description, {variant: description}) for every experiment."""
-    out = []
-    for path in list_experiment_files():
-        module = import_experiment(path)
-        doc = (module.__doc__ or "").strip().splitlines()
-        out.append((f"experiments/{path.name}", doc[0] if doc else "", dict(getattr(module, "VARIANTS", {}))))
-    return out
+    if raw.get("task") not in TASKS:
+        raise UserError(f"{path} names no known task (task {raw.get('task')!r}); pass the "
+                        f"--workdir of a training run")
+    if not isinstance(raw.get("model"), dict):
+        raise UserError(f"{path} has no model section; pass the --workdir of a training run")
+    config = base_config(raw["task"])
+    with config.unlocked():
+        for section, value in raw.items():
+            current = config.get(section)
+            if not isinstance(current, ConfigDict):
+                config[section] = value
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"{path}: '{section}' is {type(value).__name__}, not a section; "
+                                f"pass the --workdir of a training run")
+            # model and data are whatever the run used; other sections gain keys added since
+            kept = {} if section in ("model", "data") else current.to_dict()
+            config[section] = ConfigDict({**kept, **value})
+    complete(config)
+    validate(config)
+    config.lock()
+    return config

@@ -9,15 +9,43 @@
 | 5 | another process of a multi-process run failed or stopped answering (`PeerError`) |
 | 75 | preempted (SIGTERM): a checkpoint was written; run the same command to resume |
 | 130 | interrupted (Ctrl-C) |
+
+An error that a config value can fix names it as a config key (`key="train.steps"`,
+`value="<positive>"`): the library's message says `set train.steps=<positive>`, which is what a
+notebook user changes; only the CLI spells it as the flag `--config.train.steps=<positive>`
+(`cli_message`).
 """
+
+from __future__ import annotations
 
 EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+    """Bad input from the user: printed as one line, exit code 2, no traceback.
+
+    `key`, `value`: the config key and value that fix it (shown as `{verb} key=value{note}`
+    after the message).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, key: str | None = None, value: object = None,
+                 verb: str = "set", note: str = ""):
+        super().__init__(message)
+        self.message, self.key, self.value, self.verb, self.note = message, key, value, verb, note
+
+    def _with_fix(self, flag: str | None) -> str:
+        if flag is None:
+            return self.message
+        return f"{self.message}; {self.verb} {flag}={self.value}{self.note}"
+
+    def __str__(self) -> str:
+        return self._with_fix(self.key)
+
+    def cli_message(self) -> str:
+        """The message with the fix spelled as a command-line override."""
+        return self._with_fix(None if self.key is None else f"--config.{self.key}")
 
 
 class ConfigError(UserError):
@@ -57,5 +85,5 @@ def check_positive_ints(section: str, **values) -> None:
     positive integer, and how to set it."""
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}; "
-                              f"set --config.{section}.{key}=<positive integer>")
+            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}",
+                              key=f"{section}.{key}", value="<positive integer>")

@@ -1,8 +1,8 @@
 """`python -m infra generate --workdir runs/x --prompt "def "`: sample text from a trained LM.
 
 Rebuilds the model from `<workdir>/config.json` (the resolved config the run saved), restores only
-the parameters of the newest checkpoint (their checksums verified against the checkpoint's
-metadata; nothing in the workdir is changed), and samples autoregressively in one jitted loop:
+the parameters of the newest intact checkpoint (`infra.checkpoint.restore_params`: checksums
+verified, nothing in the workdir changed), and samples autoregressively in one jitted loop:
 the context lives in a fixed buffer of `model.max_seq_len` tokens (`[BOS] + prompt`, padded), and
 each step runs the model on the whole buffer and reads the logits at the current position (no KV
 cache: simple, and exact because attention is causal). Temperature scaling and top-k filtering;
@@ -18,48 +18,21 @@ import json
 import logging
 from pathlib import Path
 
-from infra.errors import CheckpointError, UserError
+from infra.errors import UserError
 
 log = logging.getLogger(__name__)
 _SAMPLERS: dict = {}  # (model config, mesh) -> jitted sampler
 
 
 def load_config(workdir: str | Path):
-    """The resolved config a training run saved as `<workdir>/config.json` (an LM task)."""
-    from ml_collections import ConfigDict
-
+    """The resolved config of a language-model run in `workdir`."""
     from infra import config as config_lib
 
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
-    path = workdir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no config.json in '{workdir}'; pass the --workdir of a training run") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); pass the --workdir of a "
-                        f"training run") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a config written by `python -m infra train`")
-    config = ConfigDict(raw)
-    if config.get("task") != "lm":
-        raise UserError(f"generate needs a language-model run (task 'lm'); {path} has task "
-                        f"{config.get('task')!r}")
-    config_lib.validate(config)
-    config.lock()
-    return config
-
-
-def committed_steps(workdir: str | Path) -> list[int]:
-    """Steps of the committed checkpoints in `<workdir>/checkpoints`, oldest first (unfinished
-    saves and checkpoints moved aside as corrupt have other names and are skipped)."""
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir())
+    raw = config_lib.read_saved(workdir)
+    if raw.get("task") != "lm":
+        raise UserError(f"generate needs a language-model run (task 'lm'); "
+                        f"{Path(workdir) / config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
+    return config_lib.load_saved(workdir, raw)
 
 
 def _mesh(config):
@@ -77,77 +50,6 @@ def _mesh(config):
     sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
     sizes |= {"fsdp": -1, "tensor": tensor}
     return mesh_lib.make_mesh(ConfigDict(sizes))
-
-
-def _restore_params(workdir: Path, abstract_params: dict) -> tuple[dict, int]:
-    """The parameters of the newest intact checkpoint, on `abstract_params`' shardings.
-
-    Reads only the `params` subtree (Orbax partial restore) and checks each array's checksum
-    against the checkpoint's metadata. A corrupted checkpoint is reported and the previous one is
-    tried; nothing on disk is changed (training's `Checkpointer` would move it aside)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from infra.checkpoint import Corrupt, _is_read_error, _path_name, fingerprint, read_fingerprint
-
-    steps = committed_steps(workdir)
-    if not steps:
-        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
-                        f"(python -m infra train --config ... --workdir {workdir})")
-    target = {"params": abstract_params}
-    here = {_path_name(p): (str(a.dtype), tuple(a.shape))
-            for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
-    problems = []
-    for step in reversed(steps):
-        path = workdir / "checkpoints" / str(step)
-        try:
-            meta = json.loads((path / "meta" / "metadata").read_text())
-            saved = ocp.StandardCheckpointer().metadata(path / "state").item_metadata
-            saved = {_path_name(p): (str(m.dtype), tuple(m.shape))
-                     for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-        except (OSError, ValueError, KeyError) as e:
-            problems.append(f"step {step} (unreadable metadata: {type(e).__name__})")
-            continue
-        missing = sorted(here.keys() - saved.keys())
-        if missing:  # damaged index files read back as a partial (often empty) tree
-            problems.append(f"step {step} (no array metadata for '{missing[0]}')")
-            continue
-        for name, spec in here.items():
-            if saved[name] != spec:
-                raise UserError(
-                    f"checkpoint step {step} in {path.parent} does not match {workdir}/config.json: "
-                    f"'{name}' is {saved[name][0]}{list(saved[name][1])} there but "
-                    f"{spec[0]}{list(spec[1])} here; pass the workdir the checkpoint was trained in"
-                )
-        try:
-            restored = ocp.PyTreeCheckpointer().restore(
-                path / "state",
-                args=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - truncated / unreadable files
-            if not _is_read_error(e):
-                raise
-            problems.append(f"step {step} (unreadable files: {type(e).__name__})")
-            continue
-        try:
-            expected = read_fingerprint(path)
-        except Corrupt as e:
-            problems.append(f"step {step} ({e})")
-            continue
-        got = fingerprint({"params": restored["params"]})
-        bad = sorted(k for k in got if expected.get(k) != got[k])
-        if bad:
-            problems.append(f"step {step} (values of '{bad[0]}' differ from those saved)")
-            continue
-        for problem in problems:
-            log.warning("warning: checkpoint %s is corrupted; using step %d", problem, step)
-        return restored["params"], step
-    raise CheckpointError(f"no intact checkpoint in {workdir / 'checkpoints'} "
-                          f"({'; '.join(problems)})")
 
 
 def make_sampler(model_def, max_seq_len: int):
@@ -203,8 +105,9 @@ def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
     import optax
 
     from infra import data, sharding
+    from infra.checkpoint import committed_steps, restore_params
     from infra.state import shard_state
-    from infra.tasks import get_task
+    from infra.tasks import get_task, logical_rules
 
     if max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -224,10 +127,10 @@ def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
                         f"{length} tokens including BOS; shorten --prompt to under {length - 1} bytes")
 
     mesh = _mesh(config)
-    rules = sharding.normalize_rules(config.sharding.rules, mesh)
+    rules = sharding.normalize_rules(logical_rules(config), mesh)
     task = get_task(config)
     sharded = shard_state(task.build_model, optax.identity(), mesh, rules)  # params only
-    params, step = _restore_params(workdir, sharded.abstract["params"])
+    params, step = restore_params(workdir, sharded.abstract["params"])
     log.info("generating from checkpoint step %d in %s", step, workdir)
 
     buffer = np.full((1, length), data.PAD_ID, np.int32)

@@ -10,8 +10,9 @@ every step page-faults the whole block back in: 220,000 faults and 0.43 s of ker
 the main heap), no ``mmap`` for large blocks, and no trimming of the heap top. Measured on the
 benchmark GPT (2-core VM): faults per step 190,000 -> 0 on most steps, step 1.49 s -> 1.31 s.
 The cost is resident memory: freed memory stays with the process and the heap settles at about
-two scratch blocks (RSS 2.9 GB instead of 1.5 GB there). It runs when ``infra`` is imported, before JAX starts its threads,
-and only where JAX will run on CPU: ``JAX_PLATFORMS`` names only ``cpu``, or no TPU / GPU
+two scratch blocks (RSS 2.9 GB instead of 1.5 GB there). ``infra.process.setup`` runs it (the CLI
+first thing, before JAX starts its threads; ``infra.train.run`` for notebooks), and it applies
+only where JAX will run on CPU: ``JAX_PLATFORMS`` names only ``cpu``, or no TPU / GPU
 plugin is installed. ``INFRA_CPU_MALLOC=0`` turns it off, ``=1`` forces it on; it is also left
 alone when the user has chosen malloc settings (``MALLOC_*`` or ``GLIBC_TUNABLES``) or a
 different allocator (``LD_PRELOAD``).

@@ -10,10 +10,12 @@ says goodbye first. A process that hangs while alive is still caught by JAX's he
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 from infra.errors import PeerError
 
@@ -89,6 +91,22 @@ class PeerWatchdog:
         # "Socket closed") between this line and the exit: keep the one line the last one.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         os._exit(PeerError.exit_code)
+
+    @contextlib.contextmanager
+    def failures_reported(self) -> Iterator[None]:
+        """In a multi-process run a failed collective almost always means a peer died: say so
+        in one line (PeerError, exit 5) instead of the runtime's stack trace."""
+        import jax
+
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as e:
+            if self.count < 2:
+                raise
+            raise PeerError(
+                f"process {self.index}: a collective failed ({str(e).strip().splitlines()[0][:160]}); "
+                f"another process of this run probably died: see its log, then rerun to resume"
+            ) from None
 
     def close(self, clean: bool) -> None:
         """End watching. `clean`: tell the peers this process is finishing normally."""

@@ -11,7 +11,8 @@ from infra import host_malloc
 from tests.helpers import ROOT
 
 PROBE = """
-import resource, infra.host_malloc as hm
+import resource, infra.host_malloc as hm, infra.process
+infra.process.setup()  # what the CLI and train.run do first
 import jax, jax.numpy as jnp
 x, w = jnp.ones((8192, 2048)), jnp.ones((2048, 8))
 f = jax.jit(lambda x, w: (jnp.sin(x) * jnp.cos(x)[::-1]) @ w).lower(x, w).compile()

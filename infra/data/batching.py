@@ -26,8 +26,8 @@ Item = dict[str, np.ndarray]
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """This process's rows of a global batch; ConfigError unless it divides evenly."""
     if not isinstance(global_batch_size, int) or global_batch_size <= 0:
-        raise ConfigError(f"train.batch_size must be a positive integer, got {global_batch_size}; "
-                          "set --config.train.batch_size=<positive>")
+        raise ConfigError(f"train.batch_size must be a positive integer, got {global_batch_size}",
+                          key="train.batch_size", value="<positive>")
     if global_batch_size % process_count:
         raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by the "
                           f"{process_count} JAX processes; pick a multiple of {process_count}")
@@ -37,8 +37,8 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 def shuffle_seed(seed: int) -> int:
     """A grain shuffle seed from the user's `train.seed`."""
     if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"train.seed must be a non-negative integer, got {seed}; "
-                          "set --config.train.seed=0")
+        raise ConfigError(f"train.seed must be a non-negative integer, got {seed}",
+                          key="train.seed", value=0)
     # grain reshuffles epoch e with (seed + e); spread user seeds apart so seed s+1's
     # first epoch is not seed s's second.
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -106,8 +106,8 @@ def held_out_batches(
     if n == 0:
         raise DataError(f"{what} data is empty; add data or change the split")
     if num_batches is not None and num_batches < 1:
-        raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}; "
-                          "set --config.data.eval_batches=<positive>")
+        raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}",
+                          key="data.eval_batches", value="<positive>")
     exact = num_batches is None
     count = -(-n // global_batch_size) if exact else num_batches
 

@@ -72,13 +72,13 @@ class ClickSpec:
         check_positive_ints("data", **{key: getattr(self, key)
                                        for key in ("num_train", "num_eval", "max_vocab", "hidden_dim")})
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"data.seed must be a non-negative integer, got {self.seed}; "
-                              "set --config.data.seed=0")
+            raise ConfigError(f"data.seed must be a non-negative integer, got {self.seed}",
+                              key="data.seed", value=0)
         if not self.zipf > 0:
-            raise ConfigError(f"data.zipf must be > 0, got {self.zipf}; set --config.data.zipf=1.1")
+            raise ConfigError(f"data.zipf must be > 0, got {self.zipf}", key="data.zipf", value=1.1)
         if not 0 < self.target_ctr < 1:
-            raise ConfigError(f"data.target_ctr must be in (0, 1), got {self.target_ctr}; "
-                              "set --config.data.target_ctr=0.25")
+            raise ConfigError(f"data.target_ctr must be in (0, 1), got {self.target_ctr}",
+                              key="data.target_ctr", value=0.25)
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:

@@ -25,7 +25,8 @@ import numpy as np
 from infra.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_FIX = "pass --config.data.source=digits, a .npz file or a folder of class subfolders"
+_FIX = dict(key="data.source", value="digits", verb="pass",
+                            note=", a .npz file or a folder of class subfolders")
 Item = dict[str, np.ndarray]
 
 
@@ -90,7 +91,7 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
-        raise DataError(f"data.source '{path}' is not a readable .npz file ({e}); {_FIX}") from None
+        raise DataError(f"data.source '{path}' is not a readable .npz file ({e})", **_FIX) from None
     missing = [k for k in ("images", "labels") if k not in arrays]
     if missing:
         raise DataError(f"data.source '{path}' has no array '{missing[0]}' (it has "
@@ -190,7 +191,7 @@ def load_splits(source: str, *, size: int, channels: int, test_fraction: float,
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(f"data.source '{source}' does not exist; {_FIX}")
+            raise DataError(f"data.source '{source}' does not exist", **_FIX)
         if path.is_dir():
             images, labels, names = load_folder(path, size=size, channels=channels)
         elif path.suffix == ".npz":
@@ -198,16 +199,16 @@ def load_splits(source: str, *, size: int, channels: int, test_fraction: float,
             top = max(labels.max(), -1 if test_labels is None else test_labels.max())
             names = tuple(str(i) for i in range(int(top) + 1))
         else:
-            raise DataError(f"data.source '{source}' is neither a .npz file nor a folder; {_FIX}")
+            raise DataError(f"data.source '{source}' is neither a .npz file nor a folder", **_FIX)
     if test_images is None:
         train, test = stratified_split(labels, test_fraction, split_seed)
         if len(test) == 0:
             raise DataError(f"data.test_fraction={test_fraction} of {len(labels)} images holds "
-                            "none out; raise --config.data.test_fraction")
+                            "none out; raise data.test_fraction")
         images, labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
     if len(images) == 0:
         raise DataError(f"data.source '{source}' leaves no training images; add images or lower "
-                        "--config.data.test_fraction")
+                        "data.test_fraction")
     images = fit_images(images, size=size, channels=channels)
     test_images = fit_images(test_images, size=size, channels=channels)
     mean = images.mean(axis=(0, 1, 2))

@@ -9,8 +9,8 @@ from infra.errors import ConfigError, DataError
 
 def _check_seq_len(seq_len: int) -> None:
     if not isinstance(seq_len, int) or seq_len <= 0:
-        raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}; "
-                          "set --config.data.seq_len=<positive>")
+        raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len}",
+                          key="data.seq_len", value="<positive>")
 
 
 class TokenWindows:
@@ -70,8 +70,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, nu
     _check_seq_len(seq_len)
     local_batch_size(global_batch_size, process_count)
     if num_batches < 1:
-        raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}; "
-                          "set --config.data.eval_batches=<positive>")
+        raise ConfigError(f"data.eval_batches must be > 0, got {num_batches}",
+                          key="data.eval_batches", value="<positive>")
     source = TokenWindows(tokens, seq_len)
     if len(source) == 0:
         raise DataError(f"validation data has {len(tokens)} tokens but one window needs "

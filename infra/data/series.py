@@ -58,12 +58,12 @@ def _make_series(name: str, frame, columns: tuple[str, ...], targets: tuple[str,
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{what} has no column '{missing[0]}' (columns: "
-                        f"{', '.join(map(str, frame.columns))}); set --config.data.columns=<names>")
+                        f"{', '.join(map(str, frame.columns))})", key="data.columns", value="<names>")
     targets = targets or columns
     extra = [c for c in targets if c not in columns]
     if extra:
         raise ConfigError(f"data.targets '{extra[0]}' is not one of data.columns "
-                          f"({', '.join(columns)}); list it in --config.data.columns too")
+                          f"({', '.join(columns)}); list it in data.columns too")
     import pandas as pd
 
     data = frame[list(columns)].apply(pd.to_numeric, errors="coerce")
@@ -116,14 +116,14 @@ def load_csv(path: str, columns: tuple[str, ...], targets: tuple[str, ...] = (),
     import pandas as pd
 
     if not path:
-        raise ConfigError("data.source is 'csv' but data.csv_path is empty; "
-                          "set --config.data.csv_path=<file.csv>")
+        raise ConfigError("data.source is 'csv' but data.csv_path is empty",
+                          key="data.csv_path", value="<file.csv>")
     if not Path(path).is_file():
-        raise DataError(f"data.csv_path '{path}' does not exist; "
-                        "pass --config.data.csv_path=<existing file.csv>")
+        raise DataError(f"data.csv_path '{path}' does not exist",
+                        key="data.csv_path", value="<existing file.csv>")
     if not columns:
-        raise ConfigError("data.columns is empty; name the CSV column(s) to forecast, "
-                          "e.g. --config.data.columns=value")
+        raise ConfigError("data.columns is empty; name the CSV column(s) to forecast",
+                          key="data.columns", value="value", verb="e.g.")
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -132,8 +132,8 @@ def load_csv(path: str, columns: tuple[str, ...], targets: tuple[str, ...] = (),
     if date_column:
         if date_column not in frame.columns:
             raise DataError(f"{path} has no column '{date_column}' (columns: "
-                            f"{', '.join(map(str, frame.columns))}); "
-                            "set --config.data.date_column=<name> or ''")
+                            f"{', '.join(map(str, frame.columns))})",
+                            key="data.date_column", value="<name>", note=" or ''")
         dates = pd.to_datetime(frame[date_column], errors="coerce")
         if dates.isna().any():
             row = int(np.argmax(dates.isna().to_numpy()))

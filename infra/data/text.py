@@ -49,8 +49,8 @@ def resolve_files(pattern: str) -> list[str]:
         files.update(m for m in glob.glob(os.path.expanduser(part), recursive=True)
                      if literal or not os.path.isdir(m))
     if not files:
-        raise DataError(f"data.files matched no files: {pattern!r}; pass an existing glob, "
-                        "e.g. --config.data.files='docs/**/*.txt'")
+        raise DataError(f"data.files matched no files: {pattern!r}; pass an existing glob",
+                        key="data.files", value="'docs/**/*.txt'", verb="e.g.")
     return sorted(files)
 
 

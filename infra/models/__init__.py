@@ -1,26 +1,34 @@
-"""Model registry: ``model.name`` in the config selects a class, the other ``model.*`` keys are its
-keyword arguments."""
+"""Model registry: ``model.name`` in the config selects a class, the other ``model.*`` keys are
+its typed hyper-parameters (the class's ``Config``, a `HyperParams` dataclass)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from flax import nnx
+from ml_collections import ConfigDict
 
 from infra.errors import ConfigError
+from infra.models.hparams import HyperParams
 
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T", bound=type)
 
 
 def register(name: str) -> Callable[[T], T]:
-    """Class decorator: make the model class buildable as ``model.name = name``."""
+    """Class decorator: make the model class buildable as ``model.name = name``.
+
+    The class must have a ``Config`` attribute (its `HyperParams` subclass) and take
+    ``(config, *, rngs, **inputs_from_the_data)``.
+    """
 
     def decorate(cls: T) -> T:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name]}")
+        if not (isinstance(getattr(cls, "Config", None), type) and issubclass(cls.Config, HyperParams)):
+            raise TypeError(f"model {name!r}: {cls.__name__}.Config must be a HyperParams dataclass")
+        cls.Config.model = name
         _REGISTRY[name] = cls
         return cls
 
@@ -40,44 +48,49 @@ def get_model_class(name: str) -> type:
         known = available_models()
         example = known[0] if known else "<name>"
         raise ConfigError(f"unknown model {name!r} (config model.name); known models: "
-                          f"{', '.join(known)}; set e.g. --config.model.name={example}") from None
+                          f"{', '.join(known)}", key="model.name", value=example,
+                          verb="set e.g.") from None
 
 
-def _hyper_parameters(cls: type) -> tuple[list[str], list[str], bool]:
-    """(accepted keyword names, required ones, accepts **kwargs) of cls.__init__, minus rngs."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in params if p.kind in kinds and p.name != "rngs"]
-    required = [p.name for p in params
-                if p.kind in kinds and p.name != "rngs" and p.default is inspect.Parameter.empty]
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    return names, required, var_kw
-
-
-def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
-    """Build the model that ``model_cfg`` (the config's ``model`` section) names.
-
-    Unknown names, unknown hyper-parameters and missing required ones raise ConfigError.
-    """
-    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    if "name" not in cfg:
+def _name(model_cfg: Mapping[str, Any]) -> str:
+    if "name" not in model_cfg:
         raise ConfigError(f"model.name is not set; known models: {', '.join(available_models())}")
-    name = cfg.pop("name")
-    cls = get_model_class(name)
-    accepted, required, var_kw = _hyper_parameters(cls)
-    if not var_kw:
-        unknown = [k for k in cfg if k not in accepted]
-        if unknown:
-            raise ConfigError(f"unknown hyper-parameter model.{unknown[0]} for model {name!r}; "
-                              f"accepted: {', '.join(accepted)}")
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ConfigError(f"model {name!r} needs model.{missing[0]}; missing: "
-                          f"{', '.join('model.' + k for k in missing)}")
-    return cls(**cfg, rngs=rngs)
+    return model_cfg["name"]
+
+
+def hyper_params(model_cfg: Mapping[str, Any]) -> HyperParams:
+    """The typed, validated hyper-parameters of a config's ``model`` section."""
+    return get_model_class(_name(model_cfg)).Config.from_config(model_cfg)
+
+
+def model_config(name: str, **values: Any) -> ConfigDict:
+    """A ``model`` config section for ``name``: every hyper-parameter that has a default, then
+    ``values`` (which must include the required ones)."""
+    return ConfigDict({"name": name, **get_model_class(name).Config.defaults(), **values})
+
+
+def complete_model_config(model_cfg: ConfigDict) -> None:
+    """Add the named model's defaults for the keys ``model_cfg`` leaves out (in place), so every
+    hyper-parameter is a known config key."""
+    defaults = get_model_class(_name(model_cfg)).Config.defaults()
+    with model_cfg.unlocked():
+        for key, value in defaults.items():
+            if key not in model_cfg:
+                model_cfg[key] = value
+
+
+def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs, **inputs: Any) -> nnx.Module:
+    """Build the model that ``model_cfg`` (the config's ``model`` section) names; ``inputs`` are
+    the shapes a task takes from its data (e.g. DLRM's vocabulary sizes).
+
+    Unknown names, unknown hyper-parameters, missing required ones and bad values raise
+    ConfigError.
+    """
+    return get_model_class(_name(model_cfg))(hyper_params(model_cfg), rngs=rngs, **inputs)
 
 
 # Importing a model module registers its classes (after `register` exists, above).
 from infra.models import dlrm, forecaster, transformer, vision  # noqa: E402,F401
 
-__all__ = ["register", "get_model_class", "available_models", "build_model"]
+__all__ = ["HyperParams", "register", "get_model_class", "available_models", "build_model",
+           "hyper_params", "model_config", "complete_model_config"]

@@ -26,6 +26,8 @@ click-through task passes them), the rest are `model.*` config keys.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,8 @@ from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
-from infra.models.transformer import _dtype, _param
+from infra.models.hparams import HyperParams
+from infra.models.transformer import _param
 from infra.sharding import constrain
 
 
@@ -44,8 +47,8 @@ def _positive(value) -> bool:
 def _check_sizes(key: str, sizes) -> tuple[int, ...]:
     sizes = tuple(sizes)
     if not all(_positive(s) for s in sizes):
-        raise ConfigError(f"model.{key} must be a list of positive integers, got {sizes}; "
-                          f"e.g. --config.model.{key}=[64]")
+        raise ConfigError(f"model.{key} must be a list of positive integers, got {sizes}",
+                          key=f"model.{key}", value="[64]", verb="e.g.")
     return sizes
 
 
@@ -72,34 +75,51 @@ class MLP(nnx.Module):
         return x
 
 
+@dataclasses.dataclass(frozen=True)
+class DLRMConfig(HyperParams):
+    """DLRM's `model.*` keys; the vocabulary sizes and dense feature count come from the data."""
+
+    embed_dim: int = 16
+    bottom_mlp: tuple[int, ...] = (64,)
+    top_mlp: tuple[int, ...] = (128, 64)
+    row_multiple: int = 64  # table rows padded to a multiple of this: divisible by the devices
+    embed_init_std: float = 0.05
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    from_data = ("vocab_sizes", "num_dense")
+
+    def validate(self) -> None:
+        _check_sizes("bottom_mlp", self.bottom_mlp)
+        _check_sizes("top_mlp", self.top_mlp)
+        check_positive_ints("model", embed_dim=self.embed_dim, row_multiple=self.row_multiple)
+        if not self.embed_init_std > 0:
+            raise ConfigError(f"model.embed_init_std must be > 0, got {self.embed_init_std}",
+                              key="model.embed_init_std", value=0.05, verb="e.g.")
+
+
 @register("dlrm")
 class DLRM(nnx.Module):
     """Click logit from dense features (B, num_dense) and per-feature ids (B, F)."""
 
-    def __init__(self, *, vocab_sizes, num_dense: int, embed_dim: int = 16,
-                 bottom_mlp=(64,), top_mlp=(128, 64), row_multiple: int = 64,
-                 embed_init_std: float = 0.05, dtype: str = "float32",
-                 param_dtype: str = "float32", rngs: nnx.Rngs):
+    Config = DLRMConfig
+
+    def __init__(self, config: DLRMConfig, *, vocab_sizes, num_dense: int, rngs: nnx.Rngs):
+        c = config
         vocab_sizes = _check_sizes("vocab_sizes", vocab_sizes)
-        bottom_mlp = _check_sizes("bottom_mlp", bottom_mlp)
-        top_mlp = _check_sizes("top_mlp", top_mlp)
-        check_positive_ints("model", num_dense=num_dense, embed_dim=embed_dim,
-                            row_multiple=row_multiple)
-        if not embed_init_std > 0:
-            raise ConfigError(f"model.embed_init_std must be > 0, got {embed_init_std}; "
-                              "e.g. --config.model.embed_init_std=0.05")
-        self.dtype = _dtype(dtype, "dtype")
-        pdtype = _dtype(param_dtype, "param_dtype")
+        check_positive_ints("model", num_dense=num_dense)
+        self.dtype = jnp.dtype(c.dtype)
+        pdtype = jnp.dtype(c.param_dtype)
         self.vocab_sizes = vocab_sizes
         self.offsets = tuple(int(o) for o in np.cumsum((0,) + vocab_sizes[:-1]))
-        rows = -(-sum(vocab_sizes) // row_multiple) * row_multiple
-        self.table = _param(rngs, jax.nn.initializers.normal(stddev=embed_init_std),
-                            (rows, embed_dim), pdtype, ("table_rows", "table_dim"))
-        self.bottom = MLP((num_dense, *bottom_mlp, embed_dim), dtype=self.dtype,
+        rows = -(-sum(vocab_sizes) // c.row_multiple) * c.row_multiple
+        self.table = _param(rngs, jax.nn.initializers.normal(stddev=c.embed_init_std),
+                            (rows, c.embed_dim), pdtype, ("table_rows", "table_dim"))
+        self.bottom = MLP((num_dense, *c.bottom_mlp, c.embed_dim), dtype=self.dtype,
                           param_dtype=pdtype, rngs=rngs)
         num_vectors = len(vocab_sizes) + 1
         num_dots = num_vectors * (num_vectors - 1) // 2
-        self.top = MLP((embed_dim + num_dots, *top_mlp, 1), dtype=self.dtype,
+        self.top = MLP((c.embed_dim + num_dots, *c.top_mlp, 1), dtype=self.dtype,
                        param_dtype=pdtype, rngs=rngs)
 
     def embed(self, ids: jax.Array) -> jax.Array:

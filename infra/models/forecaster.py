@@ -18,6 +18,7 @@ Input (batch, window, features) and output (batch, horizon, targets) are in the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -26,42 +27,66 @@ from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
-from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _dtype, _normal, _param
+from infra.models.hparams import HyperParams
+from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _normal, _param
 from infra.sharding import constrain
 
 CENTERS = ("last", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForecasterConfig(HyperParams):
+    """The forecaster's `model.*` keys; window, horizon and the columns come from the data."""
+
+    patch_len: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    center: str = "last"  # normalise each window around its last value or its mean
+    linear_skip: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    from_data = ("window", "horizon", "features", "target_channels")
+    choices = {**HyperParams.choices, "center": CENTERS}
+
+    def validate(self) -> None:
+        check_positive_ints("model", patch_len=self.patch_len, d_model=self.d_model,
+                            num_layers=self.num_layers, num_heads=self.num_heads,
+                            head_dim=self.head_dim, mlp_dim=self.mlp_dim)
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
 
 
 @register("forecaster")
 class Forecaster(nnx.Module):
     """(batch, window, features) float -> (batch, horizon, len(target_channels)) float32."""
 
-    def __init__(self, *, window: int, horizon: int, features: int,
-                 target_channels: tuple[int, ...], patch_len: int, d_model: int,
-                 num_layers: int, num_heads: int, head_dim: int, mlp_dim: int,
-                 center: str = "last", linear_skip: bool = False,
-                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, eps: float = 1e-5,
-                 dtype: str = "float32", param_dtype: str = "float32", rngs: nnx.Rngs):
-        check_positive_ints("model", window=window, horizon=horizon, features=features,
-                            patch_len=patch_len, d_model=d_model, num_layers=num_layers,
-                            num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim)
-        if window % patch_len:
+    Config = ForecasterConfig
+
+    def __init__(self, config: ForecasterConfig, *, window: int, horizon: int, features: int,
+                 target_channels: tuple[int, ...], rngs: nnx.Rngs):
+        c = config
+        check_positive_ints("model", window=window, horizon=horizon, features=features)
+        if window % c.patch_len:
             raise ConfigError(f"data.window={window} is not a multiple of model.patch_len="
-                              f"{patch_len}; pick a patch_len that divides the window")
-        if head_dim % 2:
-            raise ConfigError(f"model.head_dim ({head_dim}) must be even for rotary embeddings")
-        if center not in CENTERS:
-            raise ConfigError(f"model.center is {center!r}; expected one of {', '.join(CENTERS)}")
-        target_channels = tuple(int(c) for c in target_channels)
-        if not target_channels or not all(0 <= c < features for c in target_channels):
+                              f"{c.patch_len}; pick a patch_len that divides the window")
+        target_channels = tuple(int(t) for t in target_channels)
+        if not target_channels or not all(0 <= t < features for t in target_channels):
             raise ConfigError(f"target channels {target_channels} must index the {features} "
                               "input columns")
-        compute, storage = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
+        compute, storage = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        patch_len, d_model = c.patch_len, c.d_model
         self.window, self.horizon, self.patch_len = window, horizon, patch_len
         self.num_patches = window // patch_len
         self.target_channels = target_channels
-        self.center = center
-        self.eps = float(eps)
+        self.center = c.center
+        self.eps = c.eps
         self.dtype = compute
         k = len(target_channels)
         fan_in = patch_len * features
@@ -69,15 +94,15 @@ class Forecaster(nnx.Module):
                                   (patch_len, features, d_model), storage,
                                   ("window", "features", "embed"))
         self.patch_bias = _param(rngs, jax.nn.initializers.zeros, (d_model,), storage, ("embed",))
-        out_scale = 1.0 / math.sqrt(2 * num_layers)
+        out_scale = 1.0 / math.sqrt(2 * c.num_layers)
         self.blocks = nnx.List([
-            Block(d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads,
-                  head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=float(rope_theta),
-                  norm_eps=float(norm_eps), out_scale=out_scale, dtype=compute,
+            Block(d_model=d_model, num_heads=c.num_heads, num_kv_heads=c.num_heads,
+                  head_dim=c.head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
+                  norm_eps=c.norm_eps, out_scale=out_scale, dtype=compute,
                   param_dtype=storage, rngs=rngs, causal=False)
-            for _ in range(num_layers)
+            for _ in range(c.num_layers)
         ])
-        self.final_norm = RMSNorm(d_model, eps=float(norm_eps), dtype=compute,
+        self.final_norm = RMSNorm(d_model, eps=c.norm_eps, dtype=compute,
                                   param_dtype=storage, rngs=rngs)
         head_fan_in = self.num_patches * d_model
         self.head = _param(rngs, _normal(0.1 / math.sqrt(head_fan_in)),
@@ -85,7 +110,7 @@ class Forecaster(nnx.Module):
                            ("window", "embed", "horizon", "features"))
         self.head_bias = _param(rngs, jax.nn.initializers.zeros, (horizon, k), storage,
                                 ("horizon", "features"))
-        self.linear_skip = bool(linear_skip)
+        self.linear_skip = c.linear_skip
         if self.linear_skip:
             self.linear = _param(rngs, jax.nn.initializers.zeros, (window, horizon, k), storage,
                                  ("window", "horizon", "features"))

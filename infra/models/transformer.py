@@ -31,6 +31,7 @@ Causal masking uses global positions (``jnp.arange(length)``), so it stays corre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -39,9 +40,9 @@ from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
+from infra.models.hparams import HyperParams
 from infra.sharding import activation_shards, constrain
 
-_DTYPES = ("float32", "bfloat16", "float16")
 # remat name -> jax.checkpoint policy. `dots_with_no_batch_dims_saveable` keeps the outputs of the
 # weight projections (q/k/v/o, gate/up/down: dot_generals without batch dims) and recomputes the
 # rest, including the attention scores/probabilities (batched dots, O(length^2) memory).
@@ -52,12 +53,6 @@ REMAT_POLICIES = {
 }
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 LAYERS = "layers"  # logical name of the stacked-layers dimension in scan mode
-
-
-def _dtype(name: str, key: str) -> jnp.dtype:
-    if str(name) not in _DTYPES:
-        raise ConfigError(f"model.{key} is {name!r}; expected one of {', '.join(_DTYPES)}")
-    return jnp.dtype(str(name))
 
 
 def _normal(stddev: float) -> jax.nn.initializers.Initializer:
@@ -252,57 +247,101 @@ def _stack_blocks(layers: list[Block]) -> Block:
     return nnx.merge(graphdef, stacked)
 
 
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(HyperParams):
+    """The decoder-only transformer's `model.*` keys. Shape fields have no default: the base
+    config and the experiments choose the model's size."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | save_dots: recompute activations in the backward pass
+    scan_layers: bool = False  # one stacked block applied with a scan: faster compiles
+    causal_blocks: int = 4  # query blocks of causal attention (1 = the whole score matrix)
+
+    choices = {**HyperParams.choices, "remat": tuple(REMAT_POLICIES)}
+
+    def validate(self) -> None:
+        check_positive_ints("model", vocab_size=self.vocab_size, d_model=self.d_model,
+                            num_layers=self.num_layers, num_heads=self.num_heads,
+                            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                            mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
+                            causal_blocks=self.causal_blocks)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                              f"model.num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one block's matmuls (q, k, v, o, gate, up, down)."""
+        d, h = self.d_model, self.head_dim
+        return 2 * d * self.num_heads * h + 2 * d * self.num_kv_heads * h + 3 * d * self.mlp_dim
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: every block's, plus the output
+        projection (the embedding lookup itself is a gather)."""
+        return self.num_layers * self.layer_matmul_params + self.vocab_size * self.d_model
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs of the score and value matmuls per token (the whole score matrix,
+        as model-FLOPs conventions count it, although causal blocks skip part of it)."""
+        return 4.0 * self.num_layers * seq_len * self.num_heads * self.head_dim
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) model FLOPs per token at sequence length `seq_len`:
+        6 per matmul weight, plus 3x the attention forward. Remat recompute is not included."""
+        return 6.0 * self.matmul_params + 3.0 * self.attention_flops_per_token(seq_len)
+
+
 @register("transformer")
 class Transformer(nnx.Module):
     """Decoder-only language model: tokens (batch, length) int32 -> logits (batch, length, vocab) float32."""
 
-    def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
-                 num_kv_heads: int, head_dim: int, mlp_dim: int, max_seq_len: int,
-                 rope_theta: float = 10000.0, norm_eps: float = 1e-6, tie_embeddings: bool = True,
-                 dtype: str = "float32", param_dtype: str = "float32", remat: str = "none",
-                 scan_layers: bool = False, causal_blocks: int = 4, rngs: nnx.Rngs):
-        check_positive_ints("model", vocab_size=vocab_size, d_model=d_model,
-                            num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                            head_dim=head_dim, mlp_dim=mlp_dim, max_seq_len=max_seq_len,
-                            causal_blocks=causal_blocks)
-        if num_heads % num_kv_heads:
-            raise ConfigError(f"model.num_heads ({num_heads}) must be a multiple of "
-                              f"model.num_kv_heads ({num_kv_heads})")
-        if head_dim % 2:
-            raise ConfigError(f"model.head_dim ({head_dim}) must be even for rotary embeddings")
-        compute_dtype = _dtype(dtype, "dtype")
-        storage_dtype = _dtype(param_dtype, "param_dtype")
-        if not isinstance(remat, str) or remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat is {remat!r}; expected one of "
-                              f"{', '.join(REMAT_POLICIES)}")
-        if not isinstance(scan_layers, bool):
-            raise ConfigError(f"model.scan_layers must be true or false, got {scan_layers!r}")
+    Config = TransformerConfig
 
-        self.vocab_size = vocab_size
-        self.max_seq_len = max_seq_len
-        self.tie_embeddings = bool(tie_embeddings)
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        compute_dtype = jnp.dtype(c.dtype)
+        storage_dtype = jnp.dtype(c.param_dtype)
+        self.config = c
+        self.vocab_size = c.vocab_size
+        self.max_seq_len = c.max_seq_len
+        self.tie_embeddings = c.tie_embeddings
         self.dtype = compute_dtype
-        self.num_layers = num_layers
-        self.remat = remat
-        self.scan_layers = scan_layers
-        out_scale = 1.0 / math.sqrt(2 * num_layers)  # GPT-2 residual-projection scaling
+        self.num_layers = c.num_layers
+        self.remat = c.remat
+        self.scan_layers = c.scan_layers
+        out_scale = 1.0 / math.sqrt(2 * c.num_layers)  # GPT-2 residual-projection scaling
 
-        self.embedding = _param(rngs, _normal(0.02), (vocab_size, d_model), storage_dtype,
+        self.embedding = _param(rngs, _normal(0.02), (c.vocab_size, c.d_model), storage_dtype,
                                 ("vocab", "embed"))
-        block_kwargs = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                            head_dim=head_dim, mlp_dim=mlp_dim, rope_theta=float(rope_theta),
-                            norm_eps=float(norm_eps), out_scale=out_scale, dtype=compute_dtype,
-                            param_dtype=storage_dtype, causal_blocks=causal_blocks)
-        layers = [Block(**block_kwargs, rngs=rngs) for _ in range(num_layers)]
-        if scan_layers:
+        block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                            head_dim=c.head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
+                            norm_eps=c.norm_eps, out_scale=out_scale, dtype=compute_dtype,
+                            param_dtype=storage_dtype, causal_blocks=c.causal_blocks)
+        layers = [Block(**block_kwargs, rngs=rngs) for _ in range(c.num_layers)]
+        if c.scan_layers:
             self.blocks = _stack_blocks(layers)
         else:
             self.blocks = nnx.List(layers)
-        self.final_norm = RMSNorm(d_model, eps=float(norm_eps), dtype=compute_dtype,
+        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=compute_dtype,
                                   param_dtype=storage_dtype, rngs=rngs)
-        if not self.tie_embeddings:
-            self.unembedding = _param(rngs, _normal(1.0 / math.sqrt(d_model)),
-                                      (d_model, vocab_size), storage_dtype, ("embed", "vocab"))
+        if not c.tie_embeddings:
+            self.unembedding = _param(rngs, _normal(1.0 / math.sqrt(c.d_model)),
+                                      (c.d_model, c.vocab_size), storage_dtype, ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         length = tokens.shape[1]

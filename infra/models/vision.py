@@ -16,6 +16,7 @@ annotate every weight with logical axis names, so the config's sharding rules la
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -24,7 +25,8 @@ from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
 from infra.models import register
-from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _dtype, _normal, _param
+from infra.models.hparams import HyperParams
+from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _normal, _param
 from infra.sharding import constrain
 
 _zeros = jax.nn.initializers.zeros
@@ -34,7 +36,7 @@ def _check_images(images: jax.Array, size: int, channels: int) -> None:
     if images.ndim != 4 or images.shape[1:] != (size, size, channels):
         raise ConfigError(f"images of shape {tuple(images.shape[1:])} do not match the model's "
                           f"(image_size, image_size, channels) = ({size}, {size}, {channels}); set "
-                          "--config.model.image_size / --config.model.channels")
+                          "model.image_size and model.channels to the images' size")
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -44,51 +46,78 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(HyperParams):
+    """The ViT's `model.*` keys (`head_dim` 0 = d_model / num_heads)."""
+
+    image_size: int
+    channels: int
+    num_classes: int
+    patch_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    head_dim: int = 0
+    pool: str = "mean"  # mean over patches | cls token
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    choices = {**HyperParams.choices, "pool": ("mean", "cls")}
+
+    def validate(self) -> None:
+        check_positive_ints("model", image_size=self.image_size, channels=self.channels,
+                            num_classes=self.num_classes, patch_size=self.patch_size,
+                            d_model=self.d_model, num_layers=self.num_layers,
+                            num_heads=self.num_heads, mlp_dim=self.mlp_dim)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size ({self.image_size}) must be a multiple of "
+                              f"model.patch_size ({self.patch_size})")
+        if self.resolved_head_dim <= 0 or self.resolved_head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.resolved_head_dim}) must be even and "
+                              "positive (rotary embeddings)", key="model.head_dim",
+                              value="<even number>")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
 @register("vit")
 class ViT(nnx.Module):
     """Vision Transformer: patches -> linear embedding + learned positions -> non-causal pre-norm
     encoder blocks -> final norm -> mean over patches (or the CLS token) -> linear head."""
 
-    def __init__(self, *, image_size: int, channels: int, num_classes: int, patch_size: int,
-                 d_model: int, num_layers: int, num_heads: int, mlp_dim: int,
-                 head_dim: int = 0, pool: str = "mean", rope_theta: float = 10000.0,
-                 norm_eps: float = 1e-6, dtype: str = "float32", param_dtype: str = "float32",
-                 rngs: nnx.Rngs):
-        check_positive_ints("model", image_size=image_size, channels=channels, num_classes=num_classes,
-                  patch_size=patch_size, d_model=d_model, num_layers=num_layers,
-                  num_heads=num_heads, mlp_dim=mlp_dim)
-        if image_size % patch_size:
-            raise ConfigError(f"model.image_size ({image_size}) must be a multiple of "
-                              f"model.patch_size ({patch_size})")
-        head_dim = head_dim or d_model // num_heads
-        if head_dim <= 0 or head_dim % 2:
-            raise ConfigError(f"model.head_dim ({head_dim}) must be even and positive (rotary "
-                              "embeddings); set --config.model.head_dim")
-        if pool not in ("mean", "cls"):
-            raise ConfigError(f"model.pool is {pool!r}; expected 'mean' or 'cls'")
-        compute, storage = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
-        self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
-        self.pool, self.dtype = pool, compute
-        patch_dim = patch_size * patch_size * channels
-        tokens = (image_size // patch_size) ** 2 + (pool == "cls")
+    Config = ViTConfig
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        c = config
+        compute, storage = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.image_size, self.channels, self.patch_size = c.image_size, c.channels, c.patch_size
+        self.pool, self.dtype = c.pool, compute
+        d_model, patch_size = c.d_model, c.patch_size
+        patch_dim = patch_size * patch_size * c.channels
+        tokens = (c.image_size // patch_size) ** 2 + (c.pool == "cls")
 
         self.patch_embed = _param(rngs, _normal(1.0 / math.sqrt(patch_dim)), (patch_dim, d_model),
                                   storage, ("patch", "embed"))
         self.patch_bias = _param(rngs, _zeros, (d_model,), storage, ("embed",))
         self.positions = _param(rngs, _normal(0.02), (tokens, d_model), storage, ("length", "embed"))
-        if pool == "cls":
+        if c.pool == "cls":
             self.cls = _param(rngs, _zeros, (d_model,), storage, ("embed",))
         self.blocks = nnx.List([
-            Block(d_model=d_model, num_heads=num_heads, num_kv_heads=num_heads, head_dim=head_dim,
-                  mlp_dim=mlp_dim, rope_theta=float(rope_theta), norm_eps=float(norm_eps),
-                  out_scale=1.0 / math.sqrt(2 * num_layers), dtype=compute, param_dtype=storage,
-                  causal=False, rngs=rngs)
-            for _ in range(num_layers)
+            Block(d_model=d_model, num_heads=c.num_heads, num_kv_heads=c.num_heads,
+                  head_dim=c.resolved_head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
+                  norm_eps=c.norm_eps, out_scale=1.0 / math.sqrt(2 * c.num_layers), dtype=compute,
+                  param_dtype=storage, causal=False, rngs=rngs)
+            for _ in range(c.num_layers)
         ])
-        self.final_norm = RMSNorm(d_model, eps=float(norm_eps), dtype=compute, param_dtype=storage,
+        self.final_norm = RMSNorm(d_model, eps=c.norm_eps, dtype=compute, param_dtype=storage,
                                   rngs=rngs)
-        self.head = _param(rngs, _normal(0.02), (d_model, num_classes), storage, ("embed", "classes"))
-        self.head_bias = _param(rngs, _zeros, (num_classes,), storage, ("classes",))
+        self.head = _param(rngs, _normal(0.02), (d_model, c.num_classes), storage, ("embed", "classes"))
+        self.head_bias = _param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         _check_images(images, self.image_size, self.channels)
@@ -148,36 +177,52 @@ class ResBlock(nnx.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvNetConfig(HyperParams):
+    """The small ResNet's `model.*` keys."""
+
+    image_size: int
+    channels: int
+    num_classes: int
+    widths: tuple[int, ...] = (32, 64)
+    blocks_per_stage: int = 1
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def validate(self) -> None:
+        check_positive_ints("model", image_size=self.image_size, channels=self.channels,
+                            num_classes=self.num_classes, blocks_per_stage=self.blocks_per_stage)
+        if not self.widths or any(w <= 0 for w in self.widths):
+            raise ConfigError(f"model.widths must be a non-empty tuple of positive integers, got "
+                              f"{self.widths!r}", key="model.widths", value="'(32, 64)'",
+                              verb="e.g.")
+
+
 @register("convnet")
 class ConvNet(nnx.Module):
     """Small ResNet: 3x3 stem conv, then per stage `blocks_per_stage` residual blocks of
     `widths[i]` channels (every stage after the first starts with stride 2), norm, ReLU, global
     mean pool, linear head."""
 
-    def __init__(self, *, image_size: int, channels: int, num_classes: int,
-                 widths: tuple[int, ...] = (32, 64), blocks_per_stage: int = 1,
-                 norm_eps: float = 1e-6, dtype: str = "float32", param_dtype: str = "float32",
-                 rngs: nnx.Rngs):
-        check_positive_ints("model", image_size=image_size, channels=channels, num_classes=num_classes,
-                  blocks_per_stage=blocks_per_stage)
-        widths = tuple(widths)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
-            raise ConfigError(f"model.widths must be a non-empty tuple of positive integers, got "
-                              f"{widths!r}; e.g. --config.model.widths='(32, 64)'")
-        compute, storage = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
+    Config = ConvNetConfig
+
+    def __init__(self, config: ConvNetConfig, *, rngs: nnx.Rngs):
+        c = config
+        compute, storage = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         common = dict(dtype=compute, param_dtype=storage, rngs=rngs)
-        self.image_size, self.channels, self.dtype = image_size, channels, compute
-        self.stem = Conv(channels, widths[0], kernel=3, stride=1, **common)
-        blocks, c_in = [], widths[0]
-        for stage, width in enumerate(widths):
-            for i in range(blocks_per_stage):
+        self.image_size, self.channels, self.dtype = c.image_size, c.channels, compute
+        self.stem = Conv(c.channels, c.widths[0], kernel=3, stride=1, **common)
+        blocks, c_in = [], c.widths[0]
+        for stage, width in enumerate(c.widths):
+            for i in range(c.blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(ResBlock(c_in, width, stride=stride, norm_eps=float(norm_eps), **common))
+                blocks.append(ResBlock(c_in, width, stride=stride, norm_eps=c.norm_eps, **common))
                 c_in = width
         self.blocks = nnx.List(blocks)
-        self.final_norm = RMSNorm(c_in, eps=float(norm_eps), **common)
-        self.head = _param(rngs, _normal(0.02), (c_in, num_classes), storage, ("conv_in", "classes"))
-        self.head_bias = _param(rngs, _zeros, (num_classes,), storage, ("classes",))
+        self.final_norm = RMSNorm(c_in, eps=c.norm_eps, **common)
+        self.head = _param(rngs, _normal(0.02), (c_in, c.num_classes), storage, ("conv_in", "classes"))
+        self.head_bias = _param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         _check_images(images, self.image_size, self.channels)

@@ -7,6 +7,7 @@ run never imports scikit-learn or statsmodels.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from infra.errors import ConfigError
 from infra.tasks.base import Task
@@ -35,4 +36,9 @@ def get_task(config) -> Task:
     return get_task_class(config.task)(config)
 
 
-__all__ = ["TASKS", "Task", "get_task", "get_task_class"]
+def logical_rules(config) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules of a run: the config's `sharding.rules`, then its task's own."""
+    return tuple(tuple(r) for r in config.sharding.rules) + get_task_class(config.task).logical_rules
+
+
+__all__ = ["TASKS", "Task", "get_task", "get_task_class", "logical_rules"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -25,6 +25,12 @@ class Task(abc.ABC):
     unit: str = "examples"
     #: Eval metrics (keys of `summarize_eval`) shown in the progress bar and the CLI's last line.
     headline_metrics: tuple[str, ...] = ("loss",)
+    #: The task's `data.*` config keys with their defaults (`infra.config` fills in the ones an
+    #: experiment leaves out).
+    data_defaults: ClassVar[dict[str, Any]] = {}
+    #: Logical-axis rules for dimension names only this task's models use, appended after the
+    #: config's `sharding.rules` (the first rule for a name wins, so a config rule overrides).
+    logical_rules: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     def __init__(self, config):
         self.config = config

@@ -11,6 +11,7 @@ reach) and `auc_gap = bayes_auc - auc`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -79,14 +80,15 @@ class ClickThroughTask(Task):
 
     unit = "examples"
     headline_metrics = ("auc", "logloss")
+    data_defaults = dataclasses.asdict(clicks.ClickSpec())
+    # Embedding-table rows are split over every mesh axis (row-wise sharding, how tables larger
+    # than one device are spread); lookups gather across devices.
+    logical_rules = (("table_rows", ("data", "fsdp", "tensor")), ("table_dim", None),
+                     ("features", None))
 
     def __init__(self, config):
         super().__init__(config)
         self.spec = spec_from_config(config.data)
-        for key in ("vocab_sizes", "num_dense"):
-            if key in config.model:
-                raise ConfigError(f"model.{key} comes from the data for the ctr task; remove it "
-                                  "from the experiment's model section")
 
     @functools.cached_property
     def log(self) -> clicks.ClickLog:
@@ -100,9 +102,8 @@ class ClickThroughTask(Task):
                 "bayes_logloss": log_loss(e["label"], e["prob"])}
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        cfg = {**self.config.model.to_dict(), "vocab_sizes": self.spec.vocab_sizes,
-               "num_dense": clicks.NUM_DENSE}
-        return models.build_model(cfg, rngs=rngs)
+        return models.build_model(self.config.model, rngs=rngs, vocab_sizes=self.spec.vocab_sizes,
+                                  num_dense=clicks.NUM_DENSE)
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng  # the model is deterministic

@@ -41,6 +41,11 @@ class ForecastTask(Task):
 
     unit = "examples"
     headline_metrics = ("mase", "mae")
+    data_defaults = dict(source="co2", csv_path="", columns="", targets="", date_column="",
+                         season=0, window=48, horizon=12, val_fraction=0.1, test_fraction=0.2,
+                         loss="mae")
+    # Time steps of an input window and of the forecast horizon; input / target columns.
+    logical_rules = (("window", None), ("horizon", None), ("features", None))
 
     def __init__(self, config):
         super().__init__(config)
@@ -48,13 +53,9 @@ class ForecastTask(Task):
         check_positive_ints("data", window=d.window, horizon=d.horizon)
         if not isinstance(d.season, int) or d.season < 0:
             raise ConfigError(f"data.season must be a non-negative integer (0 = the source's "
-                              f"default), got {d.season}; e.g. --config.data.season=12")
+                              f"default), got {d.season}", key="data.season", value=12, verb="e.g.")
         if d.loss not in LOSSES:
             raise ConfigError(f"data.loss is '{d.loss}'; expected one of {', '.join(LOSSES)}")
-        for key in ("window", "horizon", "features", "target_channels"):
-            if key in config.model:
-                raise ConfigError(f"model.{key} is set by the data; remove it from the model "
-                                  f"config and set data.window / data.horizon / data.columns")
 
     @functools.cached_property
     def series(self) -> series_lib.Series:
@@ -72,10 +73,10 @@ class ForecastTask(Task):
         return int(self.windows["test"].origins[0])
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        cfg = {**self.config.model.to_dict(), "window": self.config.data.window,
-               "horizon": self.config.data.horizon, "features": len(self.series.columns),
-               "target_channels": self.series.targets}
-        return models.build_model(cfg, rngs=rngs)
+        return models.build_model(self.config.model, rngs=rngs, window=self.config.data.window,
+                                  horizon=self.config.data.horizon,
+                                  features=len(self.series.columns),
+                                  target_channels=self.series.targets)
 
     def _errors(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """(forecast, per-window loss) in original units / normalised units."""

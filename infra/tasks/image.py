@@ -25,6 +25,13 @@ class ImageClassificationTask(Task):
 
     unit = "examples"
     headline_metrics = ("accuracy", "loss")
+    # Shifts (in pixels of the model's image_size) move no ink off the canvas: digit strokes
+    # touch the top and bottom rows. Noise is in standardised pixel units.
+    data_defaults = dict(source="digits", test_fraction=0.2, split_seed=0, max_shift=2,
+                         noise_std=0.25, keep_content=True)
+    # Flattened patch pixels, conv kernel / channels, output classes.
+    logical_rules = (("patch", None), ("conv_in", None), ("conv_out", "tensor"),
+                     ("kernel", None), ("classes", None))
 
     def __init__(self, config):
         super().__init__(config)
@@ -32,24 +39,26 @@ class ImageClassificationTask(Task):
         for key in ("image_size", "channels", "num_classes"):
             if key not in m:
                 raise ConfigError(f"model {m.get('name')!r} has no model.{key}; task 'image' "
-                                  "needs an image model: --config.model.name=vit or convnet")
+                                  "needs an image model", key="model.name", value="vit",
+                                  note=" (or convnet)")
         if m.channels not in (1, 3):
             raise ConfigError(f"model.channels must be 1 (grey) or 3 (RGB), got {m.channels}")
         if not 0 < d.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction must be in (0, 1), got {d.test_fraction}; "
-                              "set --config.data.test_fraction=0.2")
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {d.test_fraction}",
+                              key="data.test_fraction", value="0.2")
         if not isinstance(d.source, str) or not d.source:
-            raise ConfigError("data.source is empty; pass --config.data.source=digits, a .npz "
-                              "file or a folder of class subfolders")
+            raise ConfigError("data.source is empty", key="data.source", value="digits",
+                              verb="pass", note=", a .npz file or a folder of class subfolders")
         if d.source != "digits" and not Path(d.source).expanduser().exists():  # fail before compiling
-            raise DataError(f"data.source '{d.source}' does not exist; pass "
-                            "--config.data.source=digits, a .npz file or a folder of class subfolders")
+            raise DataError(f"data.source '{d.source}' does not exist", key="data.source",
+                            value="digits", verb="pass",
+                            note=", a .npz file or a folder of class subfolders")
         if isinstance(d.max_shift, bool) or not isinstance(d.max_shift, int) or d.max_shift < 0:
-            raise ConfigError(f"data.max_shift must be an integer >= 0 (pixels), got {d.max_shift}; "
-                              "set --config.data.max_shift=1 (0 = no shifts)")
+            raise ConfigError(f"data.max_shift must be an integer >= 0 (pixels), got {d.max_shift}",
+                              key="data.max_shift", value=1, note=" (0 = no shifts)")
         if not d.noise_std >= 0:
-            raise ConfigError(f"data.noise_std must be >= 0, got {d.noise_std}; "
-                              "set --config.data.noise_std=0.1 (0 = no noise)")
+            raise ConfigError(f"data.noise_std must be >= 0, got {d.noise_std}",
+                              key="data.noise_std", value=0.1, note=" (0 = no noise)")
 
     @functools.cached_property
     def data(self) -> ImageSplits:
@@ -60,8 +69,8 @@ class ImageClassificationTask(Task):
         top = int(max(splits.train_labels.max(), splits.test_labels.max()))
         if top >= m.num_classes:
             raise ConfigError(f"data.source '{d.source}' has labels up to {top} but "
-                              f"model.num_classes={m.num_classes}; set "
-                              f"--config.model.num_classes={top + 1}")
+                              f"model.num_classes={m.num_classes}", key="model.num_classes",
+                              value=top + 1)
         return splits
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:

@@ -19,22 +19,27 @@ class LanguageModelTask(Task):
     """Decoder-only LM over the files in `config.data.files` (default: the Python stdlib)."""
 
     unit = "tokens"
+    data_defaults = dict(
+        files="",  # glob(s), comma-separated; "" = the Python standard library's source
+        seq_len=128,
+        val_fraction=0.05,
+        eval_batches=4,
+    )
 
     def __init__(self, config):
         super().__init__(config)
         d = config.data
         for key in ("seq_len", "eval_batches"):
             if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
-                raise ConfigError(f"data.{key} must be > 0, got {d[key]}; "
-                                  f"set --config.data.{key}=<positive>")
+                raise ConfigError(f"data.{key} must be > 0, got {d[key]}",
+                                  key=f"data.{key}", value="<positive>")
         if not 0 <= d.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}; "
-                              "set --config.data.val_fraction=<value in [0, 1)>")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
+                              key="data.val_fraction", value="<value in [0, 1)>")
         if config.model.vocab_size < data.VOCAB_SIZE:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the byte-level "
-                f"vocabulary ({data.VOCAB_SIZE}); set --config.model.vocab_size=384"
-            )
+                f"vocabulary ({data.VOCAB_SIZE})", key="model.vocab_size", value=384)
         if config.data.seq_len > config.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="

@@ -1,24 +1,20 @@
-"""Orbax checkpoints of the train state, the data-iterator position and JSON metadata.
+"""The checkpoint manager of a training run: save, restore, fall back, preemption.
 
-A checkpoint is `<workdir>/checkpoints/<step>/` with three items: `state` (params, optimizer
-state, step, rng; tensorstore arrays), `data` (the grain iterator position, JSON, one file per
-process), `meta` (JSON: step, config, versions) and `fingerprint` (a checksum of every state
-array, computed on the devices and written in the background). No
-pickle anywhere. Restoring uses abstract targets that carry the *current* mesh's shardings, so a
-checkpoint saved on one mesh loads onto another.
+Saves every `checkpoint.every` steps and/or `every_seconds` (asynchronously), on preemption and
+on demand; keeps the last `keep`; restores the newest intact checkpoint onto the *current* mesh's
+shardings (abstract targets), so a checkpoint saved on one mesh loads onto another. No pickle
+anywhere: arrays are tensorstore files, everything else JSON (layout: `infra.checkpoint.layout`).
 
 Trust: Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact; leftovers are removed on the next
-start. Every restore recomputes the fingerprints and compares them with the saved ones, so
-truncated or altered files are detected instead of loading wrong values; with
-`checkpoint.fallback` the previous intact checkpoint is used instead (the bad one is moved aside).
+start. Every restore recomputes the checksums (`infra.checkpoint.verify`), so truncated or
+altered files are detected instead of loading wrong values; with `checkpoint.fallback` the
+previous intact checkpoint is used instead (the bad one is moved aside).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import json
 import logging
 import shutil
 import time
@@ -32,12 +28,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-# Orbax 0.12 exports neither the transfer-priority callback nor the array metadata store that
-# its default jax.Array handler uses; both are needed to move the device-to-host copy of an
-# async save into the background (see _StateHandler). pyproject pins orbax to 0.12.x.
-from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata
-from orbax.checkpoint._src.serialization import types as _serialization
-
+from infra.checkpoint import layout
+from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, IteratorSave,
+                                             IteratorSnapshot, StateRestore, StateSave)
+from infra.checkpoint.verify import (Corrupt, check_fingerprint, fingerprint_async,
+                                     is_read_error, saved_specs, specs)
 from infra.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -56,186 +51,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _path_name(path) -> str:
-    """`params/blocks/0/attn/q` for any mix of dict, sequence and attribute keys."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
-@jax.jit
-def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
-    """A 32-bit checksum of each array: every element's bits, mixed with its position through a
-    murmur3-style finaliser, summed (computed where the array lives)."""
-    out = []
-    for x in leaves:
-        if x.dtype == jnp.bool_:
-            x = x.astype(jnp.uint8)
-        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-        h = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
-        h = h ^ (jnp.arange(h.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9))
-        h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-        h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-        out.append(jnp.sum(h ^ (h >> 16), dtype=jnp.uint32))
-    return out
-
-
-def _fingerprint_async(state: Any) -> tuple[list[str], list[jax.Array]]:
-    """Leaf paths and their checksums, still being computed on the devices."""
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    return [_path_name(path) for path, _ in flat], _fingerprint_leaves([leaf for _, leaf in flat])
-
-
-def fingerprint(state: Any) -> dict[str, int]:
-    """`{leaf path: checksum}` of every array in `state` (one small device-to-host copy)."""
-    names, sums = _fingerprint_async(state)
-    return {name: int(s) for name, s in zip(names, jax.device_get(sums))}
-
-
-def read_fingerprint(step_dir: Path) -> dict[str, int]:
-    """The checksums a checkpoint was saved with (`Corrupt` when they cannot be read)."""
-    try:
-        return json.loads((Path(step_dir) / "fingerprint" / "fingerprint.json").read_text())
-    except (OSError, ValueError) as e:
-        raise Corrupt(f"unreadable checksums ({type(e).__name__})") from None
-
-
-class _FingerprintHandler(ocp.JsonCheckpointHandler):
-    """Writes the checksums as JSON in Orbax's background save thread, so the training loop
-    never waits for them: they are fetched from the devices only there."""
-
-    def __init__(self):
-        super().__init__(filename="fingerprint.json")
-
-    async def _save_fn(self, x, directory):
-        names, sums = x
-        await super()._save_fn({n: int(s) for n, s in zip(names, jax.device_get(sums))}, directory)
-
-
-@ocp.args.register_with_handler(_FingerprintHandler, for_save=True)
-@dataclasses.dataclass
-class _FingerprintSave(ocp.args.CheckpointArgs):
-    item: Any
-
-
-@ocp.args.register_with_handler(_FingerprintHandler, for_restore=True)
-@dataclasses.dataclass
-class _FingerprintRestore(ocp.args.CheckpointArgs):
-    """Orbax wants a restore pairing; `read_fingerprint` reads the file directly."""
-
-
-class _InBackground(_serialization.SerializationStatusCallback):
-    """Every array's device-to-host transfer runs in Orbax's background commit
-    (ASYNCHRONOUS_DEPRIORITIZED) instead of inside `save`. Only safe for arrays nothing else
-    will donate or overwrite: `Checkpointer.save` hands Orbax a private on-device copy."""
-
-    def key_priority(self, keypath) -> _serialization.TransferPriority:
-        return _serialization.TransferPriority.ASYNCHRONOUS_DEPRIORITIZED
-
-
-# Host memory the background transfers may hold at once before their bytes are written.
-_IN_FLIGHT_GB = 16
-
-
-def _not_the_background_notice(record: logging.LogRecord) -> bool:
-    """Orbax warns at every such save that all transfers run in the background: by design here."""
-    return "No prioritized params found for saving" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_not_the_background_notice)
-
-
-class _StateHandler(ocp.StandardCheckpointHandler):
-    """Orbax's standard PyTree handler (same files, same restore), with the arrays' transfers to
-    the host in the background commit."""
-
-    def __init__(self):
-        super().__init__()
-        registry = ocp.type_handlers.create_type_handler_registry(
-            (jax.Array, ocp.type_handlers.ArrayHandler(
-                array_metadata_store=_array_metadata.Store(), callback=_InBackground())),
-        )
-        self._impl = ocp.PyTreeCheckpointHandler(
-            type_handler_registry=registry, save_device_host_concurrent_gb=_IN_FLIGHT_GB)
-
-
-@ocp.args.register_with_handler(_StateHandler, for_save=True)
-@dataclasses.dataclass
-class _StateSave(ocp.args.StandardSave):
-    pass
-
-
-@ocp.args.register_with_handler(_StateHandler, for_restore=True)
-@dataclasses.dataclass
-class _StateRestore(ocp.args.StandardRestore):
-    """A manager keeps one handler per item: restoring through it needs its own args class."""
-
-
 @jax.jit
 def _copy_on_device(state: Any) -> Any:
     """A copy of every array where it lives (new buffers: the loop may donate the originals)."""
     return jax.tree.map(jnp.copy, state)
-
-
-class _IteratorSnapshot:
-    """The iterator's position taken when `save` is called, so an async save that runs later
-    cannot record a position the loop has moved past."""
-
-    def __init__(self, iterator):
-        self._state = json.dumps(iterator.get_state()).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
-class _IteratorHandler(grain.checkpoint.CheckpointHandler, ocp.AsyncCheckpointHandler):
-    """grain's iterator checkpoint (`process_<i>-of-<n>.json`, restored by grain's own code),
-    written in Orbax's background commit instead of grain's synchronous `save`, which Orbax runs
-    in a thread that the training loop waits for."""
-
-    async def _write(self, directory, snapshot: _IteratorSnapshot) -> None:
-        index, count = jax.process_index(), jax.process_count()
-        (directory / f"process_{index}-of-{count}.json").write_text(snapshot.get_state().decode())
-
-    async def async_save(self, directory, args) -> list:
-        return [ocp.future.CommitFutureAwaitingContractedSignals(
-            self._write(directory, args.item), name="data_iterator_save")]
-
-
-@ocp.args.register_with_handler(_IteratorHandler, for_save=True)
-@dataclasses.dataclass
-class _IteratorSave(ocp.args.CheckpointArgs):
-    item: _IteratorSnapshot
-
-
-@ocp.args.register_with_handler(_IteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class _IteratorRestore(ocp.args.CheckpointArgs):
-    item: Any
-
-
-# What reading damaged files raises (tensorstore: ValueError; files: OSError; ...), possibly
-# wrapped by Orbax in a plain Exception. Anything else is a bug, not corruption, and must not get
-# a good checkpoint moved aside.
-_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError)
-
-
-def _is_read_error(e: BaseException | None) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, _READ_ERRORS):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
-
-
-class Corrupt(Exception):
-    """A checkpoint whose files cannot be read back or whose values do not match."""
 
 
 class Checkpointer:
@@ -253,7 +72,7 @@ class Checkpointer:
         every_seconds: float = 0,
         fallback: bool = True,
     ):
-        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.directory = layout.checkpoints_dir(Path(workdir).resolve())
         self.fallback = fallback
         # Async saves copy the state on its devices (one more state of device memory until the
         # background transfer has read it) and hand the copy to Orbax from a worker thread;
@@ -347,12 +166,12 @@ class Checkpointer:
             "process_count": jax.process_count(),
             **meta,
         }
-        snapshot = _IteratorSnapshot(data_iterator)
+        snapshot = IteratorSnapshot(data_iterator)
         failing = self._in_flight or step  # Orbax reports the previous save's failure here
         if self._device_copy:
             copy = jax.block_until_ready(_copy_on_device(state))
             self._handing_off = (failing, self._worker.submit(
-                self._hand_off, step, _StateSave(copy), snapshot, meta))
+                self._hand_off, step, StateSave(copy), snapshot, meta))
         else:
             try:
                 self._hand_off(step, ocp.args.StandardSave(state), snapshot, meta)
@@ -360,13 +179,13 @@ class Checkpointer:
                 raise self._write_error(failing, e) from None
         self._in_flight = step
 
-    def _hand_off(self, step: int, state_args, snapshot: _IteratorSnapshot, meta: dict) -> None:
-        args = ocp.args.Composite(
-            state=state_args,
-            fingerprint=_FingerprintSave(_fingerprint_async(state_args.item)),
-            data=_IteratorSave(snapshot),
-            meta=ocp.args.JsonSave(meta),
-        )
+    def _hand_off(self, step: int, state_args, snapshot: IteratorSnapshot, meta: dict) -> None:
+        args = ocp.args.Composite(**{
+            layout.STATE: state_args,
+            layout.FINGERPRINT: FingerprintSave(fingerprint_async(state_args.item)),
+            layout.DATA: IteratorSave(snapshot),
+            layout.META: ocp.args.JsonSave(meta),
+        })
         self.manager.save(step, args=args, force=True)  # first finishes the previous save
 
     def wait(self) -> None:
@@ -411,24 +230,16 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of one checkpoint, without touching the arrays."""
-        path = self.directory / str(step) / "meta" / "metadata"
         try:
-            return json.loads(path.read_text())
+            return layout.read_meta(self.directory / str(step))
         except (OSError, ValueError) as e:
-            raise Corrupt(f"unreadable metadata {path} ({type(e).__name__})") from None
+            raise Corrupt(f"unreadable metadata in {self.directory / str(step)} "
+                          f"({type(e).__name__})") from None
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """UserError when the checkpoint's arrays do not have this model's shapes and dtypes."""
-        path = self.directory / str(step) / "state"
-        try:
-            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-        except _READ_ERRORS as e:
-            raise Corrupt(f"unreadable array metadata in {path} ({type(e).__name__})") from None
-        if not jax.tree.leaves(saved):  # damaged metadata can read back as an empty tree
-            raise Corrupt(f"no array metadata in {path}")
-        describe = lambda a: f"{a.dtype}{list(a.shape)}"  # noqa: E731
-        saved = {_path_name(p): describe(m) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-        here = {_path_name(p): describe(a) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        saved = saved_specs(self.directory / str(step) / layout.STATE)
+        here = specs(abstract_state)
         fix = "train in a new --workdir, or restore the config that wrote it"
         for name in sorted(here.keys() | saved.keys()):
             if name not in saved or name not in here:
@@ -449,24 +260,20 @@ class Checkpointer:
         # The saved data position is exact but per process: after a change of process count
         # the iterator starts at the checkpoint's step instead (one global batch per step).
         iterator = make_iterator(step)
-        restore = _StateRestore if self._device_copy else ocp.args.StandardRestore
-        items = {"state": restore(abstract_state)}
+        restore = StateRestore if self._device_copy else ocp.args.StandardRestore
+        items = {layout.STATE: restore(abstract_state)}
         self._join()
         if meta.get("process_count") == jax.process_count():
-            items["data"] = _IteratorRestore(iterator)
+            items[layout.DATA] = IteratorRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - truncated / unreadable / undecodable files
-            if not _is_read_error(e):
+            if not is_read_error(e):
                 raise
             cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
-        expected = read_fingerprint(self.directory / str(step))
-        got = fingerprint(restored.state)
-        bad = sorted(k for k in expected if got.get(k) != expected[k]) or sorted(got.keys() ^ expected.keys())
-        if bad:
-            raise Corrupt(f"values of '{bad[0]}' differ from those saved")
-        return restored.state, meta, iterator
+        check_fingerprint(self.directory / str(step), restored[layout.STATE])
+        return restored[layout.STATE], meta, iterator
 
     def restore_latest(self, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any] | None:
         """Restore the newest intact checkpoint onto `abstract_state`'s shardings; returns

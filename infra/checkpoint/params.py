@@ -1,0 +1,100 @@
+"""`restore_params`: the parameters of a run's checkpoint, for anything that is not resuming it.
+
+Serving, `generate`, evaluation, export and fine-tuning from a workdir all need only the model's
+parameters, on their own mesh, and must never change the run they read from (it may still be
+training). This loader reads only the `params` subtree (Orbax partial restore) onto the
+shardings of the abstract parameters it is given, checks every array's checksum against the
+checkpoint's, and moves or deletes nothing: a damaged step is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from infra.checkpoint import layout
+from infra.checkpoint.verify import (Corrupt, check_fingerprint, is_read_error, saved_specs,
+                                     specs)
+from infra.errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+
+
+def restore_params(workdir: str | Path, abstract_params: Any, *,
+                   step: int | None = None) -> tuple[Any, int]:
+    """(parameters, step) of the newest intact checkpoint in `workdir` (or of `step`).
+
+    `abstract_params` is the parameter tree as `jax.ShapeDtypeStruct`s carrying the target
+    shardings (e.g. `ShardedState.abstract["params"]`); the result has that structure. Raises
+    UserError when there is no checkpoint or its arrays do not fit (another model), and
+    CheckpointError when no checkpoint (or `step`) is intact. Read-only.
+    """
+    workdir = Path(workdir)
+    directory = layout.checkpoints_dir(workdir)
+    steps = layout.committed_steps(workdir)
+    if not steps:
+        raise UserError(f"no checkpoint in '{directory}'; train first "
+                        f"(python -m infra train --config ... --workdir {workdir})")
+    if step is not None and step not in steps:
+        raise UserError(f"no checkpoint of step {step} in '{directory}'; committed steps: "
+                        f"{', '.join(map(str, steps))}")
+    problems: list[str] = []
+    tried: set[int] = set()
+    while True:
+        candidates = [s for s in ([step] if step is not None else reversed(steps)) if s not in tried]
+        if not candidates:
+            break
+        s = candidates[0]
+        tried.add(s)
+        try:
+            params = _restore_step(directory / str(s), abstract_params)
+        except Corrupt as e:
+            if not (directory / str(s)).is_dir():  # deleted by a run that is still training
+                steps = layout.committed_steps(workdir)
+                continue
+            problems.append(f"step {s} ({e})")
+            continue
+        for problem in problems:
+            log.warning("warning: checkpoint %s is corrupted; using step %d", problem, s)
+        return params, s
+    raise CheckpointError(f"no intact checkpoint in {directory} ({'; '.join(problems)})")
+
+
+def _restore_step(path: Path, abstract_params: Any) -> Any:
+    """The verified `params` of the checkpoint in step directory `path`."""
+    target = {"params": abstract_params}
+    saved = saved_specs(path / layout.STATE)
+    here = specs(target)
+    missing = sorted(here.keys() - saved.keys())
+    if missing:  # damaged index files read back as a partial (often empty) tree
+        if not any(name.startswith("params/") for name in saved):
+            raise Corrupt(f"no array metadata for '{missing[0]}'")
+        raise UserError(f"checkpoint {path} does not hold this model's parameter '{missing[0]}'; "
+                        f"pass the workdir the checkpoint was trained in")
+    extra = sorted(n for n in saved.keys() - here.keys() if n.startswith("params/"))
+    if extra:
+        raise UserError(f"checkpoint {path} holds parameter '{extra[0]}', which this model does "
+                        f"not have; pass the workdir the checkpoint was trained in")
+    for name, spec in here.items():
+        if saved[name] != spec:
+            raise UserError(f"checkpoint {path} does not match the model: '{name}' is "
+                            f"{saved[name]} there but {spec} here; pass the workdir the "
+                            f"checkpoint was trained in")
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            path / layout.STATE,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - truncated / unreadable files
+        if not is_read_error(e):
+            raise
+        raise Corrupt(f"unreadable files: {type(e).__name__}") from None
+    check_fingerprint(path, {"params": restored["params"]}, whole=False)
+    return restored["params"]

@@ -1,0 +1,45 @@
+"""What a run reports: train and eval records to `metrics.jsonl`, TensorBoard and the progress
+bar, and the run's history (every record so far, as returned by `infra.train.run`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.metrics import MetricWriter, truncate_history
+from infra.tasks import Task
+
+
+class Reporter:
+    """One record per logged step. Only `enabled` (process 0) writes; others keep no history.
+
+    On a resumed run the records logged after `start_step` (by a run killed after its last
+    checkpoint) are dropped first: those steps are trained and logged again.
+    """
+
+    def __init__(self, workdir: str | Path, task: Task, *, total_steps: int, start_step: int,
+                 enabled: bool, progress_bar: bool):
+        self.task = task
+        self.history = truncate_history(workdir, start_step) if enabled else []
+        self.writer = MetricWriter(workdir, total_steps=total_steps, start_step=start_step,
+                                   enabled=enabled, progress_bar=progress_bar)
+
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        unit = self.task.unit
+        self.history.append(self.writer.write(step, {f"train/{k}": v for k, v in metrics.items()}))
+        self.writer.progress(step, {"loss": f"{metrics['loss']:.3f}",
+                                    f"{unit}/s": f"{metrics[f'{unit}_per_sec']:,.0f}"})
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append(self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()}))
+        self.writer.progress(step, {f"eval {k}": f"{metrics[k]:.4g}"
+                                    for k in self.task.headline_metrics if k in metrics})
+        self.writer.flush()  # evaluations are rare and worth seeing in TensorBoard at once
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""How fast is the loop: compile time, FLOPs, step time, throughput, MFU and input wait."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+from infra import utilization
+
+
+class ThroughputMeter:
+    """Times the loop between `lap`s and reports per-step figures.
+
+    `compiled` compiles the step ahead of time on its first call and restarts the clock, so the
+    first interval's step time excludes compilation (and the first batch's wait);
+    `next_batch` measures the time spent waiting for input.
+    """
+
+    def __init__(self, *, units_per_step: int, unit: str, start_step: int = 0,
+                 peak: Callable[[], tuple[float | None, str]] = utilization.peak_flops_per_device,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.units_per_step, self.unit = units_per_step, unit
+        self._peak_fn, self._clock = peak, clock
+        self._compiled = None
+        self.compile_s: float | None = None
+        self.flops: float | None = None  # per device per step (XLA's count)
+        self.peak: float | None = None  # FLOP/s of one device
+        self._waited = 0.0
+        self._t_last = self._clock()
+        self._step_last = start_step
+        self._first_lap = True
+
+    def next_batch(self, iterator: Iterator, to_global: Callable[[Any], Any]) -> Any:
+        """The next global batch, timing how long the loop waited for it."""
+        t0 = self._clock()
+        batch = to_global(next(iterator))
+        self._waited += self._clock() - t0
+        return batch
+
+    def compiled(self, jitted, *args) -> Any:
+        """`jitted` compiled for `args` (once; later calls return the same executable)."""
+        if self._compiled is None:
+            t0 = self._clock()
+            self._compiled = jitted.lower(*args).compile()
+            self.compile_s = self._clock() - t0
+            self.flops = utilization.compiled_flops(self._compiled)
+            self.peak, _ = self._peak_fn()
+            self._t_last, self._waited = self._clock(), 0.0
+        return self._compiled
+
+    def lap(self, step: int) -> dict[str, float]:
+        """Figures per step since the last lap (or the start), then start a new interval."""
+        interval = self._clock() - self._t_last
+        seconds = interval / max(step - self._step_last, 1)
+        out = {
+            "step_time_s": seconds,
+            f"{self.unit}_per_sec": self.units_per_step / seconds,
+            "input_wait_frac": self._waited / interval if interval > 0 else 0.0,
+        }
+        if self.flops:
+            out["flops_per_step"] = self.flops * jax.device_count()
+            out["flops_per_sec_per_device"] = self.flops / seconds
+            if self.peak:
+                out["mfu"] = self.flops / seconds / self.peak
+        if (memory := utilization.peak_memory_bytes()) is not None:
+            out["peak_memory_gib"] = memory / 2**30
+        if self._first_lap and self.compile_s is not None:
+            out["compile_time_s"], self._first_lap = self.compile_s, False
+        self._t_last, self._step_last, self._waited = self._clock(), step, 0.0
+        return out
