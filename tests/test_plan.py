@@ -10,14 +10,15 @@ import pytest
 
 from infra import config, hardware, plan
 from infra.errors import ConfigError
+from infra.plan.estimate import Topology
 from tests.helpers import ROOT
 
 SMOKE = "experiments/lm.py:smoke"
 
 
-def _run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "INFRA_CPU_DEVICES")}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -27,15 +28,15 @@ def test_8b_on_256_emulated_devices():
 import json, sys
 from infra import mesh
 mesh.emulate_cpu_devices(256)
-from infra import config, plan
-rc = plan.main(["--config", "experiments/lm.py:8b", "--devices", "256", "--mesh", "fsdp=256",
-                "--chip", "tpu-v5p", "--price", "4.2"])
+from infra import cli, config, plan
+rc = cli.main(["plan", "--config", "experiments/lm.py:8b", "--devices", "256", "--mesh", "fsdp=256",
+               "--chip", "tpu-v5p", "--price", "4.2"])
 p = plan.plan(config.load("experiments/lm.py:8b"), devices=256, mesh="fsdp=256", chip="v5p",
               price_per_chip_hour=4.2)
 print("JSON" + json.dumps(p.to_dict(), default=str))
 sys.exit(rc)
 """
-    proc = _run_python(code)
+    proc = _run_python("-c", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table, _, payload = proc.stdout.partition("JSON")
     d = json.loads(payload)
@@ -98,12 +99,12 @@ def test_gpu_collectives_beyond_a_node_cross_the_network():
     chip = hardware.get_chip("h100")
     ici = {"data": 1, "fsdp": 256, "sequence": 1, "tensor": 1}
     dcn = dict.fromkeys(ici, 1)
-    topo = plan._Topology(list(ici), ici, dcn, chip)
+    topo = Topology(list(ici), ici, dcn, chip)
     on_ici, on_dcn = topo.split(("fsdp",), 1.0)
     assert on_ici == pytest.approx(7 / 8)  # within the 8-GPU NVLink node
     assert on_dcn == pytest.approx(31 / 32 / 8)  # 1/8 of the inter-node share per GPU
     assert topo.split(("fsdp",), 1.0, reduce=True) == (2 * on_ici, 2 * on_dcn)
-    flat = plan._Topology(list(ici), ici, dcn, None).split(("fsdp",), 1.0)
+    flat = Topology(list(ici), ici, dcn, None).split(("fsdp",), 1.0)
     assert flat == (pytest.approx(255 / 256), 0)
 
 
@@ -138,12 +139,19 @@ def test_hardware_table():
     assert hardware.detect_chip() is None  # the tests run on CPU devices
 
 
-def test_unknown_chip_is_a_one_line_config_error(capsys):
+def test_unknown_chip_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="unknown chip 'tpu-v9'; known chips: tpu-v4, .*h200"):
         hardware.get_chip("tpu-v9")
-    rc = plan.main(["--config", SMOKE, "--devices", "8", "--chip", "tpu-v9"])
-    err = capsys.readouterr().err
+    proc = _run_python("-m", "infra", "plan", "--config", SMOKE, "--devices", "8",
+                       "--chip", "tpu-v9")
+    rc, err = proc.returncode, proc.stderr
     assert rc == 2 and err.startswith("error: unknown chip") and err.count("\n") == 1
+
+
+def test_importing_the_planner_starts_no_jax():
+    """`infra.cli` adds the `plan` arguments before it emulates the CPU devices."""
+    proc = _run_python("-c", "import sys, infra.plan; print('jax' in sys.modules)")
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-3000:]
 
 
 def test_mesh_must_match_devices():
