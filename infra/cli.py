@@ -6,6 +6,7 @@
   plan   --config experiments/lm.py:8b --devices 256 --mesh fsdp=256  memory/FLOPs/cost estimate
   plot   runs/a [runs/b ...] [--out loss.png]  loss vs step and vs tokens seen, one PNG
   generate --workdir runs/x --prompt "def " [--temperature 0.8 --top_k 40]  sample from a run
+  eval   --workdir runs/x [--step N]  eval metrics of a checkpoint (read-only), one JSON line
 
 JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
 Bad input (`UserError`) prints one line on stderr and exits with its code (see infra/errors.py).
@@ -63,13 +64,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "of a config on N chips (nothing is allocated)")
     plan.add_arguments(pl)
 
-    from infra import generate, plot  # import no JAX at module level either
+    from infra import evaluate, generate, plot  # import no JAX at module level either
 
     po = sub.add_parser("plot", help="loss vs step and vs tokens seen of one or more runs, as a PNG")
     plot.add_arguments(po)
 
     g = sub.add_parser("generate", help="sample text from the latest checkpoint of an LM run")
     generate.add_arguments(g)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out data (one JSON line)")
+    evaluate.add_arguments(e)
     return p
 
 
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             from infra import generate
 
             return generate.run_cli(args)
+        if args.command == "eval":
+            from infra import evaluate
+
+            return evaluate.run_cli(args)
         return cmd_smoke(args)
     except UserError as e:
         print(f"error: {e.cli_message()}", file=sys.stderr, flush=True)

@@ -483,3 +483,20 @@ def load_saved(workdir: str | os.PathLike, raw: dict | None = None) -> ConfigDic
     validate(config)
     config.lock()
     return config
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_experiment_files() -> list[Path]:
+    return sorted(p for p in EXPERIMENTS_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def describe_experiments() -> list[tuple[str, str, dict[str, str]]]:
+    """(file name, one-line description, {variant: description}) for every experiment."""
+    out = []
+    for path in list_experiment_files():
+        module = import_experiment(path)
+        doc = (module.__doc__ or "").strip().splitlines()
+        out.append((f"experiments/{path.name}", doc[0] if doc else "", dict(getattr(module, "VARIANTS", {}))))
+    return out

@@ -35,6 +35,16 @@ def test_train_smoke_through_cli(tmp_path):
     # stderr is not a terminal) and the final summary line.
     assert "step 30/30  eval loss " in p.stderr, p.stderr
     assert f"eval loss {evals[0]['eval/loss']:.4f} (step 0) -> {evals[-1]['eval/loss']:.4f} (step 30)" in p.stdout
+    # An evaluation-only run of a checkpoint reuses the loop's Evaluator on the same batches.
+    before = sorted(f.name for f in tmp_path.rglob("*"))
+    p = cli("eval", "--workdir", str(tmp_path), "--step", "20")
+    assert p.returncode == 0, p.stderr
+    at_20 = json.loads(p.stdout.strip().splitlines()[-1])
+    p = cli("eval", "--workdir", str(tmp_path))
+    latest = json.loads(p.stdout.strip().splitlines()[-1])
+    assert latest == {"step": 30, **{k: v for k, v in evals[-1].items() if k.startswith("eval/")}}
+    assert at_20["step"] == 20 and at_20["eval/loss"] > latest["eval/loss"]
+    assert sorted(f.name for f in tmp_path.rglob("*")) == before  # read-only
 
 
 @pytest.mark.slow

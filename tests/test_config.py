@@ -71,3 +71,77 @@ def test_every_experiment_variant_loads():
         assert "smoke" in variants, f"{name} needs a smoke variant"
         for variant in variants:
             config.load(f"{name}:{variant}")
+
+
+def test_every_model_hyper_parameter_is_a_known_overridable_key():
+    import dataclasses
+
+    from infra.models import get_model_class
+
+    c = config.load("experiments/lm.py:smoke", {"model.causal_blocks": 1})
+    assert c.model.causal_blocks == 1
+    for spec in ("experiments/lm.py:smoke", "experiments/vit.py:smoke", "experiments/vit.py:convnet",
+                 "experiments/dlrm.py:smoke", "experiments/forecast.py:smoke"):
+        c = config.load(spec)
+        fields = {f.name for f in dataclasses.fields(get_model_class(c.model.name).Config)}
+        assert set(c.model.keys()) == fields | {"name"}, spec
+    with pytest.raises(ConfigError, match="did you mean 'model.causal_blocks'"):
+        config.load("experiments/lm.py:smoke", {"model.causal_block": 1})
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"remat": None}, "model.remat is None; expected one of none, full, save_dots"),
+    ({"scan_layers": "yes"}, "model.scan_layers must be bool, got 'yes'"),
+    ({"d_model": 2.5}, "model.d_model must be int"),
+    ({"num_heads": 4, "num_kv_heads": 3}, "must be a multiple of model.num_kv_heads"),
+    ({"dtype": "float64"}, "model.dtype is 'float64'; expected one of float32, bfloat16, float16"),
+    ({"warp": 9}, "unknown hyper-parameter model.warp for model 'transformer'"),
+])
+def test_model_values_are_checked_by_their_declared_types(model, message):
+    from infra.models import hyper_params
+
+    section = {**config.load("experiments/lm.py:smoke").model.to_dict(), **model}
+    with pytest.raises(ConfigError) as e:
+        hyper_params(section)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tasks_own_their_data_defaults_and_their_axis_rules():
+    from infra.tasks import get_task_class, logical_rules
+
+    image = get_task_class("image")
+    assert config.base_config("image").data.to_dict() == image.data_defaults
+    assert "patch" not in dict(config.DEFAULT_RULES)
+    c = config.load("experiments/vit.py:smoke")
+    rules = logical_rules(c)
+    assert rules[:len(c.sharding.rules)] == tuple(c.sharding.rules)  # the config's rules win
+    assert dict(rules)["conv_out"] == "tensor" and dict(rules)["patch"] is None
+    assert dict(logical_rules(config.load("experiments/dlrm.py:smoke")))["table_rows"] == (
+        "data", "fsdp", "tensor")
+
+
+def test_library_errors_name_config_keys_and_the_cli_spells_flags():
+    with pytest.raises(ConfigError) as e:
+        config.load("experiments/lm.py:smoke", {"train.steps": 0})
+    assert str(e.value) == "train.steps must be > 0, got 0; set train.steps=<positive>"
+    assert e.value.cli_message() == "train.steps must be > 0, got 0; set --config.train.steps=<positive>"
+    with pytest.raises(ConfigError) as e:
+        config.load("experiments/lm.py:smoke", {"model.num_layers": 0})
+    assert "--config" not in str(e.value) and "--config.model.num_layers" in e.value.cli_message()
+
+
+def test_a_saved_config_gains_new_keys_and_a_broken_one_is_refused(tmp_path):
+    from infra.errors import UserError
+
+    saved = config.load("experiments/lm.py:smoke").to_dict()
+    del saved["model"]["causal_blocks"], saved["checkpoint"]["keep"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    c = config.load_saved(tmp_path)
+    assert c.model.causal_blocks == 4 and c.checkpoint.keep == 3
+    for broken, message in [({"task": "lm"}, "no model section"),
+                            ({"task": "nope", "model": {}}, "names no known task"),
+                            ({**saved, "train": 3}, "'train' is int, not a section"),
+                            ([1, 2], "is not a config")]:
+        (tmp_path / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(UserError, match=message):
+            config.load_saved(tmp_path)

@@ -464,3 +464,27 @@ def test_activation_constraints_under_sequence_and_tensor_parallelism(scan):
     np.testing.assert_allclose(np.asarray(out2[:, :t]), np.asarray(out[:, :t]),
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(out2[:, t:]), np.asarray(out[:, t:]))
+
+
+# 6. the typed config's FLOPs formula ----------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, {"model.tie_embeddings": False},
+                                       {"model.num_layers": 3, "data.seq_len": 128,
+                                        "model.max_seq_len": 128}])
+def test_flops_per_token_matches_xla_cost_analysis(overrides):
+    """`TransformerConfig.flops_per_token` (what `plan` uses) against XLA's count of the
+    compiled train step: XLA also counts the elementwise work (norms, softmax, the optimizer),
+    so the matmul formula is a little below it."""
+    from infra import config, train, utilization
+    from infra import mesh as mesh_lib
+    from infra.models import hyper_params
+
+    cfg = config.load("experiments/lm.py:smoke", {
+        "model.causal_blocks": 1, "mesh.data": 1, "sharding.print_table": False, **overrides})
+    trainer = train.build(cfg, mesh=mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    state = trainer.state.init(jax.random.key(0))
+    batch = trainer.to_global(next(trainer.task.train_iterator(0, 1)))
+    xla = utilization.compiled_flops(trainer.train_step.lower(state, batch).compile())
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    analytic = hyper_params(cfg.model).flops_per_token(cfg.data.seq_len) * tokens
+    assert 0.9 < analytic / xla <= 1.0, (analytic, xla)

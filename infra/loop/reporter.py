@@ -10,7 +10,8 @@ from infra.tasks import Task
 
 
 class Reporter:
-    """One record per logged step. Only `enabled` (process 0) writes; others keep no history.
+    """One record per logged step. Only `enabled` (process 0) writes files and starts from the
+    records already in `metrics.jsonl`; the others keep just this run's records.
 
     On a resumed run the records logged after `start_step` (by a run killed after its last
     checkpoint) are dropped first: those steps are trained and logged again.

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from infra.hardware import Chip
 
@@ -102,45 +103,42 @@ class StepTime:
 
 @dataclasses.dataclass
 class AnalyticTransformer:
-    """The dimensions of a decoder-only `transformer` and the formulas above over them."""
+    """A decoder-only `transformer` at sequence length T: its FLOPs (the model's own formula,
+    `TransformerConfig.flops_per_token`) and the activation-memory formulas above."""
 
-    d: int
-    L: int
-    H: int
-    K: int
-    h: int
-    F: int
-    V: int
+    config: Any  # infra.models.transformer.TransformerConfig
     T: int
 
     @classmethod
     def from_config(cls, cfg) -> AnalyticTransformer | None:
         """The model of `cfg`, or None when it is not a `transformer` (no analytic model)."""
-        m = cfg.model
-        if m.get("name") != "transformer":
+        if cfg.model.get("name") != "transformer":
             return None
-        return cls(d=m.d_model, L=m.num_layers, H=m.num_heads, K=m.num_kv_heads, h=m.head_dim,
-                   F=m.mlp_dim, V=m.vocab_size, T=cfg.data.seq_len)
+        from infra.models import hyper_params
 
-    @property
-    def layer_params(self) -> int:
-        return 2 * self.d * self.H * self.h + 2 * self.d * self.K * self.h + 3 * self.d * self.F
+        return cls(config=hyper_params(cfg.model), T=cfg.data.seq_len)
+
+    d = property(lambda self: self.config.d_model)
+    L = property(lambda self: self.config.num_layers)
+    H = property(lambda self: self.config.num_heads)
+    K = property(lambda self: self.config.num_kv_heads)
+    h = property(lambda self: self.config.head_dim)
+    F = property(lambda self: self.config.mlp_dim)
+    V = property(lambda self: self.config.vocab_size)
 
     @property
     def matmul_params(self) -> int:
-        return self.L * self.layer_params + self.V * self.d
+        return self.config.matmul_params
 
     def flops_per_token(self) -> int:
-        """Model FLOPs (forward + backward, no remat) per token at sequence length T: the one
-        FLOPs formula. (The typed transformer config's `flops_per_token(seq_len)` can take its
-        place.)"""
-        return 6 * self.matmul_params + 12 * self.L * self.T * self.H * self.h
+        """Model FLOPs (forward + backward, no remat) per token at sequence length T."""
+        return int(self.config.flops_per_token(self.T))
 
     def remat_flops_per_token(self, remat: str) -> int:
         """The forward recomputed in the backward pass, per token."""
-        attn_fwd = 4 * self.L * self.T * self.H * self.h
-        return {"full": 2 * self.L * self.layer_params + attn_fwd,
-                "save_dots": attn_fwd}.get(remat, 0)
+        attn_fwd = self.config.attention_flops_per_token(self.T)
+        return int({"full": 2 * self.L * self.config.layer_matmul_params + attn_fwd,
+                    "save_dots": attn_fwd}.get(remat, 0))
 
     def step_flops(self, batch: int, remat: str) -> tuple[float, float]:
         """(hardware FLOPs incl. remat recompute, model FLOPs) for one step of `batch` sequences."""
@@ -226,7 +224,7 @@ def estimate(cfg, mesh, rules, param_leaves, *, ici: dict[str, int], dcn: dict[s
     gather_axes = {a for leaf in param_leaves for a in _spec_axes(leaf.sharding.spec)} - mp_axes
     if any(mesh.shape[a] > 1 for a in gather_axes):
         t_w = max(1, _factor(rules, mesh, "mlp", model.F))
-        gather_buffer = 2 * model.layer_params / t_w * c
+        gather_buffer = 2 * model.config.layer_matmul_params / t_w * c
     collectives += _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat,
                                            microbatches)
     return Estimate(model=model, collectives=collectives,

@@ -107,6 +107,7 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     import jax.numpy as jnp
 
     from infra import sharding, train
+    from infra.tasks import logical_rules
 
     chip = chip if isinstance(chip, Chip) or chip is None else get_chip(chip)
     if price_per_chip_hour is not None and not price_per_chip_hour > 0:
@@ -116,7 +117,7 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     cfg = _resolve_config(config, parse_mesh(mesh))
     jmesh, ici, dcn = _build_mesh(cfg, devices)
     trainer = train.build(cfg, mesh=jmesh)
-    rules = sharding.normalize_rules(cfg.sharding.rules, jmesh)
+    rules = sharding.normalize_rules(logical_rules(cfg), jmesh)
     task, state = trainer.task, trainer.state.abstract
     notes: list[str] = []
 
@@ -186,8 +187,8 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     )
     if chip is not None:
         if not p.fits() and est.activation_bytes and est.activation_bytes > p.total_bytes / 2:
-            notes.append("activations dominate the memory: try --config.model.remat=full (or "
-                         "save_dots), more --config.train.microbatches, or more devices")
+            notes.append("activations dominate the memory: try model.remat=full (or "
+                         "save_dots), more train.microbatches, or more devices")
         slice_devices = devices // math.prod(dcn.values())
         if chip.name.startswith("tpu") and slice_devices > chip.ici_domain:
             notes.append(f"{slice_devices} chips per slice exceed the largest {chip.name} slice "
