@@ -90,6 +90,9 @@ def _setup_devices(cpu_devices: int | None) -> None:
 
 def cmd_train(args, overrides: list[str]) -> int:
     from infra import config, train
+    from infra.loop import preemption
+
+    preemption.stop_during_start_up()
 
     from infra.tasks import get_task_class
 
@@ -198,11 +201,20 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(e.exit_code)
         return e.exit_code
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        return e.exit_code
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        _exit_now(e.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted", file=sys.stderr, flush=True)
+        _exit_now(130)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: a signal can stop the main thread while JAX's
+    or grain's threads are mid-work, and tearing the interpreter down under them crashes
+    (a segfault instead of the exit code). Everything of ours is closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

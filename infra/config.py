@@ -104,6 +104,9 @@ def base_config(task: str = "lm") -> ConfigDict:
             eval_at_start=True,
             nonfinite="stop",  # NaN/Inf loss or gradients: "stop" (exit 4) or "skip" the update
             progress_bar=True,
+            # after SIGTERM the run checkpoints and stops; if it has not within this many
+            # seconds (stuck in a hung write, say) it exits anyway (code 143)
+            sigterm_grace_s=120.0,
         )
     )
 
@@ -196,10 +199,36 @@ def import_experiment(path: Path):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the experiment's own code: report where it failed
+        del sys.modules[module_name]
+        raise ConfigError(f"experiment {path} failed to load: {_where(e, path)}; fix the "
+                          f"experiment file") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment {path} has no get_config(arg) function; add one")
     return module
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """`SyntaxError at line 3: invalid syntax` for an exception raised by the file at `path`."""
+    line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else None
+    if line is None:
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+        line = frames[-1].lineno if frames else None
+    message = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()
+    at = f" at line {line}" if line else ""
+    return f"{type(e).__name__}{at}: {message[0][:200] if message else ''}"
+
+
+def _call_get_config(module, variant: str | None, path: Path) -> ConfigDict:
+    try:
+        return module.get_config(variant)
+    except Exception as e:  # noqa: BLE001 - the experiment's own code
+        raise ConfigError(f"{path.name}:get_config({variant!r}) failed: {_where(e, path)}; fix "
+                          f"the experiment file") from None
 
 
 def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) -> ConfigDict:
@@ -218,7 +247,7 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
             f"unknown variant '{variant}' of {path.name}; known variants: {', '.join(variants)} "
             f"(e.g. --config {name}:{next(iter(variants), 'smoke')})"
         )
-    config = module.get_config(variant or None)
+    config = _call_get_config(module, variant or None, path)
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{path.name}:get_config must return an ml_collections.ConfigDict")
     with config.unlocked():
@@ -394,6 +423,7 @@ def validate(config: ConfigDict) -> None:
     positive("train.microbatches", config.train.microbatches)
     positive("train.eval_every", config.train.eval_every)
     positive("optim.lr", config.optim.lr)
+    positive("train.sigterm_grace_s", config.train.sigterm_grace_s)
     positive("checkpoint.every", config.checkpoint.every)
     positive("checkpoint.keep", config.checkpoint.keep)
     if config.train.nonfinite not in ("stop", "skip"):
@@ -418,12 +448,19 @@ def validate(config: ConfigDict) -> None:
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{axis} must be a positive int or -1 (fill), got {size}")
+    for section in ("optim", "model"):  # computed with in float32: must fit it
+        for key, value in config[section].items():
+            if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+                raise ConfigError(f"{section}.{key}={value} is beyond float32's range "
+                                  f"(±{FLOAT32_MAX:.3g}), which the computation uses",
+                                  key=f"{section}.{key}", value="<smaller value>")
     from infra.models import hyper_params
 
     hyper_params(config.model)  # types and ranges of every model.* key, before anything is built
 
 
 CONFIG_FILE = "config.json"
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def save(config: ConfigDict, workdir: str | os.PathLike) -> Path:

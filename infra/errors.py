@@ -5,7 +5,7 @@
 | 0 | finished |
 | 2 | bad input (`UserError`): config, data, workdir, incompatible checkpoint |
 | 3 | the workdir cannot be written or a checkpoint read back (`CheckpointError`): disk full, corruption |
-| 4 | non-finite loss or gradients (`NumericalError`); the last checkpoint is finite |
+| 4 | non-finite loss, gradients or update (`NumericalError`); the last checkpoint is finite |
 | 5 | another process of a multi-process run failed or stopped answering (`PeerError`) |
 | 75 | preempted (SIGTERM): a checkpoint was written; run the same command to resume |
 | 130 | interrupted (Ctrl-C) |
@@ -17,6 +17,8 @@ notebook user changes; only the CLI spells it as the flag `--config.train.steps=
 """
 
 from __future__ import annotations
+
+import errno
 
 EXIT_PREEMPTED = 75
 
@@ -87,3 +89,34 @@ def check_positive_ints(section: str, **values) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}",
                               key=f"{section}.{key}", value="<positive integer>")
+
+
+# What to do about a failed write into the workdir, by OS error number; tensorstore reports the
+# same failures as text, matched by `_WRITE_MESSAGES`.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space or use another --workdir",
+    errno.EDQUOT: "free space in your disk quota or use another --workdir",
+    errno.EMFILE: "raise the open-file limit (ulimit -n) or close other programs",
+    errno.ENFILE: "raise the system's open-file limit or close other programs",
+    errno.EACCES: "make the workdir writable or use another --workdir",
+    errno.EPERM: "make the workdir writable or use another --workdir",
+    errno.EROFS: "use a --workdir on a writable filesystem",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or use another --workdir",
+}
+_WRITE_MESSAGES = {"No space left": errno.ENOSPC, "quota exceeded": errno.EDQUOT,
+                   "Too many open files": errno.EMFILE, "Permission denied": errno.EACCES,
+                   "Read-only file system": errno.EROFS, "File too large": errno.EFBIG}
+
+
+def write_fix(e: BaseException | None) -> str:
+    """How to fix a failed write, from the OS error in `e`'s chain (or its message)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in _WRITE_FIXES:
+            return _WRITE_FIXES[e.errno]
+        for text, number in _WRITE_MESSAGES.items():
+            if text.lower() in str(e).lower():
+                return _WRITE_FIXES[number]
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return "check the workdir's filesystem or use another --workdir"

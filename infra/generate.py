@@ -52,6 +52,26 @@ def _mesh(config):
     return mesh_lib.make_mesh(ConfigDict(sizes))
 
 
+INT32_MAX, SEED_MAX = 2**31 - 1, 2**63 - 1
+
+
+def _check_arguments(prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                     seed: int) -> None:
+    """One clear UserError for an argument the sampler cannot take."""
+    import math
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("--prompt is not valid UTF-8 text; pass the prompt as UTF-8") from None
+    for name, value, high in (("max_new_tokens", max_new_tokens, INT32_MAX),
+                              ("top_k", top_k, INT32_MAX), ("seed", seed, SEED_MAX)):
+        if not 0 <= value <= high:
+            raise UserError(f"--{name} must be in [0, {high}], got {value}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+
+
 def make_sampler(model_def, max_seq_len: int):
     """A jitted `(params, buffer, start, max_new, temperature, top_k, key) -> (buffer, end)`.
 
@@ -109,12 +129,8 @@ def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
     from infra.state import shard_state
     from infra.tasks import get_task, logical_rules
 
-    if max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (0 = no filtering), got {top_k}")
+    _check_arguments(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, seed=seed)
     workdir = Path(workdir)
     config = load_config(workdir)
     if not committed_steps(workdir):  # before building anything: the common mistake

@@ -86,7 +86,15 @@ def initialize_distributed(cfg) -> bool:
         kwargs["num_processes"] = cfg.num_processes
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot start the multi-process runtime (distributed.initialize={mode}): {first}; "
+            f"set distributed.coordinator_address, num_processes and process_id, run where JAX "
+            f"detects the cluster (TPU VM, Slurm, Open MPI), or set distributed.initialize=auto"
+        ) from None
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 

@@ -1,35 +1,66 @@
 """Where metrics go: `<workdir>/metrics.jsonl`, TensorBoard event files and a progress bar.
 
 Metric names are `train/<name>` and `eval/<name>`; each JSONL line is one logged step:
-`{"step": 200, "train/loss": 2.31, ...}`. Only process 0 writes.
+`{"step": 200, "train/loss": 2.31, ...}`. Only process 0 writes. Every write happens in the
+calling thread: a failure (full disk, quota, too many open files) is raised where the loop can
+stop with one line, never left to a background thread that dies and blocks the loop.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from infra.errors import CheckpointError
+from infra.errors import CheckpointError, write_fix
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
+
+
+def _record(line: str) -> dict | None:
+    """One JSONL line as a metrics record, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(
+            record.get("step"), bool):
+        return None
+    return record
 
 
 def read_history(workdir: str | Path) -> list[dict]:
-    """Every record in `<workdir>/metrics.jsonl` (empty when there is none)."""
+    """Every record in `<workdir>/metrics.jsonl` (empty when there is none). A line that is not
+    a record with an integer `step` (the last one torn by a crash mid-write, or an edited file)
+    is skipped with a warning."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None:
+            log.warning("warning: skipping line %d of %s: not a metrics record (%s)", number, path,
+                        line[:60] + ("..." if len(line) > 60 else ""))
+            continue
+        records.append(record)
+    return records
 
 
-def truncate_history(workdir: str | Path, last_step: int) -> list[dict]:
-    """Drop records logged after `last_step` (a run killed after its last checkpoint logged them;
-    the resumed run logs those steps again). Returns the records kept."""
-    records = [r for r in read_history(workdir) if r["step"] <= last_step]
+def truncate_history(workdir: str | Path, last_step: int | None) -> list[dict]:
+    """Keep the records up to `last_step` (a run killed after its last checkpoint logged later
+    ones; the resumed run logs those steps again), or none when `last_step` is None (a run that
+    starts over). Returns the records kept; the file is rewritten clean."""
+    records = [r for r in read_history(workdir)
+               if last_step is not None and r["step"] <= last_step]
     path = Path(workdir) / METRICS_FILE
     if path.exists():
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -41,8 +72,42 @@ def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def write_failure(path: str | Path, e: OSError) -> CheckpointError:
+    """The one-line error for a failed write into the workdir, with the fix that fits it."""
+    return CheckpointError(f"cannot write {path}: {e.strerror or e}; {write_fix(e)} (earlier "
+                           f"checkpoints are intact)")
+
+
+class _EventFile:
+    """A TensorBoard event file written synchronously (tensorboardX's own writer queues events
+    for a thread that, on a full disk, dies and leaves the queue to block the loop forever)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(logdir / "events"))
+        self.path = self._writer._file_name
+
+    def add_scalars(self, step: int, metrics: dict[str, float]) -> None:
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        for name, value in metrics.items():
+            self._writer.write_event(
+                event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricWriter:
     """Appends metrics to JSONL and TensorBoard, and drives the progress bar."""
+
+    FLUSH_SECS = 10.0  # TensorBoard sees new scalars at least this often
 
     def __init__(
         self,
@@ -59,12 +124,15 @@ class MetricWriter:
         self.tb = None
         self.bar = None
         self.postfix: dict[str, str] = {}
+        self._flushed = time.monotonic()
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
-        self.jsonl = open(Path(workdir) / METRICS_FILE, "a")
-        self.tb = SummaryWriter(logdir=str(Path(workdir) / "tensorboard"), flush_secs=10)
+        path = Path(workdir) / METRICS_FILE
+        try:
+            self.jsonl = open(path, "a")
+            self.tb = _EventFile(Path(workdir) / "tensorboard")
+        except OSError as e:
+            raise write_failure(path, e) from None
         if progress_bar:
             self.bar = tqdm(
                 total=total_steps, initial=start_step, unit="step", file=sys.stderr,
@@ -79,12 +147,13 @@ class MetricWriter:
                 self.jsonl.write(json.dumps(record) + "\n")
                 self.jsonl.flush()
             except OSError as e:
-                raise CheckpointError(
-                    f"cannot write metrics to {self.jsonl.name}: {e.strerror}; free disk space or "
-                    f"use another --workdir (earlier checkpoints are intact)"
-                ) from None
-            for name, value in metrics.items():
-                self.tb.add_scalar(name, float(value), global_step=step)
+                raise write_failure(self.jsonl.name, e) from None
+            try:
+                self.tb.add_scalars(step, {k: float(v) for k, v in metrics.items()})
+            except OSError as e:
+                raise write_failure(self.tb.path, e) from None
+            if time.monotonic() - self._flushed > self.FLUSH_SECS:
+                self.flush()
         return record
 
     def progress(self, step: int, summary: dict[str, str]) -> None:
@@ -100,8 +169,13 @@ class MetricWriter:
         self.bar.set_postfix(self.postfix, refresh=True)
 
     def flush(self) -> None:
+        """Make TensorBoard's file complete on disk now."""
         if self.tb is not None:
-            self.tb.flush()
+            try:
+                self.tb.flush()
+            except OSError as e:
+                raise write_failure(self.tb.path, e) from None
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         """Close everything; a full disk here must not mask the error that ended the run."""

@@ -22,21 +22,30 @@ DEFAULT_NAME = "loss.png"
 def _load_config(workdir: Path) -> dict:
     path = workdir / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{workdir} has {METRICS_FILE} but no config.json; pass a workdir "
                         f"written by `python -m infra train`") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}); pass a workdir written by "
                         f"`python -m infra train`") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a config written by `python -m infra train`")
+    return config
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def units_per_step(config: dict) -> tuple[int, str]:
-    """(how many units one step consumes, unit name): tokens for the LM task, else examples."""
-    batch = int(config.get("train", {}).get("batch_size", 1))
-    seq_len = config.get("data", {}).get("seq_len")
+    """(how many units one step consumes, unit name): tokens for the LM task, else examples.
+    Values that are missing or not positive integers count as 1 (steps are still plotted)."""
+    section = lambda name: config.get(name) if isinstance(config.get(name), dict) else {}  # noqa: E731
+    batch = _positive_int(section("train").get("batch_size")) or 1
+    seq_len = _positive_int(section("data").get("seq_len"))
     if config.get("task", "lm") == "lm" and seq_len:
-        return batch * int(seq_len), "tokens"
+        return batch * seq_len, "tokens"
     return batch, "examples"
 
 
@@ -45,7 +54,7 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     by_step = {}
     for record in history:
         value = record.get(key)
-        if value is not None and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             by_step[int(record["step"])] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]

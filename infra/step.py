@@ -67,9 +67,12 @@ def make_steps(
             grads, metrics = mean_grads(state["params"], batch, rng)
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         grad_norm = optax.tree.norm(grads)
-        # A NaN/Inf loss or gradient must not reach the parameters: such an update is skipped
-        # (the loop then stops or goes on, by `train.nonfinite`), so the state stays finite.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        update_norm = optax.tree.norm(updates)
+        # A NaN/Inf loss, gradient or update must not reach the parameters or the optimizer
+        # state: such a step is skipped (the loop then stops or goes on, by `train.nonfinite`),
+        # so every checkpoint stays finite. A finite update of finite parameters with a finite
+        # norm cannot overflow them.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = {
             "params": jax.tree.map(keep, optax.apply_updates(state["params"], updates), state["params"]),
@@ -79,6 +82,7 @@ def make_steps(
         }
         metrics |= {
             "grad_norm": grad_norm,
+            "update_norm": update_norm,
             "lr": schedule(state["step"]),
             "skipped": 1.0 - finite.astype(jnp.float32),
         }

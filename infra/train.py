@@ -8,8 +8,11 @@ loop itself is a short list of calls; each concern is a part in `infra/loop/`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,8 +21,10 @@ import jax
 from infra import config as config_lib
 from infra import mesh as mesh_lib
 from infra import process, sharding
+from infra import workdir as workdir_lib
 from infra.checkpoint import Checkpointer
 from infra.errors import Preempted, UserError
+from infra.events import EventLog
 from infra.loop import preemption
 from infra.loop.evaluator import Evaluator
 from infra.loop.nonfinite import NonFiniteGuard
@@ -98,18 +103,6 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _prepare_workdir(workdir: str | Path) -> Path:
-    workdir = Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}); choose another --workdir") from None
-    return workdir
-
-
 def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, float]:
     """The task's eval metrics over `batches` (global arrays)."""
     return Evaluator(trainer.task, trainer.eval_step, batches)(params)
@@ -120,10 +113,51 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
 
     `history` is every metric record of the run so far, as written to `metrics.jsonl`.
     Raises `Preempted` after SIGTERM (a checkpoint is written first) and `NumericalError` on a
-    non-finite loss or gradient with `train.nonfinite="stop"`; see `infra/errors.py`.
+    non-finite loss or gradient with `train.nonfinite="stop"`; see `infra/errors.py`. The run
+    holds the workdir's lock throughout (`infra.workdir`): one run per workdir.
     """
     process.setup()
-    workdir = _prepare_workdir(workdir)
+    mesh_lib.initialize_distributed(config.distributed)
+    claim = _claim(workdir)
+    events = EventLog(claim.path, jax.process_index())
+    events.record("start", pid=os.getpid(), host=socket.gethostname(),
+                  process_count=jax.process_count())
+    reason = "finished"
+    try:
+        return _run(config, claim.path, events)
+    except BaseException as e:
+        reason = type(e).__name__
+        raise
+    finally:
+        with contextlib.suppress(UserError):  # a full disk must not mask the original error
+            events.record("exit", reason=reason)
+        events.close()
+        claim.release()
+
+
+def _claim(workdir: str | Path) -> workdir_lib.Claim:
+    """Process 0 claims the workdir; the other processes of a run learn its verdict before they
+    touch anything."""
+    if jax.process_count() == 1:
+        return workdir_lib.claim(workdir)
+    from jax._src import distributed
+
+    client, key = distributed.global_state.client, "infra/workdir_claim"
+    if jax.process_index() == 0:
+        try:
+            claim = workdir_lib.claim(workdir)
+        except UserError as e:
+            client.key_value_set(key, str(e))
+            raise
+        client.key_value_set(key, "ok")
+        return claim
+    verdict = client.blocking_key_value_get(key, 600_000)
+    if verdict != "ok":
+        raise UserError(verdict)
+    return workdir_lib.claim(workdir, lock=False)
+
+
+def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
     trainer = build(config)
     if is_main_process() and config.sharding.print_table:
         print(mesh_lib.describe(trainer.mesh))
@@ -136,6 +170,7 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     ckpt = Checkpointer(
         workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
         device_copy=cc.device_copy, every_seconds=cc.every_seconds, fallback=cc.fallback,
+        events=events if is_main_process() else None,
     )
     peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
     clean = False
@@ -154,22 +189,24 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
             peers.close(clean)
 
 
-def _resume_or_start(trainer: Trainer, ckpt: Checkpointer) -> tuple[State, Any]:
-    """The newest intact checkpoint with the data position it saved, or a fresh start."""
+def _resume_or_start(trainer: Trainer, ckpt: Checkpointer) -> tuple[State, Any, bool]:
+    """(state, data iterator, resumed): the newest intact checkpoint with the data position it
+    saved, or a fresh start where starting over loses nothing (`workdir.check_fresh_start`)."""
     pid, pcount, task = jax.process_index(), jax.process_count(), trainer.task
     make_iterator = lambda start: task.train_iterator(pid, pcount, start_step=start)  # noqa: E731
     restored = ckpt.restore_latest(trainer.state.abstract, make_iterator)
     if restored is None:
-        return trainer.state.init(jax.random.key(trainer.config.train.seed)), make_iterator(0)
+        workdir_lib.check_fresh_start(ckpt.directory.parent)
+        return trainer.state.init(jax.random.key(trainer.config.train.seed)), make_iterator(0), False
     state, meta, iterator = restored
     log.info("resumed from step %d in %s", meta["step"], ckpt.directory)
-    return state, iterator
+    return state, iterator, True
 
 
 def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
            evaluator: Evaluator) -> tuple[State, list[dict]]:
     tc, task = config.train, trainer.task
-    state, train_iter = _resume_or_start(trainer, ckpt)
+    state, train_iter, resumed = _resume_or_start(trainer, ckpt)
     step, end = int(state["step"]), min(tc.steps, tc.stop_at or tc.steps)
     if is_main_process():  # only now that config, data and checkpoint are known to be good
         config_lib.save(config, workdir)
@@ -179,10 +216,10 @@ def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
     guard = NonFiniteGuard(tc.nonfinite, ckpt.latest_step)
     profiler = ProfilerWindow(config.profile.steps, workdir / "tensorboard")
     pending = PendingMetrics()
-    with Reporter(workdir, task, total_steps=tc.steps, start_step=step,
+    with Reporter(workdir, task, total_steps=tc.steps, start_step=step if resumed else None,
                   enabled=is_main_process(), progress_bar=tc.progress_bar) as report, \
-            preemption.SigtermFlag() as sigterm:
-        if step == 0 and tc.eval_at_start:
+            preemption.SigtermFlag(grace_s=tc.sigterm_grace_s) as sigterm:
+        if step == 0 and tc.eval_at_start and not report.has_eval(0):
             report.log_eval(0, evaluator(state["params"]))
         while step < end:
             batch = meter.next_batch(train_iter, trainer.to_global)

@@ -102,12 +102,12 @@ def test_nonfinite_guard_stops_naming_the_step_or_warns(caplog):
     with pytest.raises(NumericalError) as info:
         NonFiniteGuard("stop", lambda: 4).check(records)
     message = str(info.value)
-    assert message.startswith("non-finite loss or gradients at step 6 (loss=nan, grad_norm=inf)")
+    assert message.startswith("non-finite loss, gradients or update at step 6 (loss=nan, grad_norm=inf)")
     assert "latest: step 4" in message and "train.nonfinite=skip" in message
     assert "--config" not in message and "--config.train.nonfinite=skip" in info.value.cli_message()
     with caplog.at_level("WARNING"):
         NonFiniteGuard("skip", lambda: 4).check(records)
-    assert "non-finite loss or gradients at step 6" in caplog.text and "update skipped" in caplog.text
+    assert "non-finite loss, gradients or update at step 6" in caplog.text and "update skipped" in caplog.text
 
 
 def test_profiler_window_traces_exactly_its_steps(tmp_path):

@@ -236,7 +236,7 @@ def test_nonfinite_loss_stops_or_skips_and_never_checkpoints_nan(tmp_path, mode)
     if mode == "stop":
         assert p.returncode == 4, p.stderr
         line = p.stderr.strip().splitlines()[-1]
-        assert line.startswith("error: non-finite loss or gradients at step ") and "Traceback" not in p.stderr
+        assert line.startswith("error: non-finite loss, gradients or update at step ") and "Traceback" not in p.stderr
         bad_step = int(line.split("at step ")[1].split()[0])
         assert all(s < bad_step for s in committed(workdir))
     else:

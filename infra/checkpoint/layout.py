@@ -36,6 +36,14 @@ def committed_steps(workdir: str | Path) -> list[int]:
                   if p.name.isdigit() and (p / STATE).is_dir() and (p / META).is_dir())
 
 
+def moved_aside(workdir: str | Path) -> list[Path]:
+    """Checkpoints moved aside as corrupt (`corrupt-<step>-<time>`), oldest first."""
+    directory = checkpoints_dir(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.startswith("corrupt-"))
+
+
 def read_meta(path: Path) -> dict:
     """The JSON metadata of the checkpoint in step directory `path` (OSError / ValueError when
     it cannot be read)."""

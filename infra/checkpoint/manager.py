@@ -31,9 +31,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 from infra.checkpoint import layout
 from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, IteratorSave,
                                              IteratorSnapshot, StateRestore, StateSave)
-from infra.checkpoint.verify import (Corrupt, check_fingerprint, fingerprint_async,
-                                     is_read_error, saved_specs, specs)
-from infra.errors import CheckpointError, UserError
+from infra.checkpoint.verify import (META_DIGEST, Corrupt, Unreadable, check_fingerprint,
+                                     check_meta, diagnose, fingerprint_async, meta_digest,
+                                     saved_specs, specs)
+from infra.errors import CheckpointError, UserError, write_fix
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,13 @@ class Checkpointer:
         device_copy: bool = True,
         every_seconds: float = 0,
         fallback: bool = True,
+        events=None,
     ):
         self.directory = layout.checkpoints_dir(Path(workdir).resolve())
         self.fallback = fallback
+        # `infra.events.EventLog` (process 0 only): commits are recorded as they are seen.
+        self._events = events
+        self._noted = set(layout.committed_steps(self.directory.parent)) if events else set()
         # Async saves copy the state on its devices (one more state of device memory until the
         # background transfer has read it) and hand the copy to Orbax from a worker thread;
         # without the copy, `save` waits for Orbax's device-to-host transfer of the live state.
@@ -182,7 +187,8 @@ class Checkpointer:
     def _hand_off(self, step: int, state_args, snapshot: IteratorSnapshot, meta: dict) -> None:
         args = ocp.args.Composite(**{
             layout.STATE: state_args,
-            layout.FINGERPRINT: FingerprintSave(fingerprint_async(state_args.item)),
+            layout.FINGERPRINT: FingerprintSave(
+                (*fingerprint_async(state_args.item), {META_DIGEST: meta_digest(meta)})),
             layout.DATA: IteratorSave(snapshot),
             layout.META: ocp.args.JsonSave(meta),
         })
@@ -196,6 +202,16 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise self._write_error(self._in_flight, e) from None
         self._in_flight = None
+        self._note_commits()
+
+    def _note_commits(self) -> None:
+        """Record in the event log every step newly committed (renamed into place) on disk."""
+        if self._events is None:
+            return
+        for step in layout.committed_steps(self.directory.parent):
+            if step not in self._noted:
+                self._events.record("checkpoint_committed", step=step)
+                self._noted.add(step)
 
     def _write_error(self, step, e: Exception) -> CheckpointError:
         self._failed = True
@@ -203,7 +219,7 @@ class Checkpointer:
         cause = cause if len(cause) < 240 else cause[:120] + " ... " + cause[-100:]
         return CheckpointError(
             f"cannot write the checkpoint of step {step} to {self.directory}: {cause}; "
-            f"free disk space or use another --workdir (earlier checkpoints are intact)"
+            f"{write_fix(e)} (earlier checkpoints are intact)"
         )
 
     def close(self) -> None:
@@ -255,7 +271,21 @@ class Checkpointer:
                 )
 
     def _restore(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
+        """Restore one step. Raises `Corrupt` only when the files are proven damaged and
+        `Unreadable` when the environment kept them from being read."""
+        try:
+            return self._read(step, abstract_state, make_iterator)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a read failure is classified; others propagate
+            meaning = diagnose(e, self.directory / str(step))
+            if meaning is None:
+                raise
+            raise meaning from None
+
+    def _read(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
         meta = self.read_meta(step)
+        check_meta(self.directory / str(step), meta)
         self.check_compatible(step, abstract_state)
         # The saved data position is exact but per process: after a change of process count
         # the iterator starts at the checkpoint's step instead (one global batch per step).
@@ -265,13 +295,7 @@ class Checkpointer:
         self._join()
         if meta.get("process_count") == jax.process_count():
             items[layout.DATA] = IteratorRestore(iterator)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - truncated / unreadable / undecodable files
-            if not is_read_error(e):
-                raise
-            cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise Corrupt(f"unreadable files ({type(e).__name__}: {cause})") from None
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         check_fingerprint(self.directory / str(step), restored[layout.STATE])
         return restored[layout.STATE], meta, iterator
 
@@ -285,15 +309,19 @@ class Checkpointer:
         """
         steps = self.all_steps()
         for step in reversed(steps):
+            where = self.directory / str(step)
             try:
                 return self._restore(step, abstract_state, make_iterator)
+            except Unreadable as e:
+                raise CheckpointError(
+                    f"cannot read checkpoint step {step} at {where}: {e}; fix that and run the "
+                    f"same command again (nothing was moved: this is not corruption)") from None
             except Corrupt as e:
-                where = self.directory / str(step)
                 if not self.fallback:
                     raise CheckpointError(
-                        f"checkpoint step {step} at {where} is corrupted: {e}; set "
-                        f"--config.checkpoint.fallback=true to resume from the previous good step"
-                    ) from None
+                        f"checkpoint step {step} at {where} is corrupted: {e}",
+                        key="checkpoint.fallback", value="true",
+                        note=" to resume from the previous good step") from None
                 log.warning("warning: checkpoint step %d at %s is corrupted: %s; "
                             "falling back to the previous checkpoint", step, where, e)
                 self._move_aside(step)

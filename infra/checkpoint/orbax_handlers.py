@@ -18,8 +18,8 @@ Each handler needs a save and a restore args class: Orbax pairs args with handle
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import logging
 from typing import Any
 
 import grain
@@ -28,25 +28,33 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata
 from orbax.checkpoint._src.serialization import types as _serialization
 
+from infra.checkpoint.verify import Corrupt
+
 # Host memory the background transfers may hold at once before their bytes are written.
 _IN_FLIGHT_GB = 16
 
 
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class FingerprintHandler(ocp.JsonCheckpointHandler):
-    """Writes the checksums as JSON in Orbax's background save thread."""
+    """Writes the checksums as JSON in Orbax's background save thread: one per array, plus
+    digests of the other items (keys starting with `#`)."""
 
     def __init__(self):
         super().__init__(filename="fingerprint.json")
 
     async def _save_fn(self, x, directory):
-        names, sums = x
-        await super()._save_fn({n: int(s) for n, s in zip(names, jax.device_get(sums))}, directory)
+        names, sums, digests = x
+        sums = {n: int(s) for n, s in zip(names, jax.device_get(sums))}
+        await super()._save_fn({**sums, **digests}, directory)
 
 
 @ocp.args.register_with_handler(FingerprintHandler, for_save=True)
 @dataclasses.dataclass
 class FingerprintSave(ocp.args.CheckpointArgs):
-    item: Any  # (names, checksums still on the devices)
+    item: Any  # (names, checksums still on the devices, {"#item": digest})
 
 
 @ocp.args.register_with_handler(FingerprintHandler, for_restore=True)
@@ -62,12 +70,6 @@ class _InBackground(_serialization.SerializationStatusCallback):
 
     def key_priority(self, keypath) -> _serialization.TransferPriority:
         return _serialization.TransferPriority.ASYNCHRONOUS_DEPRIORITIZED
-
-
-def quiet_background_notice(record: logging.LogRecord) -> bool:
-    """A logging filter: Orbax warns at every such save that all transfers run in the
-    background, which is by design here (installed by `infra.process.setup`)."""
-    return "No prioritized params found for saving" not in record.getMessage()
 
 
 class StateHandler(ocp.StandardCheckpointHandler):
@@ -106,17 +108,31 @@ class IteratorSnapshot:
         return self._state
 
 
+def _iterator_file(directory) -> Any:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
 class IteratorHandler(grain.checkpoint.CheckpointHandler, ocp.AsyncCheckpointHandler):
     """grain's iterator checkpoint, written in Orbax's background commit (grain's own `save` is
-    synchronous and Orbax runs it in a thread the training loop waits for)."""
+    synchronous and Orbax runs it in a thread the training loop waits for), with a SHA-256 of
+    each process's file beside it that `restore` checks (an edited position is refused)."""
 
     async def _write(self, directory, snapshot: IteratorSnapshot) -> None:
-        index, count = jax.process_index(), jax.process_count()
-        (directory / f"process_{index}-of-{count}.json").write_text(snapshot.get_state().decode())
+        path = _iterator_file(directory)
+        path.write_text(snapshot.get_state().decode())
+        (directory / (path.name + ".sha256")).write_text(digest(snapshot.get_state()))
 
     async def async_save(self, directory, args) -> list:
         return [ocp.future.CommitFutureAwaitingContractedSignals(
             self._write(directory, args.item), name="data_iterator_save")]
+
+    def restore(self, directory, item=None, args=None):
+        path = _iterator_file(directory)
+        recorded = directory / (path.name + ".sha256")
+        if path.exists() and recorded.exists():  # checkpoints before digests have none
+            if digest(path.read_bytes()) != recorded.read_text().strip():
+                raise Corrupt(f"the data iterator position {path.name} differs from the one saved")
+        return super().restore(directory, item, args)
 
 
 @ocp.args.register_with_handler(IteratorHandler, for_save=True)

@@ -16,8 +16,8 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from infra.checkpoint import layout
-from infra.checkpoint.verify import (Corrupt, check_fingerprint, is_read_error, saved_specs,
-                                     specs)
+from infra.checkpoint.verify import (Corrupt, Unreadable, check_fingerprint, diagnose,
+                                     saved_specs, specs)
 from infra.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,19 @@ def restore_params(workdir: str | Path, abstract_params: Any, *,
         tried.add(s)
         try:
             params = _restore_step(directory / str(s), abstract_params)
-        except Corrupt as e:
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a read failure is classified; others propagate
             if not (directory / str(s)).is_dir():  # deleted by a run that is still training
                 steps = layout.committed_steps(workdir)
                 continue
-            problems.append(f"step {s} ({e})")
+            meaning = diagnose(e, directory / str(s))
+            if meaning is None:
+                raise
+            if isinstance(meaning, Unreadable):
+                raise CheckpointError(f"cannot read checkpoint step {s} in {directory}: "
+                                      f"{meaning}; fix that and try again") from None
+            problems.append(f"step {s} ({meaning})")
             continue
         for problem in problems:
             log.warning("warning: checkpoint %s is corrupted; using step %d", problem, s)
@@ -83,18 +91,13 @@ def _restore_step(path: Path, abstract_params: Any) -> Any:
             raise UserError(f"checkpoint {path} does not match the model: '{name}' is "
                             f"{saved[name]} there but {spec} here; pass the workdir the "
                             f"checkpoint was trained in")
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            path / layout.STATE,
-            args=ocp.args.PyTreeRestore(
-                item=target,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:  # noqa: BLE001 - truncated / unreadable files
-        if not is_read_error(e):
-            raise
-        raise Corrupt(f"unreadable files: {type(e).__name__}") from None
+    restored = ocp.PyTreeCheckpointer().restore(
+        path / layout.STATE,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
     check_fingerprint(path, {"params": restored["params"]}, whole=False)
     return restored["params"]

@@ -8,7 +8,10 @@ reading the arrays, so an incompatible model is refused before anything is loade
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +23,91 @@ from infra.checkpoint.layout import FINGERPRINT
 
 
 class Corrupt(Exception):
-    """A checkpoint whose files cannot be read back or whose values do not match."""
+    """A checkpoint proven damaged: truncated or undecodable files, or values whose checksums
+    differ from those saved. Only this gets a checkpoint moved aside."""
+
+
+class Unreadable(Exception):
+    """A checkpoint that could not be read for a reason that says nothing about its files
+    (permissions, too many open files, out of memory, a transient I/O error): the run stops and
+    nothing is moved, so it restores once the cause is fixed."""
 
 
 # What reading damaged files raises (tensorstore: ValueError; files: OSError; ...), possibly
 # wrapped by Orbax in a plain Exception. Anything else is a bug, not corruption, and must not get
 # a good checkpoint moved aside.
 READ_ERRORS = (OSError, ValueError, KeyError, EOFError, RuntimeError)
+# Reasons a read fails that are not the files' fault: OS error numbers and tensorstore (absl)
+# status codes, which tensorstore puts at the start of its error messages.
+ENVIRONMENT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                      errno.EMFILE: "too many open files", errno.ENFILE: "too many open files",
+                      errno.ENOMEM: "out of memory", errno.EIO: "I/O error",
+                      errno.EAGAIN: "resource temporarily unavailable", errno.EBUSY: "busy",
+                      errno.ETIMEDOUT: "timed out", errno.ESTALE: "stale file handle"}
+ENVIRONMENT_CODES = ("PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
+                     "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
+
+
+def causes(e: BaseException | None):
+    """`e` and the exceptions it was raised from or during."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        yield e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
 
 
 def is_read_error(e: BaseException | None) -> bool:
     """`e`, or an exception in its chain, is what reading damaged files raises."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, READ_ERRORS):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+    return any(isinstance(x, READ_ERRORS) for x in causes(e))
+
+
+def environment_problem(e: BaseException | None) -> str | None:
+    """Why reading failed when the cause is the environment, not the files (None otherwise)."""
+    for x in causes(e):
+        if isinstance(x, MemoryError):
+            return "out of memory"
+        if isinstance(x, OSError) and x.errno in ENVIRONMENT_ERRNOS:
+            return f"{ENVIRONMENT_ERRNOS[x.errno]} ({x.filename or x})"
+        code = next((c for c in ENVIRONMENT_CODES if str(x).lstrip().startswith(c)), None)
+        if code is not None:
+            return str(x).strip().splitlines()[0][:200]
+    return None
+
+
+def diagnose(e: Exception, step_dir: Path) -> Exception | None:
+    """What a failed read of the checkpoint in `step_dir` means: `Unreadable` (the environment:
+    nothing is moved), `Corrupt` (the files are damaged), or None (not a read failure: a bug,
+    to be raised as it is)."""
+    problem = environment_problem(e)
+    if problem is not None:
+        return Unreadable(problem)
+    corrupt = next((x for x in causes(e) if isinstance(x, Corrupt)), None)
+    if corrupt is None and not is_read_error(e):
+        return None
+    try:
+        check_readable(step_dir)  # a file that cannot even be opened is not damage
+    except Unreadable as unreadable:
+        return unreadable
+    if corrupt is not None:
+        return corrupt
+    cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return Corrupt(f"unreadable files ({type(e).__name__}: {cause})")
+
+
+def check_readable(step_dir: Path) -> None:
+    """`Unreadable` when a file of the checkpoint cannot even be opened for an environmental
+    reason (a damaged checkpoint's files open fine; its contents are wrong)."""
+    for path in sorted(Path(step_dir).rglob("*")):
+        try:
+            if path.is_dir():
+                os.listdir(path)
+            else:
+                with open(path, "rb"):
+                    pass
+        except OSError as e:
+            if e.errno in ENVIRONMENT_ERRNOS:
+                raise Unreadable(f"cannot open {path}: {ENVIRONMENT_ERRNOS[e.errno]}") from None
 
 
 def path_name(path) -> str:
@@ -92,7 +162,7 @@ def check_fingerprint(step_dir: Path, restored: Any, *, whole: bool = True) -> N
     """`Corrupt` unless every restored array has the checksum it was saved with. `whole`: the
     restored tree must also hold every saved array; otherwise it may be a subtree (keyed as in
     the saved tree, e.g. `{"params": ...}`)."""
-    expected = read_fingerprint(step_dir)
+    expected = {k: v for k, v in read_fingerprint(step_dir).items() if not k.startswith("#")}
     got = fingerprint(restored)
     bad = sorted(k for k in got if expected.get(k) != got[k])
     if whole:
@@ -100,6 +170,22 @@ def check_fingerprint(step_dir: Path, restored: Any, *, whole: bool = True) -> N
             got.keys() ^ expected.keys())
     if bad:
         raise Corrupt(f"values of '{bad[0]}' differ from those saved")
+
+
+META_DIGEST = "#meta"
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of the metadata's canonical JSON (what the checkpoint's `meta` item holds)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def check_meta(step_dir: Path, meta: dict) -> None:
+    """`Corrupt` when the metadata read back is not what was saved (checkpoints written before
+    metadata digests have none to check)."""
+    recorded = read_fingerprint(step_dir).get(META_DIGEST)
+    if recorded is not None and recorded != meta_digest(meta):
+        raise Corrupt("its metadata differs from what was saved")
 
 
 def specs(tree: Any) -> dict[str, str]:

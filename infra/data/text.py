@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import stat
 import sysconfig
 from collections.abc import Sequence
 
@@ -56,6 +57,9 @@ def resolve_files(pattern: str) -> list[str]:
 
 def _read(path: str) -> bytes:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise DataError(f"data file {path!r} is not a regular file; point data.files at "
+                            "text files")
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:

@@ -26,14 +26,16 @@ class NonFiniteGuard:
         if self.mode == "stop":
             s, m = bad[0]
             raise NumericalError(
-                f"non-finite loss or gradients at step {s} ({self._describe(m)}); the update was "
+                f"non-finite loss, gradients or update at step {s} ({self._describe(m)}); it was "
                 f"not applied and no checkpoint holds it (latest: step {self._latest_checkpoint()})"
                 f"; lower optim.lr or raise optim.grad_clip", key="train.nonfinite", value="skip",
                 verb="or set")
         for s, m in bad:
-            log.warning("warning: non-finite loss or gradients at step %d (%s); update skipped",
+            log.warning("warning: non-finite loss, gradients or update at step %d (%s); update "
+                        "skipped",
                         s, self._describe(m))
 
     @staticmethod
     def _describe(metrics: dict) -> str:
-        return ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm"))
+        return ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm", "update_norm")
+                         if k in metrics)

@@ -14,15 +14,21 @@ class Reporter:
     records already in `metrics.jsonl`; the others keep just this run's records.
 
     On a resumed run the records logged after `start_step` (by a run killed after its last
-    checkpoint) are dropped first: those steps are trained and logged again.
+    checkpoint) are dropped first: those steps are trained and logged again. `start_step=None`:
+    the run starts over, and no earlier record is kept.
     """
 
-    def __init__(self, workdir: str | Path, task: Task, *, total_steps: int, start_step: int,
-                 enabled: bool, progress_bar: bool):
+    def __init__(self, workdir: str | Path, task: Task, *, total_steps: int,
+                 start_step: int | None, enabled: bool, progress_bar: bool):
         self.task = task
         self.history = truncate_history(workdir, start_step) if enabled else []
-        self.writer = MetricWriter(workdir, total_steps=total_steps, start_step=start_step,
+        self.writer = MetricWriter(workdir, total_steps=total_steps, start_step=start_step or 0,
                                    enabled=enabled, progress_bar=progress_bar)
+
+    def has_eval(self, step: int) -> bool:
+        """Whether the history already holds an evaluation of `step`."""
+        return any(r["step"] == step and any(k.startswith("eval/") for k in r)
+                   for r in self.history)
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         unit = self.task.unit
