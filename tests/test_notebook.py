@@ -18,7 +18,8 @@ from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT  # noqa: E402
+
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 
 

@@ -4,11 +4,13 @@ Orbax itself."""
 
 import json
 import os
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,7 +126,30 @@ while True:
     step += 1
     state = {"w": jnp.full((512, 1024), float(step)), "step": jnp.int32(step)}
     ckpt.save(step, state, It(), {})
+    print("issued", step, flush=True)  # the test kills only once saving has begun
 """
+
+
+def stdout_lines(proc) -> queue.Queue:
+    """proc's stdout lines as they come, then None at its end (read on a thread)."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_for_issued_saves(lines: queue.Queue, n: int, log: Path) -> None:
+    for _ in range(n):
+        try:
+            line = lines.get(timeout=300)  # a hang guard, not a speed assumption
+        except queue.Empty:
+            line = "no line within 300 s"
+        assert line and line.startswith("issued"), (line, log.read_text()[-3000:])
 
 
 def test_sigkill_during_saves_never_loses_the_last_committed_checkpoint(tmp_path):
@@ -145,11 +170,19 @@ def test_sigkill_during_saves_never_loses_the_last_committed_checkpoint(tmp_path
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     for trial in range(20):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(workdir)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(2.0 + rng.random() * 1.5)  # start-up is ~2 s; then saves run back to back
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        log = tmp_path / f"writer-{trial}.err"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(workdir)], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+        # Kill at a random moment after saving has begun, whatever the machine's speed: once the
+        # writer has issued 1-4 saves (the third returns only after the first has committed),
+        # plus up to half a second.
+        try:
+            wait_for_issued_saves(stdout_lines(proc), rng.randint(1, 4), log)
+            time.sleep(rng.random() * 0.5)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         steps = committed(workdir)
         ckpt = Checkpointer(workdir, every=1, keep=2)
         import jax
