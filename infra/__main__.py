@@ -1,7 +1,5 @@
 """`python -m infra ...` is the `infra` console script."""
 
-import sys
+from infra.cli import run_and_exit
 
-from infra.cli import main
-
-sys.exit(main())
+run_and_exit()

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from infra import process
-from infra.errors import CheckpointError, Preempted, UserError
+from infra.errors import Preempted, UserError
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -90,9 +90,6 @@ def _setup_devices(cpu_devices: int | None) -> None:
 
 def cmd_train(args, overrides: list[str]) -> int:
     from infra import config, train
-    from infra.loop import preemption
-
-    preemption.stop_during_start_up()
 
     from infra.tasks import get_task_class
 
@@ -160,62 +157,77 @@ def cmd_smoke(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     process.setup(cli=True)  # first: the malloc settings must precede JAX's threads
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = _split_overrides(argv)
-    args = _parser().parse_args(rest)
+    from infra.loop import preemption
+
+    preemption.catch_sigterm()  # from now on SIGTERM only asks the run to stop: never a kill
+    preemption.catch_sigint()
     try:
-        if overrides and args.command not in ("train", "plan"):
-            raise UserError(f"--config.* overrides apply to `train` and `plan` only, not `{args.command}`")
-        cpu_devices = args.cpu_devices
-        if args.command == "plan":
-            cpu_devices = args.devices  # plan emulates the chips it plans for
-        if args.command == "smoke" and cpu_devices is None:
-            cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
-        _setup_devices(cpu_devices)
-        if args.command == "train":
-            return cmd_train(args, overrides)
-        if args.command == "plan":
-            from infra import plan
-
-            return plan.run_cli(args, overrides)
-        if args.command == "list":
-            return cmd_list()
-        if args.command == "plot":
-            from infra import plot
-
-            return plot.run_cli(args)
-        if args.command == "generate":
-            from infra import generate
-
-            return generate.run_cli(args)
-        if args.command == "eval":
-            from infra import evaluate
-
-            return evaluate.run_cli(args)
-        return cmd_smoke(args)
+        return _run(argv)
     except UserError as e:
         print(f"error: {e.cli_message()}", file=sys.stderr, flush=True)
-        if isinstance(e, CheckpointError):
-            # Background writers (Orbax, tensorstore, TensorBoard) may still be failing on a full
-            # disk and would print tracebacks at shutdown; committed checkpoints are safe.
-            os._exit(e.exit_code)
         return e.exit_code
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
-        _exit_now(e.exit_code)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        _exit_now(130)
+        return 130
 
 
-def _exit_now(code: int) -> None:
-    """Exit without the interpreter's teardown: a signal can stop the main thread while JAX's
-    or grain's threads are mid-work, and tearing the interpreter down under them crashes
-    (a segfault instead of the exit code). Everything of ours is closed by then."""
+def _run(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if overrides and args.command not in ("train", "plan"):
+        raise UserError(f"--config.* overrides apply to `train` and `plan` only, not `{args.command}`")
+    cpu_devices = args.cpu_devices
+    if args.command == "plan":
+        cpu_devices = args.devices  # plan emulates the chips it plans for
+    if args.command == "smoke" and cpu_devices is None:
+        cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
+    _setup_devices(cpu_devices)
+    if args.command == "train":
+        return cmd_train(args, overrides)
+    if args.command == "plan":
+        from infra import plan
+
+        return plan.run_cli(args, overrides)
+    if args.command == "list":
+        return cmd_list()
+    if args.command == "plot":
+        from infra import plot
+
+        return plot.run_cli(args)
+    if args.command == "generate":
+        from infra import generate
+
+        return generate.run_cli(args)
+    if args.command == "eval":
+        from infra import evaluate
+
+        return evaluate.run_cli(args)
+    return cmd_smoke(args)
+
+
+def run_and_exit() -> None:
+    """The process entry point (`python -m infra`, the `infra` script): `main`, then exit
+    without the interpreter's teardown. A signal can stop the main thread while JAX's or grain's
+    threads are mid-work, and tearing the interpreter down under them can crash (a segfault
+    instead of the exit code); everything of ours is closed by then."""
+    code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    # What JAX's own exit hook would do, after a clean end (after a failure the peers may be
+    # gone, and the runtime would log its own errors after our one line). Only where JAX surely
+    # finished importing: an interrupt may have stopped an import half-way, and importing it
+    # again would abort the process.
+    mesh = sys.modules.get("infra.mesh")
+    if code in (0, Preempted.exit_code) and mesh is not None and mesh.distributed_started:
+        import jax
+
+        jax.distributed.shutdown()
     os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -76,8 +76,12 @@ class PeerError(UserError):
     exit_code = 5
 
 
-class Preempted(Exception):
-    """SIGTERM was received; a checkpoint was written. Not an error: exit 75, rerun to resume."""
+class Preempted(BaseException):
+    """SIGTERM was received; a checkpoint was written. Not an error: exit 75, rerun to resume.
+
+    A `BaseException`, like `KeyboardInterrupt`: raised from the CLI's SIGTERM handler wherever
+    the main thread is during start-up, it must not be swallowed (or turned into another error)
+    by code that handles `Exception`."""
 
     exit_code = EXIT_PREEMPTED
 

@@ -13,6 +13,7 @@ import os
 from infra.errors import ConfigError
 
 AXES = ("data", "fsdp", "sequence", "tensor")
+distributed_started = False  # whether `initialize_distributed` started jax.distributed here
 CPU_DEVICES_ENV = "INFRA_CPU_DEVICES"
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,10 @@ def initialize_distributed(cfg) -> bool:
         kwargs["num_processes"] = cfg.num_processes
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
+    global distributed_started
     try:
         jax.distributed.initialize(**kwargs)
+        distributed_started = True
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(

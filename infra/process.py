@@ -11,7 +11,8 @@
 * log format and levels (infra's INFO messages, libraries' warnings), Orbax's absl logging
   silenced (it logs its background failures with tracebacks);
 * drops the "Event loop is closed" tracebacks that tensorstore's C++ threads print through
-  `sys.excepthook` / `sys.unraisablehook` after a failed async save.
+  `sys.excepthook` / `sys.unraisablehook` after a failed async save, and the traceback of a
+  Ctrl-C that Python discarded (raised again by the loop: `infra.loop.preemption`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def _ignore_closed_loop_callbacks() -> None:
     default_unraisable = sys.unraisablehook
 
     def unraisable(info):
-        if not _is_closed_loop(info.exc_value):
+        # A Ctrl-C that landed in a garbage-collector callback is discarded by Python with a
+        # traceback; `infra.loop.preemption` remembers it and raises it again between steps.
+        if not (_is_closed_loop(info.exc_value) or isinstance(info.exc_value, KeyboardInterrupt)):
             default_unraisable(info)
 
     sys.unraisablehook = unraisable

@@ -218,10 +218,11 @@ def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
     pending = PendingMetrics()
     with Reporter(workdir, task, total_steps=tc.steps, start_step=step if resumed else None,
                   enabled=is_main_process(), progress_bar=tc.progress_bar) as report, \
-            preemption.SigtermFlag(grace_s=tc.sigterm_grace_s) as sigterm:
+            preemption.sigterm_flag(tc.sigterm_grace_s) as sigterm:
         if step == 0 and tc.eval_at_start and not report.has_eval(0):
             report.log_eval(0, evaluator(state["params"]))
         while step < end:
+            preemption.raise_if_interrupted()
             batch = meter.next_batch(train_iter, trainer.to_global)
             train_step = meter.compiled(trainer.train_step, state, batch)
             profiler.before(step)

@@ -557,6 +557,9 @@ def render(rows) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from infra import mesh as mesh_lib
+    from infra import process
+
+    process.setup()  # as the CLI does: malloc settings before JAX starts its threads
 
     mesh_lib.emulate_cpu_devices(args.cpu_devices)
     import flax

@@ -23,11 +23,13 @@ QUIET = "--config.sharding.print_table=false"
 
 
 def fingerprint(workdir: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file in the workdir (checkpoints, metrics, config, …)."""
+    """Relative path -> sha256 of every file in the workdir (checkpoints, metrics, config, …),
+    except the run's bookkeeping that every attempt updates: the lock file (who holds the
+    workdir) and the append-only event log (infra/events.py)."""
     return {
         str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(workdir.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock" and p.relative_to(workdir).parts[0] != "events"
     }
 
 

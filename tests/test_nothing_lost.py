@@ -44,8 +44,9 @@ def one_error_line(p, *needles):
 
 
 def files(path):
+    """Every file of a workdir but the bookkeeping each attempt updates (lock, event log)."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
-            if f.is_file() and f.name != ".lock"}
+            if f.is_file() and f.name != ".lock" and f.relative_to(path).parts[0] != "events"}
 
 
 def wait_for(predicate, proc, timeout=240):
@@ -54,6 +55,17 @@ def wait_for(predicate, proc, timeout=240):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def handles_sigterm(proc):
+    """Whether the process has installed its SIGTERM handler yet (`/proc/<pid>/status` SigCgt):
+    before that, the interpreter is still starting and a signal simply kills it."""
+    try:
+        status = open(f"/proc/{proc.pid}/status").read()
+    except OSError:
+        return True
+    caught = int(next(l.split()[1] for l in status.splitlines() if l.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
 def logged_step(workdir, step):
@@ -254,7 +266,8 @@ def test_a_signal_during_start_up_exits_cleanly(tmp_path, sig, code, message):
     rng = random.Random(sig)
     for trial in range(3):
         proc = popen("train", "--config", SMOKE, "--workdir", str(tmp_path / f"w{trial}"), QUIET)
-        time.sleep(rng.uniform(0.5, 6.0))  # wherever start-up has got to by then
+        wait_for(lambda: handles_sigterm(proc), proc)
+        time.sleep(rng.uniform(0.0, 6.0))  # wherever start-up has got to by then
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=180)
         if proc.returncode == 0:
@@ -390,11 +403,15 @@ def test_random_signals_at_random_moments_never_change_the_result(tmp_path):
         if cycle < 8:
             sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
             if rng.random() < 0.3:  # during start-up
-                time.sleep(rng.uniform(0.2, 5.0))
+                wait_for(lambda: handles_sigterm(proc), proc)
+                time.sleep(rng.uniform(0.0, 5.0))
             else:  # during training, often while an async save is in flight
-                target = rng.randint(1, 39)
-                deadline = time.time() + 240
-                while proc.poll() is None and not logged_step(chaos, target)() and time.time() < deadline:
+                target, started = rng.randint(1, 39), time.time()
+                metrics = chaos / "metrics.jsonl"
+                deadline = started + 240
+                while proc.poll() is None and time.time() < deadline and not (
+                        handles_sigterm(proc) and metrics.exists()
+                        and metrics.stat().st_mtime > started and logged_step(chaos, target)()):
                     time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(sig)

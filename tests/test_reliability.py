@@ -282,13 +282,46 @@ def test_nonfinite_loss_stops_or_skips_and_never_checkpoints_nan(tmp_path, mode)
 
 
 def test_time_based_save_interval(tmp_path):
+    """Through the CLI: with a tiny interval the run saves by time, whenever no save is in
+    flight (the step interval alone would save only at the end)."""
     workdir = tmp_path / "timed"
     p = cli("train", "--config", SMOKE, "--workdir", str(workdir), "--config.train.steps=200",
-            "--config.checkpoint.every=100000", "--config.checkpoint.every_seconds=1.0",
+            "--config.checkpoint.every=100000", "--config.checkpoint.every_seconds=0.001",
             "--config.checkpoint.keep=100", "--config.sharding.print_table=false")
     assert p.returncode == 0, p.stderr
     steps = committed(workdir)
     assert steps[-1] == 200 and len(steps) >= 3, steps  # saved by time, not by the step interval
+
+
+def test_time_based_save_decisions_follow_the_clock(tmp_path):
+    """Each decision is checked against the clock readings around it, whatever the speed: a
+    save is due once `every_seconds` have passed since the previous one (and none is in
+    flight), never before."""
+    import jax.numpy as jnp
+
+    from infra.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, every=10**9, keep=100, every_seconds=0.5)
+    last_save, saves, deadline = None, 0, time.time() + 120  # a hang guard, not a speed bound
+    step = 0
+    while saves < 3 and time.time() < deadline:
+        step += 1
+        before = time.time()
+        due = ckpt.should_save(step)
+        after = time.time()
+        if last_save is not None:
+            if before - last_save[1] >= 0.5:
+                assert due, step
+            if after - last_save[0] < 0.5:
+                assert not due, step
+        if due:
+            t0 = time.time()
+            ckpt.save(step, {"w": jnp.full((4,), float(step))}, _Position(step), {})
+            ckpt.wait()
+            last_save, saves = (t0, time.time()), saves + (last_save is not None)
+        time.sleep(0.05)
+    ckpt.close()
+    assert saves == 3
 
 
 def test_nothing_loaded_executes_code():

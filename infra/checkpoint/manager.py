@@ -92,7 +92,7 @@ class Checkpointer:
         decisions = [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
         if every_seconds > 0:
             decisions.append(
-                policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(every_seconds))
+                policies.ContinuousCheckpointingPolicy(minimum_interval_secs=every_seconds)
             )
         self.manager = ocp.CheckpointManager(
             self.directory,

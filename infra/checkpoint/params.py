@@ -54,8 +54,9 @@ def restore_params(workdir: str | Path, abstract_params: Any, *,
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a read failure is classified; others propagate
-            if not (directory / str(s)).is_dir():  # deleted by a run that is still training
-                steps = layout.committed_steps(workdir)
+            now = layout.committed_steps(workdir)
+            if s not in now or (step is None and max(now, default=s) > s):
+                steps = now  # a run still training there replaced it meanwhile: take the newer
                 continue
             meaning = diagnose(e, directory / str(s))
             if meaning is None:

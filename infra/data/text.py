@@ -57,7 +57,8 @@ def resolve_files(pattern: str) -> list[str]:
 
 def _read(path: str) -> bytes:
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device blocks or never ends
             raise DataError(f"data file {path!r} is not a regular file; point data.files at "
                             "text files")
         with open(path, "rb") as f:
