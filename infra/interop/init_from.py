@@ -19,6 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from infra.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,33 @@ def load_params(source: str | Path, config, abstract_params: Any) -> Any:
 
     if is_hf_dir(source):
         return load_hf_params(source, config, abstract_params)
-    params, step = restore_params(source, abstract_params)
+    from infra import config as config_lib
+
+    source_scan = bool(config_lib.read_saved(source).get("model", {}).get("scan_layers", False))
+    if config.model.name != "transformer" or source_scan == config.model.scan_layers:
+        params, step = restore_params(source, abstract_params)
+    else:  # restore in the source's layer layout, then stack / unstack onto the run's
+        from infra.interop.importer import abstract_params as abstract_of
+
+        other = config_lib.ConfigDict(config.to_dict())
+        other.model.scan_layers = source_scan
+        mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
+        params, step = restore_params(source, abstract_of(other, mesh))
+        params = convert_layers(params, config.model.num_layers, abstract_params)
     log.info("parameters from %s (step %d)", source, step)
     return params
+
+
+def convert_layers(params: dict, num_layers: int, abstract_params: Any) -> dict:
+    """Parameters of the loop layout (`blocks/<i>/...`) in the scan layout (`blocks/...` with a
+    leading layers dim), or back, placed on `abstract_params`' shardings."""
+    blocks = params["blocks"]
+    if isinstance(blocks, dict) and 0 in blocks or "0" in blocks:
+        layers = [blocks[i] if i in blocks else blocks[str(i)] for i in range(num_layers)]
+        convert = lambda ls: jax.tree.map(lambda *xs: jnp.stack(xs), *ls)  # noqa: E731
+    else:
+        layers = blocks
+        convert = lambda b: {i: jax.tree.map(lambda x: x[i], b) for i in range(num_layers)}  # noqa: E731
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params["blocks"])
+    new_blocks = jax.jit(convert, out_shardings=shardings)(layers)
+    return {**params, "blocks": new_blocks}
