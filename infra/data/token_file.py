@@ -48,7 +48,7 @@ def _tokenizer_id(spec: str) -> str:
     tok = load_tokenizer(spec)
     if not getattr(tok, "spec", ""):
         return "bytes"
-    return hashlib.sha256((Path(tok.directory) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(Path(tok.file).read_bytes()).hexdigest()[:16]
 
 
 def _documents(files: Sequence[str], val_fraction: float, seed: int) -> list[tuple[str, str, int, int]]:

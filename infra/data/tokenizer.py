@@ -93,7 +93,7 @@ class HFTokenizer:
             raise ConfigError(f"cannot load tokenizer {file}: {str(e).splitlines()[0][:200]}",
                               key="data.tokenizer", value="<dir with tokenizer.json>") from None
         self.spec = str(path)
-        self.directory = file.parent
+        self.file, self.directory = file, file.parent
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         cfg = _read_json(self.directory / "tokenizer_config.json")
         special = _read_json(self.directory / "special_tokens_map.json")
