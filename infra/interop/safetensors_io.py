@@ -5,14 +5,18 @@ Reading. `SafetensorsDir` opens a model directory (`model.safetensors`, or shard
 missing file, a truncated one (data shorter than its header says) or a tensor whose byte size
 does not match its shape is refused in one line. `load_params` builds each parameter with
 `jax.make_array_from_callback`: JAX asks for the slice each addressable device holds, and only
-that slice is read (`safe_open(...).get_slice`, memory-mapped). So a process of a multi-process
-run reads only its devices' slices, and identical slices (replicated dims) are read once.
+that slice is read. So a process of a multi-process run reads only its devices' slices, and
+identical slices (replicated dims) are read once.
 
-Host memory. Each tensor is read through its own short-lived `safe_open`: the file mapping, whose
-touched pages count in the resident set, is dropped after every tensor, and each parameter is
-finished (`block_until_ready`) before the next starts. The transient memory of a load is
-therefore about one tensor's mapped pages plus its converted slices (at most ~2x the largest
-tensor), not the model (tests/test_interop_memory.py measures it).
+Host memory. The format is simple (8-byte header length, JSON header, raw little-endian data),
+so slices are read with positioned reads (`os.preadv`) straight into the destination array
+instead of through a memory map: the pages of a mapping count in the resident set for as long
+as it is mapped (the `safetensors` package maps whole files), a read buffer only for as long as
+the slice lives. A slice that is whole in every dim but the first is one read; any other slice
+is read in row blocks of at most `READ_BLOCK` bytes, each cut down to the slice. Each
+parameter is finished (`block_until_ready`) before the next starts and the dtype cast is skipped
+when the dtypes agree, so the transient host memory of a load stays about one tensor (measured:
+tests/test_interop_memory.py, scripts/bench_interop.py), not the model.
 
 Writing. `write_safetensors` writes like `save_pretrained`: one `model.safetensors`, or
 `model-0000i-of-0000n.safetensors` shards below a size limit plus `model.safetensors.index.json`.
@@ -22,6 +26,7 @@ a time, so export also holds one tensor at a time on the host.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,8 +53,9 @@ class CheckpointFileError(UserError):
     """A safetensors checkpoint that is missing, truncated or inconsistent."""
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of one safetensors file's header, checked against the file's size."""
+def read_header(path: Path, with_offset: bool = False):
+    """The tensor entries of one safetensors file's header, checked against the file's size
+    (with `with_offset`: and the absolute offset where the data begins)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -83,7 +89,7 @@ def read_header(path: Path) -> dict[str, dict]:
         if end - start != math.prod(entry["shape"]) * np.dtype(DTYPES[entry["dtype"]]).itemsize:
             raise CheckpointFileError(f"{path}: tensor {name!r} has {end - start} bytes, not "
                                       f"what its shape {entry['shape']} needs")
-    return header
+    return (header, 8 + n) if with_offset else header
 
 
 class SafetensorsDir:
@@ -104,12 +110,15 @@ class SafetensorsDir:
             raise CheckpointFileError(f"no {SINGLE} or {INDEX} in {self.directory}; pass a "
                                       "Hugging Face model directory saved with safetensors")
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self.offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data
         for file in files:
             path = self.directory / file
-            for name, entry in read_header(path).items():
+            header, data_start = read_header(path, with_offset=True)
+            for name, entry in header.items():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue
                 self.entries[name] = (path, entry["dtype"], tuple(entry["shape"]))
+                self.offsets[name] = data_start + entry["data_offsets"][0]
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.entries))
             if missing:
@@ -144,13 +153,71 @@ class SafetensorsDir:
                                       f"{extra[0]!r}, which this architecture does not use; "
                                       "refusing to drop weights")
 
-    def read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
-        """`tensor[slices]` (a copy), read through a mapping that is closed again at once."""
-        from safetensors import safe_open
+    def will_need(self, names: Iterable[str]) -> None:
+        """Ask the kernel to start reading these tensors' bytes (page cache, not our memory)."""
+        for name in names:
+            path, dtype, shape = self.entries[name]
+            size = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self.offsets[name], size, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
-        path = self.entries[name][0]
-        with safe_open(str(path), framework="np") as f:
-            return np.ascontiguousarray(f.get_slice(name)[slices])
+    def read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[slices]` (step-1 slices, one per dim)."""
+        return self.read_many(name, [slices])[0]
+
+    def read_many(self, name: str, requests: list[tuple[slice, ...]]) -> list[np.ndarray]:
+        """`tensor[r]` for every request `r` (step-1 slices, one per dim), with positioned reads:
+        a request whole in every dim but the first is one read into its result; the others are
+        cut from row blocks of at most `READ_BLOCK` bytes read once for all of them (so 8
+        devices holding 8 column slices of a tensor read it once, not 8 times)."""
+        path, dtype, shape = self.entries[name]
+        dtype, scalar = np.dtype(DTYPES[dtype]), not shape
+        if scalar:
+            shape, requests = (1,), [(slice(0, 1),)] * len(requests)
+        bounds = [[s.indices(n)[:2] for s, n in zip(r, shape)] for r in requests]
+        outs = [np.empty([b - a for a, b in bs], dtype) for bs in bounds]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        strided = [i for i, bs in enumerate(bounds)
+                   if any(b - a != n for (a, b), n in zip(bs[1:], shape[1:]))]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, bs in enumerate(bounds):
+                if i not in strided:
+                    _pread_into(fd, outs[i], self.offsets[name] + bs[0][0] * row_bytes)
+            if strided:
+                first = min(bounds[i][0][0] for i in strided)
+                last = max(bounds[i][0][1] for i in strided)
+                block = max(1, READ_BLOCK // max(row_bytes, 1))
+                for r in range(first, last, block):
+                    n = min(block, last - r)
+                    buf = np.empty((n, *shape[1:]), dtype)
+                    _pread_into(fd, buf, self.offsets[name] + r * row_bytes)
+                    for i in strided:
+                        (a, b), trailing = bounds[i][0], tuple(slice(x, y) for x, y in bounds[i][1:])
+                        lo, hi = max(a, r), min(b, r + n)
+                        if lo < hi:
+                            outs[i][lo - a: hi - a] = buf[(slice(lo - r, hi - r), *trailing)]
+        finally:
+            os.close(fd)
+        return [o.reshape(()) for o in outs] if scalar else outs
+
+
+READ_BLOCK = 16 * 2**20  # bytes of rows read at once for slices that cut the inner dims
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill `out` (C-contiguous) with the file's bytes from `offset`."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointFileError(f"unexpected end of file reading {out.nbytes} bytes at "
+                                      f"offset {offset}; the file is truncated")
+        done += n
 
 
 def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -158,44 +225,106 @@ def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
+def _key(index: tuple, shape: tuple[int, ...]) -> tuple:
+    return tuple((s.start, s.stop) for s in _normalize(index, shape))
+
+
+def read_unit(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, shape: tuple[int, ...],
+              keys: list[tuple], dtype) -> dict[tuple, np.ndarray]:
+    """The slices `keys` (from `_key`) of our parameter `m` (of layer `layer` only, when not
+    None) in `dtype`, reading only those parts of the file."""
+    by_layer: dict[int, list] = {}
+    for key in keys:
+        index = tuple(slice(a, b) for a, b in key)
+        stacked = m.stacked and layer is None
+        layers = range(len(m.names))[index[0]] if stacked else [layer or 0]
+        read, after = m.hf_slices(index[1:] if stacked else index)
+        for i in layers:
+            by_layer.setdefault(i, []).append((key, read, after))
+    parts: dict[tuple, list[np.ndarray]] = {key: [] for key in keys}
+    for i, items in sorted(by_layer.items()):
+        raws = ckpt.read_many(m.names[i], [read for _, read, _ in items])
+        for (key, read, after), raw in zip(items, raws):
+            part = raw.reshape(m.read_shape(read))[after].transpose(m.perm)
+            parts[key].append(part.astype(dtype, copy=False))
+    stacked = m.stacked and layer is None
+    return {key: np.stack(p) if stacked else p[0] for key, p in parts.items()}
+
+
 def read_slice(ckpt: SafetensorsDir, m: TensorMap, index: tuple, dtype) -> np.ndarray:
     """Our parameter `m` restricted to `index`, in `dtype`, reading only that part of the file."""
-    index = _normalize(index, m.shape)
-    layers = range(len(m.names))[index[0]] if m.stacked else [0]
-    inner = index[1:] if m.stacked else index
-    read, after = m.hf_slices(inner)
-    parts = []
-    for layer in layers:
-        raw = ckpt.read(m.names[layer], read)
-        part = raw.reshape(m.read_shape(read))[after].transpose(m.perm)
-        parts.append(part.astype(dtype))
-    return np.stack(parts) if m.stacked else parts[0]
+    key = _key(index, m.shape)
+    return read_unit(ckpt, m, None, m.shape, [key], dtype)[key]
+
+
+def _units(leaf, m: TensorMap) -> list[tuple[int | None, tuple[int, ...], Any]]:
+    """(layer, shape, sharding) of the arrays a parameter is built from: one, or one per layer of
+    a stacked parameter whose layers dim is not sharded (placed into it one layer at a time)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = leaf.sharding
+    spec = tuple(getattr(sharding, "spec", ()))
+    if m.stacked and isinstance(sharding, NamedSharding) and (not spec or spec[0] is None):
+        sub = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+        return [(i, tuple(leaf.shape[1:]), sub) for i in range(len(m.names))]
+    return [(None, tuple(leaf.shape), sharding)]
 
 
 def load_params(ckpt: SafetensorsDir, maps: list[TensorMap], abstract_params: Any,
-                on_tensor: Callable[[str], None] | None = None) -> Any:
+                on_tensor: Callable[[str, jax.Array], None] | None = None) -> Any:
     """Our parameter tree (`abstract_params`: ShapeDtypeStructs with shardings) filled from the
-    checkpoint, one parameter at a time, each device's slice read straight from the file.
-    `on_tensor(path)` is called after each parameter is on its devices (memory probes)."""
+    checkpoint, one tensor at a time, each device's slice read straight from the file; the next
+    tensor's slices are read in a background thread while the current one is placed (positioned
+    reads release the GIL), so reading overlaps the host-to-device copies. A stacked
+    (scan_layers) parameter is placed one layer at a time into a buffer updated in place.
+    `on_tensor(path, array)` is called after each parameter is on its devices (memory probes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax.numpy as jnp
+
     leaves, treedef = jax.tree.flatten(abstract_params)
     if len(leaves) != len(maps):
         raise ValueError("tensor maps do not match the parameter tree")
-    out = []
-    for leaf, m in zip(leaves, maps):
-        cache: dict[tuple, np.ndarray] = {}
+    work = [(j, layer, shape, sharding) for j, (leaf, m) in enumerate(zip(leaves, maps))
+            for layer, shape, sharding in _units(leaf, m)]
 
-        def fetch(index, m=m, dtype=leaf.dtype, cache=cache):
-            key = tuple((s.start, s.stop) for s in _normalize(index, m.shape))
-            if key not in cache:
-                cache[key] = read_slice(ckpt, m, index, dtype)
-            return cache[key]
+    def read(k: int) -> dict:
+        j, layer, shape, sharding = work[k]
+        if k + 1 < len(work):  # the disk reads ahead while we read and place this one
+            nj, nlayer = work[k + 1][:2]
+            ckpt.will_need(maps[nj].names if nlayer is None else [maps[nj].names[nlayer]])
+        keys = sorted({_key(i, shape) for i in
+                       sharding.addressable_devices_indices_map(shape).values()})
+        return read_unit(ckpt, maps[j], layer, shape, keys, leaves[j].dtype)
 
-        array = jax.make_array_from_callback(tuple(leaf.shape), leaf.sharding, fetch)
-        out.append(array.block_until_ready())
-        del cache
-        if on_tensor is not None:
-            on_tensor(m.path)
+    out: list[Any] = [None] * len(leaves)
+    with ThreadPoolExecutor(1, thread_name_prefix="infra-safetensors") as pool:
+        pending = pool.submit(read, 0) if work else None
+        for k, (j, layer, shape, sharding) in enumerate(work):
+            slices = pending.result()
+            pending = pool.submit(read, k + 1) if k + 1 < len(work) else None
+            array = jax.make_array_from_callback(
+                shape, sharding, lambda index, s=slices, shape=shape: s[_key(index, shape)])
+            del slices
+            leaf = leaves[j]
+            if layer is None:
+                out[j] = array.block_until_ready()
+            else:
+                if layer == 0:
+                    out[j] = jax.jit(lambda: jnp.zeros(leaf.shape, leaf.dtype),
+                                     out_shardings=leaf.sharding)()
+                out[j] = _set_layer(out[j], array, layer).block_until_ready()
+            del array
+            if on_tensor is not None and (layer is None or layer == len(maps[j].names) - 1):
+                on_tensor(maps[j].path, out[j])
     return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer_array: jax.Array, index) -> jax.Array:
+    """`stacked[index] = layer_array`, in place (the stacked buffer is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer_array.astype(stacked.dtype),
+                                               index, 0)
 
 
 # --------------------------------------------------------------------------- writing
