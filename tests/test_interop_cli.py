@@ -236,3 +236,33 @@ def test_import_generate_eval_finetune_export_cli(llama_dir, tmp_path):
         out, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_only_their_slices(llama_dir, tmp_path):
+    """`hf import` as 2 processes x 4 devices with the weights split over all 8 (fsdp): each
+    process reads about half of the checkpoint, and the result equals a 1-process import."""
+    import re
+    import subprocess
+
+    from helpers import ROOT
+    from infra.checkpoint import restore_params
+    from infra.interop.importer import abstract_params, import_hf
+
+    mp = tmp_path / "two"
+    p = subprocess.run(
+        [sys.executable, "scripts/launch_local.py", "--processes", "2", "--devices-per-process",
+         "4", "--", "hf", "import", str(llama_dir), "--workdir", str(mp),
+         "--config.mesh.data=1", "--config.mesh.fsdp=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    read = {int(m[0]): (float(m[1]), float(m[2])) for m in re.findall(
+        r"process (\d) of 2: read ([\d.]+) MiB of the checkpoint's ([\d.]+) MiB", p.stdout + p.stderr)}
+    assert set(read) == {0, 1}, p.stdout + p.stderr
+    for got, total in read.values():
+        assert 0.4 * total < got < 0.6 * total, read  # its half (+ the small replicated norms)
+    one = import_hf(llama_dir, tmp_path / "one")
+    config = config_lib.load_saved(one)
+    abstract = abstract_params(config)
+    a, b = restore_params(one, abstract)[0], restore_params(mp, abstract)[0]
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))

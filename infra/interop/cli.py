@@ -32,7 +32,13 @@ def run_cli(args, overrides: list[str]) -> int:
     if args.hf_command == "import":
         from infra.interop.importer import import_hf
 
-        workdir = import_hf(args.hf_dir, args.workdir, spec=args.config, overrides=overrides)
+        stats: dict = {}
+        workdir = import_hf(args.hf_dir, args.workdir, spec=args.config, overrides=overrides,
+                            stats=stats)
+        # every process reads only the slices its devices hold
+        print(f"process {jax.process_index()} of {jax.process_count()}: read "
+              f"{stats['bytes_read'] / 2**20:.2f} MiB of the checkpoint's "
+              f"{stats['bytes_total'] / 2**20:.2f} MiB", flush=True)
         if jax.process_index() == 0:
             print(f"imported {args.hf_dir} -> {workdir}")
         return 0

@@ -78,6 +78,9 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
         raise UserError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     st_dtype = NAMES[np.dtype(jax.numpy.dtype(storage))]
     tok = load_tokenizer(config.data.tokenizer)
+    from infra import mesh as mesh_lib
+
+    mesh_lib.initialize_distributed(config.distributed)
 
     abstract = abstract_params(config, _mesh(config))
     params, step = restore_params(workdir, abstract, step=step)

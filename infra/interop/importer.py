@@ -108,15 +108,20 @@ def abstract_params(config, mesh=None):
     return sharded.abstract["params"]
 
 
-def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None) -> Any:
-    """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io)."""
+def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
+                   stats: dict | None = None) -> Any:
+    """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io).
+    `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
     from infra.interop.hf_weights import tensor_maps
     from infra.interop.safetensors_io import SafetensorsDir, load_params
 
     ckpt = SafetensorsDir(hf_dir)
     maps = tensor_maps(abstract, config.model.num_layers)
     ckpt.check(maps, tied=config.model.tie_embeddings)
-    return load_params(ckpt, maps, abstract, on_tensor=on_tensor)
+    params = load_params(ckpt, maps, abstract, on_tensor=on_tensor)
+    if stats is not None:
+        stats.update(bytes_read=ckpt.bytes_read, bytes_total=ckpt.nbytes)
+    return params
 
 
 def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
@@ -143,8 +148,9 @@ def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
 
 
 def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = None,
-              overrides: list[str] | dict | None = None) -> Path:
-    """Import `hf_dir` into a new `workdir` (see the module docstring). Returns the workdir."""
+              overrides: list[str] | dict | None = None, stats: dict | None = None) -> Path:
+    """Import `hf_dir` into a new `workdir` (see the module docstring). Returns the workdir;
+    `stats` (a dict) receives what this process read (`load_hf_params`)."""
     import jax
     from ml_collections import ConfigDict
 
@@ -171,6 +177,9 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
             raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
                             f"model.vocab_size is {config.model.vocab_size}; the checkpoint "
                             "does not match its tokenizer")
+    from infra import mesh as mesh_lib
+
+    mesh_lib.initialize_distributed(config.distributed)  # a multi-process import
     ckpt = SafetensorsDir(hf_dir)  # every header checked before anything is written
     abstract = abstract_params(config)
     ckpt.check(tensor_maps(abstract, config.model.num_layers), tied=config.model.tie_embeddings)
@@ -182,7 +191,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
         tmp.mkdir(parents=True)
     _barrier("infra_import_start")
     try:
-        params = load_hf_params(hf_dir, config, abstract)
+        params = load_hf_params(hf_dir, config, abstract, stats=stats)
         write_params_checkpoint(tmp, params, {"config": config.to_dict(),
                                               "experiment": config.experiment,
                                               "source": str(hf_dir)})

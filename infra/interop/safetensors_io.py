@@ -111,6 +111,7 @@ class SafetensorsDir:
                                       "Hugging Face model directory saved with safetensors")
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         self.offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data
+        self.bytes_read = 0  # tensor bytes this process has read (its devices' slices)
         for file in files:
             path = self.directory / file
             header, data_start = read_header(path, with_offset=True)
@@ -187,19 +188,22 @@ class SafetensorsDir:
             for i, bs in enumerate(bounds):
                 if i not in strided:
                     _pread_into(fd, outs[i], self.offsets[name] + bs[0][0] * row_bytes)
-            if strided:
-                first = min(bounds[i][0][0] for i in strided)
-                last = max(bounds[i][0][1] for i in strided)
+                    self.bytes_read += outs[i].nbytes
+            if strided:  # mapped one row block at a time: only the pages holding the slices
+                first = min(bounds[i][0][0] for i in strided)  # are read, and each block's
+                last = max(bounds[i][0][1] for i in strided)  # mapping is dropped at once
                 block = max(1, READ_BLOCK // max(row_bytes, 1))
                 for r in range(first, last, block):
                     n = min(block, last - r)
-                    buf = np.empty((n, *shape[1:]), dtype)
-                    _pread_into(fd, buf, self.offsets[name] + r * row_bytes)
+                    rows = np.memmap(path, dtype, "r", offset=self.offsets[name] + r * row_bytes,
+                                     shape=(n, *shape[1:]))
                     for i in strided:
                         (a, b), trailing = bounds[i][0], tuple(slice(x, y) for x, y in bounds[i][1:])
                         lo, hi = max(a, r), min(b, r + n)
                         if lo < hi:
-                            outs[i][lo - a: hi - a] = buf[(slice(lo - r, hi - r), *trailing)]
+                            outs[i][lo - a: hi - a] = rows[(slice(lo - r, hi - r), *trailing)]
+                            self.bytes_read += outs[i][lo - a: hi - a].nbytes
+                    del rows  # the last reference: unmapped here
         finally:
             os.close(fd)
         return [o.reshape(()) for o in outs] if scalar else outs
