@@ -185,3 +185,22 @@ def test_sharded_checkpoint_imports_like_a_single_file(root, tok_dir):
         params = restore_params(imported, abstract)[0]
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params,
                                          reference))
+
+
+def test_bfloat16_checkpoint_round_trip(root, tok_dir):
+    """bf16 weights import exactly (into float32 parameters) and export back bit for bit."""
+    import torch
+
+    from infra.interop.exporter import export_hf
+    from infra.interop.importer import import_hf
+
+    model = hf_models.build("qwen2", seed=3).to(torch.bfloat16)
+    directory = hf_models.save(model, root / "qwen2-bf16", tok_dir)
+    workdir = import_hf(directory, root / "wd-qwen2-bf16")
+    out = export_hf(workdir, root / "export-qwen2-bf16", dtype="bfloat16")
+    original, exported = _hf_state(directory), _hf_state(out)
+    assert original.keys() == exported.keys()
+    for name, value in original.items():
+        assert value.dtype == exported[name].dtype and str(value.dtype) == "bfloat16"
+        np.testing.assert_array_equal(value.view(np.uint16), exported[name].view(np.uint16))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -384,7 +384,7 @@ def write_safetensors(out_dir: Path, entries: list[tuple[str, str, tuple[int, ..
                 if array.shape != tuple(shape) or array.nbytes != size:
                     raise ValueError(f"{name}: produced {array.shape}, expected {shape}")
                 if f:
-                    f.write(memoryview(array.reshape(-1)).cast("B"))
+                    f.write(memoryview(array.reshape(-1).view(np.uint8)))
                 total += size
         finally:
             if f:
