@@ -91,6 +91,8 @@ def test_refused_configs_name_the_problem():
     mistral = {**base, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
                "rope_scaling": None, "sliding_window": 4096, "max_position_embeddings": 32768}
     assert from_hf(mistral)["max_seq_len"] == 4096
+    with pytest.raises(UserError, match="init.from '/nonexistent' is neither"):
+        config_lib.load("experiments/lm.py:smoke", {"init.from": "/nonexistent"})
 
 
 @pytest.fixture(scope="module")

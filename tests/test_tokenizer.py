@@ -89,6 +89,10 @@ def test_token_dir_is_deterministic_and_resumable(tok_path, tmp_path, monkeypatc
     for split in ("train", "val"):
         assert (tmp_path / "resumed" / f"{split}.bin").read_bytes() == \
             (tmp_path / "one" / f"{split}.bin").read_bytes()
+    # Training with another tokenizer than the files were made with is refused.
+    with pytest.raises(DataError, match="was tokenised with"):
+        token_file.check_tokenizer(one, "", tmp_path / "one")
+    token_file.check_tokenizer(one, str(tok_path), tmp_path / "one")
     # Another tokenizer into the same directory is refused.
     with pytest.raises(DataError, match="another tokenization"):
         token_file.build_token_dir(FILES, "", tmp_path / "one", workers=1, **kwargs)

@@ -160,6 +160,7 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
     bar and bar.close()
 
     index = {"version": 1, "plan": plan_hash, "dtype": dtype.name, "tokenizer": tokenizer,
+             "tokenizer_id": plan["tokenizer"],
              "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
              "files": len(files), "splits": {}}
     for split in SPLITS:  # assemble in chunk order: independent of the workers' timing
@@ -179,6 +180,15 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
     os.replace(out / (INDEX + ".tmp"), out / INDEX)
     shutil.rmtree(parts)
     return index
+
+
+def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
+    """DataError unless `tokenizer` (a `data.tokenizer` spec) is the one the files were made with."""
+    if index.get("tokenizer_id") != _tokenizer_id(tokenizer):
+        raise DataError(f"data.token_dir {str(directory)!r} was tokenised with "
+                        f"{index.get('tokenizer') or 'bytes'!r}, not data.tokenizer "
+                        f"{tokenizer or 'bytes'!r}", key="data.tokenizer",
+                        value=repr(index.get("tokenizer") or ""))
 
 
 def open_token_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

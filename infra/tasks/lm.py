@@ -66,9 +66,10 @@ class LanguageModelTask(Task):
         """(train tokens, held-out tokens), read once."""
         d = self.config.data
         if d.token_dir:
-            from infra.data.token_file import open_token_dir
+            from infra.data.token_file import check_tokenizer, open_token_dir
 
             index, arrays = open_token_dir(d.token_dir)
+            check_tokenizer(index, d.tokenizer, d.token_dir)
             if index["vocab_size"] > self.config.model.vocab_size:
                 raise ConfigError(f"data.token_dir {d.token_dir!r} holds ids up to "
                                   f"{index['vocab_size'] - 1} but model.vocab_size is "
