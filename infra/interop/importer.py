@@ -155,6 +155,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
     from ml_collections import ConfigDict
 
     from infra import config as config_lib
+    from infra import mesh as mesh_lib
     from infra import process
     from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
     from infra.interop.hf_config import from_hf
@@ -177,8 +178,6 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
             raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
                             f"model.vocab_size is {config.model.vocab_size}; the checkpoint "
                             "does not match its tokenizer")
-    from infra import mesh as mesh_lib
-
     mesh_lib.initialize_distributed(config.distributed)  # a multi-process import
     ckpt = SafetensorsDir(hf_dir)  # every header checked before anything is written
     abstract = abstract_params(config)
@@ -190,14 +189,13 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier("infra_import_start")
+    saved = config.to_dict()  # with the workdir's own copy of the tokenizer
+    saved["data"]["tokenizer"] = str(tok_dir) if has_tokenizer else ""
     try:
         params = load_hf_params(hf_dir, config, abstract, stats=stats)
-        write_params_checkpoint(tmp, params, {"config": config.to_dict(),
-                                              "experiment": config.experiment,
+        write_params_checkpoint(tmp, params, {"config": saved, "experiment": config.experiment,
                                               "source": str(hf_dir)})
         if main:
-            saved = config.to_dict()  # the workdir's own copy of the tokenizer
-            saved["data"]["tokenizer"] = str(tok_dir) if has_tokenizer else ""
             config_lib.save(ConfigDict(saved), tmp)
             (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
             if has_tokenizer:

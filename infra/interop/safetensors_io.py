@@ -69,7 +69,8 @@ def read_header(path: Path, with_offset: bool = False):
                                           f"(header of {n} bytes in a {size}-byte file)")
             header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise CheckpointFileError(f"{path} is missing; the checkpoint directory is incomplete")
+        raise CheckpointFileError(f"{path} is missing; the checkpoint directory is "
+                                  "incomplete") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointFileError(f"cannot read the header of {path} ({type(e).__name__}); is "
                                   "it a safetensors file?") from None
@@ -78,7 +79,13 @@ def read_header(path: Path, with_offset: bool = False):
     header.pop("__metadata__", None)
     data = size - 8 - n
     for name, entry in header.items():
-        start, end = entry["data_offsets"]
+        try:
+            start, end = (int(x) for x in entry["data_offsets"])
+            entry["shape"] = [int(x) for x in entry["shape"]]
+            entry["dtype"] = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFileError(f"{path}: the header entry of {name!r} is malformed; is "
+                                      "it a safetensors file?") from None
         if entry["dtype"] not in DTYPES:
             raise CheckpointFileError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, "
                                       f"which is not supported ({', '.join(DTYPES)})")
