@@ -109,7 +109,7 @@ def test_logits_match_transformers(arch, root, tok_dir):
           f"(logits up to {np.abs(ref).max():.1f})")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", list(hf_models.ARCHS))
 def test_greedy_generation_matches_transformers(arch, root, tok_dir):
     import torch
 
@@ -204,3 +204,23 @@ def test_bfloat16_checkpoint_round_trip(root, tok_dir):
         assert value.dtype == exported[name].dtype and str(value.dtype) == "bfloat16"
         np.testing.assert_array_equal(value.view(np.uint16), exported[name].view(np.uint16))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_generation_stops_at_the_tokenizers_eos(root, tok_dir):
+    """Make the first greedy token the tokenizer's EOS: generation stops right after it."""
+    from infra.data.tokenizer import load_tokenizer
+    from infra.generate import complete
+
+    _, _, workdir = hf_model("llama", root, tok_dir)
+    first = complete(workdir, "x = ", max_new_tokens=4, temperature=0.0)["token_ids"][0]
+    tok_config = workdir / "tokenizer" / "tokenizer_config.json"
+    saved = tok_config.read_text()
+    name = load_tokenizer(str(workdir / "tokenizer"))._tok.id_to_token(first)
+    tok_config.write_text(json.dumps({**json.loads(saved), "eos_token": name}))
+    load_tokenizer.cache_clear()
+    try:
+        out = complete(workdir, "x = ", max_new_tokens=4, temperature=0.0)
+    finally:
+        tok_config.write_text(saved)
+        load_tokenizer.cache_clear()
+    assert out["token_ids"] == [first] and out["finish_reason"] == "eos" and out["text"] == ""
