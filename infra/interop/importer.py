@@ -125,21 +125,26 @@ def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
 
 
 def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
-    """A parameters-only step-0 checkpoint in the run layout (state, checksums, metadata)."""
+    """A parameters-only step-0 checkpoint in the run layout: `state` (`{"params": ...}`),
+    `fingerprint/fingerprint.json` (a checksum per array, what `restore_params` verifies) and
+    `meta/metadata` (JSON). Written with Orbax's stock handlers, so it does not depend on the
+    training checkpointer's own ones."""
     import orbax.checkpoint as ocp
 
     from infra.checkpoint import layout
-    from infra.checkpoint.orbax_handlers import FingerprintSave
-    from infra.checkpoint.verify import fingerprint_async
+    from infra.checkpoint.verify import fingerprint
 
     state = {"params": params}
     manager = ocp.CheckpointManager(
         layout.checkpoints_dir(workdir),
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True))
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        item_handlers={layout.STATE: ocp.StandardCheckpointHandler(),
+                       layout.FINGERPRINT: ocp.JsonCheckpointHandler(filename="fingerprint.json"),
+                       layout.META: ocp.JsonCheckpointHandler()})
     try:
         manager.save(0, args=ocp.args.Composite(**{
             layout.STATE: ocp.args.StandardSave(state),
-            layout.FINGERPRINT: FingerprintSave(fingerprint_async(state)),
+            layout.FINGERPRINT: ocp.args.JsonSave(fingerprint(state)),
             layout.META: ocp.args.JsonSave({"step": 0, "params_only": True, **meta}),
         }), force=True)
         manager.wait_until_finished()
