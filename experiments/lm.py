@@ -10,7 +10,7 @@ VARIANTS = {
     "tiny": "3.4M params, a few minutes on a laptop CPU; the loss visibly falls",
     "125m": "GPT-2-small-sized (bf16), for one accelerator or a small slice",
     "1b": "1.2B params (bf16, FSDP), for a GPU node or a TPU slice",
-    "8b": "Llama-3-8B shape (bf16, FSDP), for a TPU pod slice or GPU cluster",
+    "8b": "8B-class: Llama-3-8B layer shapes with the byte-level vocabulary (not the released model: see experiments/llama.py:llama3.1-8b)",
 }
 
 MODELS = {

@@ -7,6 +7,9 @@
   plot   runs/a [runs/b ...] [--out loss.png]  loss vs step and vs tokens seen, one PNG
   generate --workdir runs/x --prompt "def " [--temperature 0.8 --top_k 40]  sample from a run
   eval   --workdir runs/x [--step N]  eval metrics of a checkpoint (read-only), one JSON line
+  hf import <hf_dir> --workdir w / hf export --workdir w --out dir  Hugging Face checkpoints
+  tokenizer train --files '<glob>' --vocab_size N --out tok.json  a byte-level BPE, offline
+  tokenize --tokenizer tok.json --files '<glob>' --out dir  a corpus -> memory-mapped token files
 
 JAX is imported only after `--cpu_devices` has been applied, which must precede backend start-up.
 Bad input (`UserError`) prints one line on stderr and exits with its code (see infra/errors.py).
@@ -74,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out data (one JSON line)")
     evaluate.add_arguments(e)
+
+    from infra.data import tokenizer_cli
+    from infra.interop import cli as hf_cli
+
+    h = sub.add_parser("hf", help="import / export Hugging Face Llama-family checkpoints")
+    hf_cli.add_arguments(h)
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text")
+    tokenizer_cli.add_train_arguments(tk)
+    tz = sub.add_parser("tokenize", help="tokenise a corpus once into memory-mapped token files")
+    tokenizer_cli.add_tokenize_arguments(tz)
     return p
 
 
@@ -178,8 +191,9 @@ def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
-    if overrides and args.command not in ("train", "plan"):
-        raise UserError(f"--config.* overrides apply to `train` and `plan` only, not `{args.command}`")
+    if overrides and args.command not in ("train", "plan", "hf"):
+        raise UserError(f"--config.* overrides apply to `train`, `plan` and `hf import` "
+                        f"only, not `{args.command}`")
     cpu_devices = args.cpu_devices
     if args.command == "plan":
         cpu_devices = args.devices  # plan emulates the chips it plans for
@@ -206,6 +220,18 @@ def _run(argv: list[str] | None) -> int:
         from infra import evaluate
 
         return evaluate.run_cli(args)
+    if args.command == "hf":
+        from infra.interop import cli as hf_cli
+
+        return hf_cli.run_cli(args, overrides)
+    if args.command == "tokenizer":
+        from infra.data import tokenizer_cli
+
+        return tokenizer_cli.run_train_cli(args)
+    if args.command == "tokenize":
+        from infra.data import tokenizer_cli
+
+        return tokenizer_cli.run_tokenize_cli(args)
     return cmd_smoke(args)
 
 

@@ -152,6 +152,11 @@ def base_config(task: str = "lm") -> ConfigDict:
         )
     )
 
+    # Start from another model's parameters (fresh optimizer, step 0): a workdir of ours or a
+    # Hugging Face model directory; the run then takes its architecture and tokenizer
+    # (infra/interop/init_from.py).
+    c.init = ConfigDict({"from": ""})
+
     c.profile = ConfigDict(
         dict(steps=())  # (first, last): capture a jax.profiler trace of these steps (TensorBoard)
     )
@@ -258,6 +263,9 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
         overrides = parse_override_args(list(overrides))
     apply_overrides(config, overrides)
     apply_preset(config, explicit=set(overrides))
+    from infra.interop.init_from import apply_source_architecture
+
+    apply_source_architecture(config)
     validate(config)
     config.lock()
     return config

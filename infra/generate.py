@@ -3,10 +3,13 @@
 Rebuilds the model from `<workdir>/config.json` (the resolved config the run saved), restores only
 the parameters of the newest intact checkpoint (`infra.checkpoint.restore_params`: checksums
 verified, nothing in the workdir changed), and samples autoregressively in one jitted loop:
-the context lives in a fixed buffer of `model.max_seq_len` tokens (`[BOS] + prompt`, padded), and
-each step runs the model on the whole buffer and reads the logits at the current position (no KV
-cache: simple, and exact because attention is causal). Temperature scaling and top-k filtering;
-temperature 0 is greedy. Stops at EOS, after `max_new_tokens`, or when the buffer is full.
+the context lives in a fixed buffer (`[BOS] + prompt`, padded; as long as prompt and new tokens
+need, rounded up to 64, at most `model.max_seq_len`), and each step runs the model on the whole
+buffer and reads the logits at the current position (no KV cache: simple, and exact because
+attention is causal). Temperature scaling and top-k filtering; temperature 0 is greedy. Text is
+encoded and decoded with the run's tokenizer (`data.tokenizer`: bytes by default), which also
+gives BOS and EOS; only ids of the tokenizer that are not BOS / PAD can be sampled. Stops at EOS,
+after `max_new_tokens`, or when the buffer is full. `--json` prints one JSON object per run.
 
 JAX is imported inside the functions: the CLI applies `--cpu_devices` before JAX starts.
 """
@@ -73,22 +76,19 @@ def _check_arguments(prompt: str, *, max_new_tokens: int, temperature: float, to
 
 
 def make_sampler(model_def, max_seq_len: int):
-    """A jitted `(params, buffer, start, max_new, temperature, top_k, key) -> (buffer, end)`.
+    """A jitted `(params, buffer, start, max_new, temperature, top_k, key, allowed, eos) ->
+    (buffer, end)`.
 
     `buffer` is `(1, max_seq_len)` int32 holding `[BOS] + prompt` in `[0, start)`; tokens are
-    written at `start, start + 1, …` until EOS (written too), `max_new` tokens, or the buffer's
-    end; `end` is one past the last token written.
+    written at `start, start + 1, …` until `eos` (written too), `max_new` tokens, or the buffer's
+    end; `end` is one past the last token written. `allowed` (vocab,) bool: the ids that may
+    be sampled.
     """
     import jax
     import jax.numpy as jnp
 
-    from infra import data
-
-    def sample(params, buffer, start, max_new, temperature, top_k, key):
+    def sample(params, buffer, start, max_new, temperature, top_k, key, allowed, eos):
         model = model_def.merge(params)
-        vocab = jnp.arange(model.vocab_size)
-        # Only bytes and EOS can follow: never PAD, BOS or the padding of the vocabulary.
-        allowed = (vocab < 256) | (vocab == data.EOS_ID)
         stop = jnp.minimum(start + max_new, max_seq_len)
 
         def cond(carry):
@@ -108,7 +108,7 @@ def make_sampler(model_def, max_seq_len: int):
             sampled = jax.random.categorical(sub, filtered / jnp.maximum(temperature, 1e-6))
             token = jnp.where(temperature > 0, sampled, greedy).astype(buf.dtype)
             buf = buf.at[0, pos].set(token)
-            return buf, pos + 1, token == data.EOS_ID, key
+            return buf, pos + 1, token == eos, key
 
         buf, end, _, _ = jax.lax.while_loop(cond, body, (buffer, start, jnp.array(False), key))
         return buf, end
@@ -119,12 +119,21 @@ def make_sampler(model_def, max_seq_len: int):
 def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
     """Prompt + completion sampled from the newest checkpoint in `workdir`."""
+    return prompt + complete(workdir, prompt, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, seed=seed)["text"]
+
+
+def complete(workdir: str | Path, prompt: str | list[int], *, max_new_tokens: int = 200,
+             temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> dict:
+    """`{"text", "token_ids", "finish_reason"}` of a completion of `prompt` (text, or token
+    ids that follow BOS) from the newest checkpoint in `workdir`; `token_ids` are the new ones
+    (with the EOS that stopped it, which `text` leaves out)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from infra import data, sharding
+    from infra import sharding
     from infra.checkpoint import committed_steps, restore_params
     from infra.state import shard_state
     from infra.tasks import get_task, logical_rules
@@ -136,11 +145,18 @@ def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
     if not committed_steps(workdir):  # before building anything: the common mistake
         raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
                         f"(python -m infra train --config ... --workdir {workdir})")
-    length = int(config.model.max_seq_len)
-    ids = np.concatenate([[data.BOS_ID], data.encode(prompt)]).astype(np.int32)
-    if len(ids) >= length:
-        raise UserError(f"the prompt is {len(ids) - 1} tokens (bytes) but the model's context is "
-                        f"{length} tokens including BOS; shorten --prompt to under {length - 1} bytes")
+    from infra.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(config.data.tokenizer)
+    body = tok.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, np.int32)
+    ids = np.concatenate([[tok.bos_id] if tok.bos_id is not None else [], body]).astype(np.int32)
+    limit = int(config.model.max_seq_len)
+    if len(ids) >= limit:
+        raise UserError(f"the prompt is {len(ids)} tokens but the model's context is {limit} "
+                        f"tokens; shorten --prompt")
+    if len(ids) == 0:
+        raise UserError("this tokenizer has no BOS token: pass a non-empty --prompt")
+    length = min(limit, -(-(len(ids) + max_new_tokens) // 64) * 64)  # fewer shapes to compile
 
     mesh = _mesh(config)
     rules = sharding.normalize_rules(logical_rules(config), mesh)
@@ -149,23 +165,33 @@ def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
     params, step = restore_params(workdir, sharded.abstract["params"])
     log.info("generating from checkpoint step %d in %s", step, workdir)
 
-    buffer = np.full((1, length), data.PAD_ID, np.int32)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    buffer = np.full((1, length), pad, np.int32)
     buffer[0, : len(ids)] = ids
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # One compiled sampler per model and mesh in this process (the prompt, lengths, temperature,
     # top-k and seed are traced arguments): repeated calls from a notebook compile once.
-    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
+    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str), length,
            tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
     if key not in _SAMPLERS:
         _SAMPLERS[key] = make_sampler(sharded.model, length)
     sampler = _SAMPLERS[key]
+    # Never BOS, PAD or the vocabulary's padding beyond the tokenizer.
+    allowed = np.arange(config.model.vocab_size) < tok.vocab_size
+    for special in (tok.bos_id, tok.pad_id):
+        if special is not None and special != tok.eos_id:
+            allowed[special] = False
+    eos = tok.eos_id if tok.eos_id is not None else -1
     buf, end = sampler(
         params, jax.device_put(buffer, replicated), jnp.int32(len(ids)),
         jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
-        jax.random.key(seed),
+        jax.random.key(seed), jax.device_put(allowed, replicated), jnp.int32(eos),
     )
     new = np.asarray(jax.device_get(buf))[0, len(ids): int(end)]
-    return prompt + data.decode(new)  # decode drops EOS
+    stopped = len(new) > 0 and int(new[-1]) == eos
+    text = tok.decode(new[:-1] if stopped else new)
+    return {"text": text, "token_ids": [int(t) for t in new],
+            "finish_reason": "eos" if stopped else "length"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,11 +201,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=40, help="sample among the k likeliest; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text (the completion), token_ids, finish_reason")
     p.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_cli(args) -> int:
-    text = generate(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(text)
+    out = complete(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(json.dumps(out, ensure_ascii=False) if args.json else args.prompt + out["text"])
     return 0

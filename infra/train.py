@@ -25,6 +25,7 @@ from infra import workdir as workdir_lib
 from infra.checkpoint import Checkpointer
 from infra.errors import Preempted, UserError
 from infra.events import EventLog
+from infra.interop import init_from
 from infra.loop import preemption
 from infra.loop.evaluator import Evaluator
 from infra.loop.nonfinite import NonFiniteGuard
@@ -189,15 +190,25 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             peers.close(clean)
 
 
-def _resume_or_start(trainer: Trainer, ckpt: Checkpointer) -> tuple[State, Any, bool]:
+def _resume_or_start(trainer: Trainer, ckpt: Checkpointer,
+                     workdir: Path) -> tuple[State, Any, bool]:
     """(state, data iterator, resumed): the newest intact checkpoint with the data position it
-    saved, or a fresh start where starting over loses nothing (`workdir.check_fresh_start`)."""
+    saved, or a fresh start where starting over loses nothing (`workdir.check_fresh_start`),
+    from the parameters of `init.from` or of the workdir's own parameters-only checkpoint (what
+    `hf import` writes)."""
     pid, pcount, task = jax.process_index(), jax.process_count(), trainer.task
     make_iterator = lambda start: task.train_iterator(pid, pcount, start_step=start)  # noqa: E731
-    restored = ckpt.restore_latest(trainer.state.abstract, make_iterator)
+    imported = init_from.params_only_checkpoint(workdir)
+    restored = None if imported else ckpt.restore_latest(trainer.state.abstract, make_iterator)
     if restored is None:
-        workdir_lib.check_fresh_start(ckpt.directory.parent)
-        return trainer.state.init(jax.random.key(trainer.config.train.seed)), make_iterator(0), False
+        if not imported:
+            workdir_lib.check_fresh_start(workdir)
+        state = trainer.state.init(jax.random.key(trainer.config.train.seed))
+        source = workdir if imported else init_from.source_of(trainer.config)
+        if source:
+            state["params"] = init_from.load_params(source, trainer.config,
+                                                    trainer.state.abstract["params"])
+        return state, make_iterator(0), False
     state, meta, iterator = restored
     log.info("resumed from step %d in %s", meta["step"], ckpt.directory)
     return state, iterator, True
@@ -206,7 +217,7 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer) -> tuple[State, Any, 
 def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
            evaluator: Evaluator) -> tuple[State, list[dict]]:
     tc, task = config.train, trainer.task
-    state, train_iter, resumed = _resume_or_start(trainer, ckpt)
+    state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir)
     step, end = int(state["step"]), min(tc.steps, tc.stop_at or tc.steps)
     if is_main_process():  # only now that config, data and checkpoint are known to be good
         config_lib.save(config, workdir)

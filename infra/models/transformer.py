@@ -87,10 +87,30 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, *, transpose_w: bool = Fals
     return out.reshape(*lead, *out_shape)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(half: int, theta: float,
+                     scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+    """The `half` rotary inverse frequencies ``theta ** (-i / half)``; with ``scaling`` =
+    (factor, low_freq_factor, high_freq_factor, original_max_len), Llama 3.1's frequency-dependent
+    scaling (as transformers' ``_compute_llama3_parameters``): wavelengths longer than
+    ``original_max_len / low_freq_factor`` are stretched by ``factor``, shorter than
+    ``original_max_len / high_freq_factor`` kept, and those between interpolated smoothly."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half form) on the last dim of x: (batch, length, heads, head_dim)."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    inv_freq = rope_frequencies(half, theta, scaling)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (length, half)
     sin = jnp.sin(angles)[None, :, None, :]
     cos = jnp.cos(angles)[None, :, None, :]
@@ -102,10 +122,11 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned scale; computed in float32, returns ``dtype``."""
 
-    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 axes: tuple[str, ...] = ("norm",)):
         self.eps = eps
         self.dtype = dtype
-        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -115,17 +136,25 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE on q and k; causal unless ``causal=False``
-    (encoders: vision patches, forecast windows)."""
+    (encoders: vision patches, forecast windows).
+
+    Options the released Llama-family models need (all off by default): ``qkv_bias`` (Qwen2:
+    biases on q, k, v), ``out_bias`` (Llama's ``attention_bias`` also biases o), ``qk_norm``
+    (Qwen3: an RMSNorm over head_dim on each q and k head, before RoPE, eps ``norm_eps``) and
+    ``rope_scaling`` (Llama 3.1's, see `rope_frequencies`)."""
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope_theta: float, out_scale: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 causal: bool = True, causal_blocks: int = 1):
+                 causal: bool = True, causal_blocks: int = 1, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
+                 rope_scaling: tuple[float, float, float, int] | None = None):
         self.causal = causal
         self.causal_blocks = causal_blocks
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
         self.dtype = dtype
         in_init = _normal(1.0 / math.sqrt(d_model))
         out_init = _normal(out_scale / math.sqrt(num_heads * head_dim))
@@ -137,19 +166,43 @@ class Attention(nnx.Module):
                         ("embed", "kv_heads", "head_dim"))
         self.o = _param(rngs, out_init, (num_heads, head_dim, d_model), param_dtype,
                         ("heads", "head_dim", "embed"))
+        zeros = jax.nn.initializers.zeros
+        if qkv_bias:
+            self.q_bias = _param(rngs, zeros, (num_heads, head_dim), param_dtype,
+                                 ("heads", "head_dim"))
+            self.k_bias = _param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
+                                 ("kv_heads", "head_dim"))
+            self.v_bias = _param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
+                                 ("kv_heads", "head_dim"))
+        if out_bias:
+            self.o_bias = _param(rngs, zeros, (d_model,), param_dtype, ("embed",))
+        if qk_norm:
+            common = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          axes=("head_dim",))
+            self.q_norm = RMSNorm(head_dim, **common)
+            self.k_norm = RMSNorm(head_dim, **common)
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        dt = self.dtype
+        y = dense(x, getattr(self, name)[...].astype(dt))
+        if hasattr(self, f"{name}_bias"):
+            y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+        if hasattr(self, f"{name}_norm"):
+            y = getattr(self, f"{name}_norm")(y)
+        return y
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         dt = self.dtype
         b, t, _ = x.shape
         x = x.astype(dt)
-        q = dense(x, self.q[...].astype(dt))
-        k = dense(x, self.k[...].astype(dt))
-        v = dense(x, self.v[...].astype(dt))
+        q = self._project(x, "q")
+        k = self._project(x, "k")
+        v = self._project(x, "v")
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
         k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
+        q = rope(q, positions, self.rope_theta, self.rope_scaling)
+        k = rope(k, positions, self.rope_theta, self.rope_scaling)
         # Head-major layout for the two attention matmuls: (batch, kv_heads, rows, head_dim),
         # where query rows are (position, group member) pairs, position-major; query head n
         # uses kv head n // group. On XLA:CPU this layout with an additive mask halves the
@@ -174,7 +227,10 @@ class Attention(nnx.Module):
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
         out = out.reshape(b, self.num_kv_heads, t, group, self.head_dim).transpose(0, 2, 1, 3, 4)
         out = out.reshape(b, t, self.num_heads, self.head_dim)
-        return dense(out, self.o[...].astype(dt), n_in=2)
+        out = dense(out, self.o[...].astype(dt), n_in=2)
+        if hasattr(self, "o_bias"):
+            out = out + self.o_bias[...].astype(dt)
+        return out
 
     def _query_blocks(self, length: int) -> list[tuple[int, int]]:
         """Position ranges of the query blocks: ``causal_blocks`` equal blocks when causal (block
@@ -189,23 +245,34 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: (silu(x W_gate) * (x W_up)) W_down."""
+    """SwiGLU feed-forward: (silu(x W_gate) * (x W_up)) W_down; ``bias``: biases on all three
+    (Llama's ``mlp_bias``)."""
 
     def __init__(self, *, d_model: int, mlp_dim: int, out_scale: float, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, bias: bool = False):
         self.dtype = dtype
         in_init = _normal(1.0 / math.sqrt(d_model))
         self.gate = _param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
         self.up = _param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
         self.down = _param(rngs, _normal(out_scale / math.sqrt(mlp_dim)), (mlp_dim, d_model),
                            param_dtype, ("mlp", "embed"))
+        if bias:
+            zeros = jax.nn.initializers.zeros
+            self.gate_bias = _param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
+            self.up_bias = _param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
+            self.down_bias = _param(rngs, zeros, (d_model,), param_dtype, ("embed",))
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        y = dense(x, getattr(self, name)[...].astype(self.dtype))
+        if hasattr(self, f"{name}_bias"):
+            y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
+        return y
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        x = x.astype(dt)
-        h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
+        x = x.astype(self.dtype)
+        h = jax.nn.silu(self._project(x, "gate")) * self._project(x, "up")
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return dense(h, self.down[...].astype(dt))
+        return self._project(h, "down")
 
 
 class Block(nnx.Module):
@@ -213,14 +280,19 @@ class Block(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  mlp_dim: int, rope_theta: float, norm_eps: float, out_scale: float, dtype,
-                 param_dtype, rngs: nnx.Rngs, causal: bool = True, causal_blocks: int = 1):
+                 param_dtype, rngs: nnx.Rngs, causal: bool = True, causal_blocks: int = 1,
+                 mlp_bias: bool = False, **attention_options):
+        """``attention_options``: `Attention`'s optional features (qkv_bias, out_bias, qk_norm,
+        rope_scaling)."""
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(d_model, eps=norm_eps, **common)
         self.attn = Attention(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_theta=rope_theta, out_scale=out_scale,
-                              causal=causal, causal_blocks=causal_blocks, **common)
+                              causal=causal, causal_blocks=causal_blocks, norm_eps=norm_eps,
+                              **attention_options, **common)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps, **common)
-        self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, **common)
+        self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
+                       **common)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions)
@@ -263,13 +335,24 @@ class TransformerConfig(HyperParams):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    # Options of released Llama-family models (infra/interop imports them); off = our own model.
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    out_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+    mlp_bias: bool = False  # biases on gate, up, down (Llama mlp_bias)
+    qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1 / 3.2 frequency-dependent scaling)
+    rope_factor: float = 8.0  # llama3 scaling: factor
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: low_freq_factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: high_freq_factor
+    rope_original_max_len: int = 8192  # llama3 scaling: original_max_position_embeddings
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | save_dots: recompute activations in the backward pass
     scan_layers: bool = False  # one stacked block applied with a scan: faster compiles
     causal_blocks: int = 4  # query blocks of causal attention (1 = the whole score matrix)
 
-    choices = {**HyperParams.choices, "remat": tuple(REMAT_POLICIES)}
+    choices = {**HyperParams.choices, "remat": tuple(REMAT_POLICIES),
+               "rope_scaling": ("none", "llama3")}
 
     def validate(self) -> None:
         check_positive_ints("model", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -282,6 +365,25 @@ class TransformerConfig(HyperParams):
                               f"model.num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            raise ConfigError(f"model.rope_theta ({self.rope_theta}) and model.norm_eps "
+                              f"({self.norm_eps}) must be > 0")
+        if self.rope_scaling == "llama3":
+            check_positive_ints("model", rope_original_max_len=self.rope_original_max_len)
+            if not (self.rope_factor > 0 and 0 < self.rope_low_freq_factor
+                    < self.rope_high_freq_factor):
+                raise ConfigError(
+                    f"model.rope_factor ({self.rope_factor}) must be > 0 and 0 < "
+                    f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) < "
+                    f"model.rope_high_freq_factor ({self.rope_high_freq_factor})")
+
+    @property
+    def rope_scaling_args(self) -> tuple[float, float, float, int] | None:
+        """`rope_frequencies`' scaling argument, None without scaling."""
+        if self.rope_scaling == "none":
+            return None
+        return (self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_len)
 
     @property
     def layer_matmul_params(self) -> int:
@@ -331,7 +433,9 @@ class Transformer(nnx.Module):
         block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                             head_dim=c.head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
                             norm_eps=c.norm_eps, out_scale=out_scale, dtype=compute_dtype,
-                            param_dtype=storage_dtype, causal_blocks=c.causal_blocks)
+                            param_dtype=storage_dtype, causal_blocks=c.causal_blocks,
+                            qkv_bias=c.qkv_bias, out_bias=c.out_bias, mlp_bias=c.mlp_bias,
+                            qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args)
         layers = [Block(**block_kwargs, rngs=rngs) for _ in range(c.num_layers)]
         if c.scan_layers:
             self.blocks = _stack_blocks(layers)

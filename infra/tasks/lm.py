@@ -1,4 +1,8 @@
-"""Language modelling: next-token cross-entropy on packed byte-level text."""
+"""Language modelling: next-token cross-entropy on packed text (byte-level, or a real tokenizer).
+
+Data: `data.files` tokenised in memory with `data.tokenizer` ("" = bytes; a tokenizer.json or
+Hugging Face directory otherwise), or a corpus tokenised once with `python -m infra tokenize`
+(`data.token_dir`, memory-mapped)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ class LanguageModelTask(Task):
         seq_len=128,
         val_fraction=0.05,
         eval_batches=4,
+        tokenizer="",  # "" = byte-level; a tokenizer.json / HF model directory (infra.data.tokenizer)
+        token_dir="",  # a directory written by `python -m infra tokenize` (overrides data.files)
     )
 
     def __init__(self, config):
@@ -36,10 +42,12 @@ class LanguageModelTask(Task):
         if not 0 <= d.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
                               key="data.val_fraction", value="<value in [0, 1)>")
-        if config.model.vocab_size < data.VOCAB_SIZE:
+        vocab = self.tokenizer.vocab_size
+        if config.model.vocab_size < vocab:
+            kind = "byte-level" if not d.tokenizer else f"{d.tokenizer!r} tokenizer's"
             raise ConfigError(
-                f"model.vocab_size={config.model.vocab_size} is smaller than the byte-level "
-                f"vocabulary ({data.VOCAB_SIZE})", key="model.vocab_size", value=384)
+                f"model.vocab_size={config.model.vocab_size} is smaller than the {kind} "
+                f"vocabulary ({vocab})", key="model.vocab_size", value=-(-vocab // 128) * 128)
         if config.data.seq_len > config.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
@@ -47,10 +55,33 @@ class LanguageModelTask(Task):
             )
 
     @functools.cached_property
+    def tokenizer(self):
+        """The run's tokenizer (`data.tokenizer`)."""
+        from infra.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.config.data.tokenizer)
+
+    @functools.cached_property
     def corpus(self) -> tuple[np.ndarray, np.ndarray]:
         """(train tokens, held-out tokens), read once."""
         d = self.config.data
+        if d.token_dir:
+            from infra.data.token_file import check_tokenizer, open_token_dir
+
+            index, arrays = open_token_dir(d.token_dir)
+            check_tokenizer(index, d.tokenizer, d.token_dir)
+            if index["vocab_size"] > self.config.model.vocab_size:
+                raise ConfigError(f"data.token_dir {d.token_dir!r} holds ids up to "
+                                  f"{index['vocab_size'] - 1} but model.vocab_size is "
+                                  f"{self.config.model.vocab_size}", key="model.vocab_size",
+                                  value=index["vocab_size"])
+            return arrays["train"], arrays["val"]
         files = data.resolve_files(d.files)
+        if d.tokenizer:
+            from infra.data.token_file import tokenize_in_memory
+
+            return tokenize_in_memory(files, self.tokenizer, val_fraction=d.val_fraction,
+                                      seed=self.config.train.seed, pattern=d.files or None)
         return data.load_corpus(
             files, val_fraction=d.val_fraction, seed=self.config.train.seed, pattern=d.files or None
         )

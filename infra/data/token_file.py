@@ -1,0 +1,234 @@
+"""Tokenise a corpus once into memory-mapped token files; read them back as arrays.
+
+`python -m infra tokenize --files '<glob>' --tokenizer <tok> --out <dir> --workers N` writes
+
+    <dir>/train.bin, <dir>/val.bin   every document as [BOS] ids [EOS], concatenated (uint16 when
+                                     the vocabulary fits, else uint32), raw little-endian
+    <dir>/index.json                 dtype, token and document counts, tokenizer, the plan's hash
+
+The files are split into chunks tokenised by a pool of worker processes; each chunk is written
+to `parts/` under a temporary name and renamed when complete, so a killed run resumes where it
+stopped (`parts/plan.json` records what is being built: a different plan in the same directory is
+refused). The result does not depend on the number of workers or on their timing: chunks are
+assembled in file order. Held-out documents are whole files chosen by a hash of (seed, file name),
+as for byte-level text (`infra.data.text`); a single file holds out its last `val_fraction`.
+
+The LM task reads a token directory with `data.token_dir` (`open_token_dir`: `np.memmap`, nothing
+loaded up front); windows are cut and shuffled by the same grain pipeline as in-memory text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from infra.data import text
+from infra.errors import DataError
+
+INDEX = "index.json"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _tokenizer_id(spec: str) -> str:
+    """What identifies the tokenizer's behaviour: a hash of its tokenizer.json (or "bytes")."""
+    from infra.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    if not getattr(tok, "spec", ""):
+        return "bytes"
+    return hashlib.sha256(Path(tok.file).read_bytes()).hexdigest()[:16]
+
+
+def _documents(files: Sequence[str], val_fraction: float, seed: int) -> list[tuple[str, str, int, int]]:
+    """(split, file, start byte, end byte or -1) per document, in file order."""
+    if len(files) == 1:
+        size = os.path.getsize(files[0])
+        cut = size - int(size * val_fraction)
+        docs = [("train", files[0], 0, cut)]
+        return docs + ([("val", files[0], cut, -1)] if cut < size else [])
+    val = text._val_files(files, val_fraction, seed)
+    return [("val" if f in val else "train", f, 0, -1) for f in files]
+
+
+def _encode_chunk(args) -> tuple[int, dict[str, int]]:
+    """Worker: tokenise one chunk of documents into parts/<chunk>.<split>.bin (+ a .json marker)."""
+    chunk, docs, spec, parts, dtype = args
+    from infra.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    texts: dict[str, list] = {s: [] for s in SPLITS}
+    for split, path, start, end in docs:
+        data = text._read(path)[start:(None if end < 0 else end)]
+        if data:
+            texts[split].append(data)
+    for split in SPLITS:
+        if not texts[split]:
+            continue
+        if not tok.spec:  # bytes: no decoding round trip
+            arrays = [np.concatenate([[tok.bos_id], np.frombuffer(d, np.uint8), [tok.eos_id]])
+                      for d in texts[split]]
+        else:
+            strs = [d.decode("utf-8", errors="replace") for d in texts[split]]
+            bos = [tok.bos_id] if tok.bos_id is not None else []
+            eos = [tok.eos_id] if tok.eos_id is not None else []
+            arrays = [np.concatenate([bos, ids, eos]) for ids in tok.encode_batch(strs)]
+        out[split] = arrays
+    counts = {}
+    for split in SPLITS:
+        joined = (np.concatenate(out[split]) if out[split] else np.zeros(0)).astype(dtype)
+        tmp = parts / f"{chunk:06d}.{split}.bin.tmp"
+        joined.tofile(tmp)
+        os.replace(tmp, parts / f"{chunk:06d}.{split}.bin")
+        counts[split] = int(joined.size)
+        counts[f"{split}_documents"] = len(out[split])
+    tmp = parts / f"{chunk:06d}.json.tmp"
+    tmp.write_text(json.dumps(counts))
+    os.replace(tmp, parts / f"{chunk:06d}.json")
+    return chunk, counts
+
+
+def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, val_fraction: float = 0.05,
+                    seed: int = 0, workers: int = 0, chunk_bytes: int = 4 * 2**20,
+                    progress: bool = True) -> dict:
+    """Tokenise `files` with `tokenizer` (a `data.tokenizer` spec) into `out` (see module doc).
+    `workers` 0 = one per CPU. Returns the index (also written as `out/index.json`); a finished
+    directory with the same plan is returned as it is."""
+    from infra.data.tokenizer import load_tokenizer
+
+    out = Path(out)
+    files = sorted(files)
+    tok = load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    plan = {"version": 1, "tokenizer": _tokenizer_id(tokenizer), "val_fraction": val_fraction,
+            "seed": seed, "dtype": dtype.name,
+            "files": [[f, os.path.getsize(f)] for f in files]}
+    plan_hash = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    if (out / INDEX).is_file():
+        index = json.loads((out / INDEX).read_text())
+        if index.get("plan") == plan_hash:
+            return index
+        raise DataError(f"{out} holds another tokenization (other files, tokenizer or split); "
+                        "pass a new --out")
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    plan_file = parts / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()).get("plan") != plan_hash:
+        raise DataError(f"{out} holds an unfinished tokenization of other files or another "
+                        "tokenizer; pass a new --out or delete it")
+    plan_file.write_text(json.dumps({"plan": plan_hash, **plan}))
+
+    docs = _documents(files, val_fraction, seed)
+    chunks: list[list] = [[]]
+    size = 0
+    for d in docs:
+        if chunks[-1] and size >= chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(d)
+        size += os.path.getsize(d[1]) if d[3] < 0 else d[3] - d[2]
+    todo = [i for i in range(len(chunks)) if not (parts / f"{i:06d}.json").is_file()]
+    workers = workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    jobs = [(i, chunks[i], tokenizer, parts, dtype) for i in todo]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), unit="chunk",
+                   desc="tokenizing", dynamic_ncols=True)
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for _ in pool.imap_unordered(_encode_chunk, jobs):
+                bar and bar.update(1)
+    else:
+        for job in jobs:
+            _encode_chunk(job)
+            bar and bar.update(1)
+    bar and bar.close()
+
+    index = {"version": 1, "plan": plan_hash, "dtype": dtype.name, "tokenizer": tokenizer,
+             "tokenizer_id": plan["tokenizer"],
+             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+             "files": len(files), "splits": {}}
+    for split in SPLITS:  # assemble in chunk order: independent of the workers' timing
+        tmp = out / f"{split}.bin.tmp"
+        total = documents = 0
+        with open(tmp, "wb") as dst:
+            for i in range(len(chunks)):
+                counts = json.loads((parts / f"{i:06d}.json").read_text())
+                with open(parts / f"{i:06d}.{split}.bin", "rb") as src:
+                    shutil.copyfileobj(src, dst, 16 * 2**20)
+                total += counts[split]
+                documents += counts[f"{split}_documents"]
+        os.replace(tmp, out / f"{split}.bin")
+        index["splits"][split] = {"file": f"{split}.bin", "tokens": total, "documents": documents}
+    index["seconds"] = round(time.perf_counter() - start, 3)
+    (out / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(out / (INDEX + ".tmp"), out / INDEX)
+    shutil.rmtree(parts)
+    return index
+
+
+def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
+    """DataError unless `tokenizer` (a `data.tokenizer` spec) is the one the files were made with."""
+    if index.get("tokenizer_id") != _tokenizer_id(tokenizer):
+        raise DataError(f"data.token_dir {str(directory)!r} was tokenised with "
+                        f"{index.get('tokenizer') or 'bytes'!r}, not data.tokenizer "
+                        f"{tokenizer or 'bytes'!r}", key="data.tokenizer",
+                        value=repr(index.get("tokenizer") or ""))
+
+
+def open_token_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(index, {"train": memmap, "val": memmap}) of a directory `build_token_dir` wrote."""
+    directory = Path(directory)
+    try:
+        index = json.loads((directory / INDEX).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"data.token_dir {str(directory)!r} has no readable {INDEX}; write it "
+                        "with python -m infra tokenize --out <dir>", key="data.token_dir",
+                        value="<dir written by `infra tokenize`>") from None
+    arrays = {}
+    for split, info in index["splits"].items():
+        path = directory / info["file"]
+        expected = info["tokens"] * np.dtype(index["dtype"]).itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise DataError(f"{path} is missing or truncated ({expected} bytes expected); "
+                            "tokenize again into a new directory")
+        arrays[split] = (np.memmap(path, dtype=index["dtype"], mode="r") if info["tokens"]
+                         else np.zeros(0, index["dtype"]))
+    return index, arrays
+
+
+def tokenize_in_memory(files: Sequence[str], tok, *, val_fraction: float, seed: int,
+                       pattern: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) token arrays of `files` packed as [BOS] ids [EOS] with a Hugging Face
+    tokenizer `tok`, split as `build_token_dir` splits them (for corpora small enough to
+    tokenise at every start; larger ones: `python -m infra tokenize` once, then data.token_dir)."""
+    dtype = token_dtype(tok.vocab_size)
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    docs = _documents(files, val_fraction, seed)
+    texts = {s: [text._read(f)[a:(None if b < 0 else b)] for s2, f, a, b in docs if s2 == s]
+             for s in SPLITS}
+    for split in SPLITS:
+        strs = [t.decode("utf-8", errors="replace") for t in texts[split] if t]
+        for ids in tok.encode_batch(strs) if strs else []:
+            out[split].append(tok.encode_document_ids(ids))
+    if not out["train"] and not out["val"]:
+        name = pattern if pattern is not None else ",".join(files[:3])
+        raise DataError(f"data files {name!r} hold no text; point data.files at non-empty "
+                        "text files (or leave it empty for the default corpus)")
+    return tuple((np.concatenate(out[s]) if out[s] else np.zeros(0)).astype(dtype)
+                 for s in SPLITS)

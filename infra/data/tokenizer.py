@@ -1,0 +1,160 @@
+"""One tokenizer interface for the LM task, `generate` and export: byte-level or Hugging Face.
+
+`data.tokenizer` selects it: `""` (default) is our byte-level tokenizer (ids 0-255 are bytes,
+then PAD 256, BOS 257, EOS 258); a path to a `tokenizer.json` or to a directory holding one (a
+Hugging Face model directory, an imported workdir's `tokenizer/`, or what `python -m infra
+tokenizer train` wrote) is a Hugging Face `tokenizers` tokenizer (the Rust library: no
+transformers, no torch). Its BOS / EOS / PAD come from `tokenizer_config.json` (`bos_token`,
+`eos_token`, `pad_token`; a key present as null means "none") or `special_tokens_map.json`
+beside it, else from the `*_token_id`s of `generation_config.json` / `config.json`. A tokenizer
+without a BOS token (Qwen) starts documents with nothing.
+
+Texts are encoded without the tokenizer's own special-token post-processing: callers add BOS
+and EOS explicitly (`encode_document`), so packed training documents and prompts have exactly
+one BOS whatever the tokenizer's template does.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from infra.data import text
+from infra.errors import ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int  # ids are < vocab_size (the model's vocabulary may be larger: padding)
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    def encode_document(self, text: str) -> np.ndarray: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255; PAD 256, BOS 257, EOS 258 (`infra.data.text`)."""
+
+    vocab_size = text.VOCAB_SIZE
+    bos_id, eos_id, pad_id = text.BOS_ID, text.EOS_ID, text.PAD_ID
+    spec = ""
+
+    def encode(self, s: str) -> np.ndarray:
+        return text.encode(s)
+
+    def decode(self, ids) -> str:
+        return text.decode(ids)
+
+    def encode_document(self, s: str) -> np.ndarray:
+        return np.concatenate([[self.bos_id], self.encode(s), [self.eos_id]]).astype(np.int32)
+
+
+def _token_name(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`) with its special tokens."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        path = Path(path).expanduser()
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"data.tokenizer {str(path)!r} has no tokenizer.json; pass a "
+                              "tokenizer.json or a Hugging Face model directory (\"\" = bytes)",
+                              key="data.tokenizer", value="<dir with tokenizer.json>")
+        try:
+            self._tok = RustTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - the Rust library raises plain Exceptions
+            raise ConfigError(f"cannot load tokenizer {file}: {str(e).splitlines()[0][:200]}",
+                              key="data.tokenizer", value="<dir with tokenizer.json>") from None
+        self.spec = str(path)
+        self.file, self.directory = file, file.parent
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        cfg = _read_json(self.directory / "tokenizer_config.json")
+        special = _read_json(self.directory / "special_tokens_map.json")
+        model_ids = _read_json(self.directory / "generation_config.json") or _read_json(
+            self.directory / "config.json")
+
+        def special_id(kind: str) -> int | None:
+            for source in (cfg, special):
+                if f"{kind}_token" in source:
+                    name = _token_name(source[f"{kind}_token"])
+                    return self._tok.token_to_id(name) if name else None
+            value = model_ids.get(f"{kind}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return value if isinstance(value, int) else None
+
+        self.bos_id = special_id("bos")
+        self.eos_id = special_id("eos")
+        self.pad_id = special_id("pad")
+
+    def encode(self, s: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(s, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts at once (the Rust library encodes them on all cores)."""
+        return [np.asarray(e.ids, dtype=np.int32)
+                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                skip_special_tokens=True)
+
+    def encode_document(self, s: str) -> np.ndarray:
+        """[BOS] + ids + [EOS], leaving out the ones the tokenizer does not have."""
+        return self.encode_document_ids(self.encode(s))
+
+    def encode_document_ids(self, ids: np.ndarray) -> np.ndarray:
+        parts = [[self.bos_id]] if self.bos_id is not None else []
+        parts.append(ids)
+        if self.eos_id is not None:
+            parts.append([self.eos_id])
+        return np.concatenate(parts).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """`data.tokenizer`: "" (or "bytes") = byte-level; else a tokenizer.json or a directory."""
+    if not spec or spec == "bytes":
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of `src` (a tokenizer.json or its directory) into `dst`."""
+    src = Path(src)
+    directory = src if src.is_dir() else src.parent
+    copied = []
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        path = src if (not src.is_dir() and name == "tokenizer.json") else directory / name
+        if path.is_file():
+            shutil.copyfile(path, dst / name)
+            copied.append(name)
+    return copied

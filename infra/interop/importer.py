@@ -1,0 +1,230 @@
+"""`hf import`: a Hugging Face model directory -> a workdir that `generate`, `eval`, `train` and
+`hf export` use like any run's.
+
+The workdir holds `config.json` (the resolved run config: the model's architecture from the HF
+config, `data.tokenizer` pointing at the copied tokenizer), `tokenizer/` (the tokenizer files),
+`hf_config.json` (the source's config, so export can name the same architecture) and a
+**parameters-only step-0 checkpoint** (`checkpoints/0/{state,fingerprint,meta}`, meta
+`params_only: true`): the same layout and checksums as a training checkpoint, without an
+optimizer state that would triple its size. `restore_params` reads it like any checkpoint;
+`train` in that workdir (or any run with `init.from=<workdir>`) starts from these parameters at
+step 0 with a fresh optimizer.
+
+Nothing is written unless everything is valid: the config, tokenizer and every safetensors
+header are checked first, and the workdir is assembled in `<workdir>.importing` and renamed at
+the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from infra.errors import UserError
+
+HF_CONFIG = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no config.json in {hf_dir}; pass a Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a model config")
+    return raw
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory whose config.json is a transformers config (not one of our runs')."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "architectures" in raw and "task" not in raw
+
+
+def check_architecture(config, model: dict[str, Any], source: str) -> None:
+    """UserError naming the first architecture key where the run's config and the source differ."""
+    from infra.interop.hf_config import ARCHITECTURE_KEYS
+
+    for key in ARCHITECTURE_KEYS:
+        if key in model and config.model[key] != model[key]:
+            raise UserError(f"model.{key} is {config.model[key]!r} in the config but "
+                            f"{model[key]!r} in {source}; use a config of the same model or "
+                            f"drop --config", key=f"model.{key}", value=model[key])
+
+
+def run_config(hf_dir: Path, model: dict[str, Any], *, spec: str | None,
+               overrides: list[str] | dict | None, tokenizer: str):
+    """The locked run config of an import: the experiment `spec` (its model must match the
+    checkpoint's) or the base LM config with the checkpoint's model; then the overrides."""
+    from infra import config as config_lib
+
+    if spec:
+        config = config_lib.load(spec, overrides)
+        check_architecture(config, model, hf_dir / "config.json")
+        config.unlock()
+    else:
+        config = config_lib.base_config("lm")
+        config.experiment = f"hf:{hf_dir}"
+        with config.model.unlocked():
+            config.model.update(model)
+        config.data.seq_len = min(config.data.seq_len, model["max_seq_len"])
+        config_lib.complete(config)
+        if overrides:
+            ov = overrides if isinstance(overrides, dict) else config_lib.parse_override_args(
+                list(overrides))
+            config_lib.apply_overrides(config, ov)
+            config_lib.apply_preset(config, explicit=set(ov))
+        check_architecture(config, model, hf_dir / "config.json")
+    config.data.tokenizer = tokenizer
+    config_lib.validate(config)
+    config.lock()
+    return config
+
+
+def abstract_params(config, mesh=None):
+    """The parameter tree of `config`'s model as ShapeDtypeStructs with their shardings on
+    `mesh` (default: the config's mesh)."""
+    import optax
+
+    from infra import mesh as mesh_lib
+    from infra import sharding
+    from infra.state import shard_state
+    from infra.tasks import get_task, logical_rules
+
+    mesh = mesh or mesh_lib.make_mesh(config.mesh)
+    rules = sharding.normalize_rules(logical_rules(config), mesh)
+    sharded = shard_state(get_task(config).build_model, optax.identity(), mesh, rules)
+    return sharded.abstract["params"]
+
+
+def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
+                   stats: dict | None = None) -> Any:
+    """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io).
+    `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
+    from infra.interop.hf_weights import tensor_maps
+    from infra.interop.safetensors_io import SafetensorsDir, load_params
+
+    ckpt = SafetensorsDir(hf_dir)
+    maps = tensor_maps(abstract, config.model.num_layers)
+    ckpt.check(maps, tied=config.model.tie_embeddings)
+    params = load_params(ckpt, maps, abstract, on_tensor=on_tensor)
+    if stats is not None:
+        stats.update(bytes_read=ckpt.bytes_read, bytes_total=ckpt.nbytes)
+    return params
+
+
+def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
+    """A parameters-only step-0 checkpoint in the run layout: `state` (`{"params": ...}`),
+    `fingerprint/fingerprint.json` (a checksum per array, what `restore_params` verifies) and
+    `meta/metadata` (JSON). Written with Orbax's stock handlers, so it does not depend on the
+    training checkpointer's own ones."""
+    import orbax.checkpoint as ocp
+
+    from infra.checkpoint import layout
+    from infra.checkpoint.verify import fingerprint
+
+    state = {"params": params}
+    manager = ocp.CheckpointManager(
+        layout.checkpoints_dir(workdir),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        item_handlers={layout.STATE: ocp.StandardCheckpointHandler(),
+                       layout.FINGERPRINT: ocp.JsonCheckpointHandler(filename="fingerprint.json"),
+                       layout.META: ocp.JsonCheckpointHandler()})
+    try:
+        manager.save(0, args=ocp.args.Composite(**{
+            layout.STATE: ocp.args.StandardSave(state),
+            layout.FINGERPRINT: ocp.args.JsonSave(fingerprint(state)),
+            layout.META: ocp.args.JsonSave({"step": 0, "params_only": True, **meta}),
+        }), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = None,
+              overrides: list[str] | dict | None = None, stats: dict | None = None) -> Path:
+    """Import `hf_dir` into a new `workdir` (see the module docstring). Returns the workdir;
+    `stats` (a dict) receives what this process read (`load_hf_params`)."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from infra import config as config_lib
+    from infra import mesh as mesh_lib
+    from infra import process
+    from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
+    from infra.interop.hf_config import from_hf
+    from infra.interop.hf_weights import tensor_maps
+    from infra.interop.safetensors_io import SafetensorsDir
+
+    process.setup()
+    hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise UserError(f"workdir {workdir} exists and is not empty; import into a new --workdir")
+    hf = read_hf_config(hf_dir)
+    model = from_hf(hf, str(hf_dir / "config.json"))
+    has_tokenizer = (hf_dir / "tokenizer.json").is_file()
+    tok_dir = workdir / TOKENIZER_DIR
+    config = run_config(hf_dir, model, spec=spec, overrides=overrides,
+                        tokenizer=str(hf_dir) if has_tokenizer else "")
+    if has_tokenizer:
+        tok = HFTokenizer(hf_dir)
+        if tok.vocab_size > config.model.vocab_size:
+            raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
+                            f"model.vocab_size is {config.model.vocab_size}; the checkpoint "
+                            "does not match its tokenizer")
+    mesh_lib.initialize_distributed(config.distributed)  # a multi-process import
+    ckpt = SafetensorsDir(hf_dir)  # every header checked before anything is written
+    abstract = abstract_params(config)
+    ckpt.check(tensor_maps(abstract, config.model.num_layers), tied=config.model.tie_embeddings)
+
+    tmp = workdir.with_name(workdir.name + ".importing")
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier("infra_import_start")
+    saved = config.to_dict()  # with the workdir's own copy of the tokenizer
+    saved["data"]["tokenizer"] = str(tok_dir) if has_tokenizer else ""
+    try:
+        params = load_hf_params(hf_dir, config, abstract, stats=stats)
+        write_params_checkpoint(tmp, params, {"config": saved, "experiment": config.experiment,
+                                              "source": str(hf_dir)})
+        if main:
+            config_lib.save(ConfigDict(saved), tmp)
+            (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+            if has_tokenizer:
+                copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+                for extra in ("generation_config.json",):
+                    if (hf_dir / extra).is_file():
+                        shutil.copyfile(hf_dir / extra, tmp / TOKENIZER_DIR / extra)
+        _barrier("infra_import_written")
+        if main:
+            if workdir.exists():
+                workdir.rmdir()  # empty (checked above)
+            tmp.rename(workdir)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier("infra_import_done")
+    return workdir
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

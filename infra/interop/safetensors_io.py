@@ -1,0 +1,430 @@
+"""Safetensors checkpoints: read tensor slices straight onto device shardings; write shards.
+
+Reading. `SafetensorsDir` opens a model directory (`model.safetensors`, or shards listed by
+`model.safetensors.index.json`) and checks every file's header before anything is loaded: a
+missing file, a truncated one (data shorter than its header says) or a tensor whose byte size
+does not match its shape is refused in one line. `load_params` builds each parameter with
+`jax.make_array_from_callback`: JAX asks for the slice each addressable device holds, and only
+that slice is read. So a process of a multi-process run reads only its devices' slices, and
+identical slices (replicated dims) are read once.
+
+Host memory. The format is simple (8-byte header length, JSON header, raw little-endian data),
+so slices are read with positioned reads (`os.preadv`) straight into the destination array
+instead of through a memory map: the pages of a mapping count in the resident set for as long
+as it is mapped (the `safetensors` package maps whole files), a read buffer only for as long as
+the slice lives. A slice that is whole in every dim but the first is one read; any other slice
+is read in row blocks of at most `READ_BLOCK` bytes, each cut down to the slice. Each
+parameter is finished (`block_until_ready`) before the next starts and the dtype cast is skipped
+when the dtypes agree, so the transient host memory of a load stays about one tensor (measured:
+tests/test_interop_memory.py, scripts/bench_interop.py), not the model.
+
+Writing. `write_safetensors` writes like `save_pretrained`: one `model.safetensors`, or
+`model-0000i-of-0000n.safetensors` shards below a size limit plus `model.safetensors.index.json`.
+Headers are computed first from shapes and dtypes, then tensors are produced and written one at
+a time, so export also holds one tensor at a time on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from infra.errors import UserError
+from infra.interop.hf_weights import TensorMap
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+          "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
+NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+class CheckpointFileError(UserError):
+    """A safetensors checkpoint that is missing, truncated or inconsistent."""
+
+
+def read_header(path: Path, with_offset: bool = False):
+    """The tensor entries of one safetensors file's header, checked against the file's size
+    (with `with_offset`: and the absolute offset where the data begins)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointFileError(f"{path} is truncated ({size} bytes, no header); "
+                                          "download or copy it again")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointFileError(f"{path} is truncated or not a safetensors file "
+                                          f"(header of {n} bytes in a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path} is missing; the checkpoint directory is "
+                                  "incomplete") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"cannot read the header of {path} ({type(e).__name__}); is "
+                                  "it a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise CheckpointFileError(f"{path} has no safetensors header")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, entry in header.items():
+        try:
+            start, end = (int(x) for x in entry["data_offsets"])
+            entry["shape"] = [int(x) for x in entry["shape"]]
+            entry["dtype"] = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFileError(f"{path}: the header entry of {name!r} is malformed; is "
+                                      "it a safetensors file?") from None
+        if entry["dtype"] not in DTYPES:
+            raise CheckpointFileError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, "
+                                      f"which is not supported ({', '.join(DTYPES)})")
+        if end > data:
+            raise CheckpointFileError(f"{path} is truncated: tensor {name!r} ends at byte {end} "
+                                      f"of the data but the file holds {data}; download or copy "
+                                      "it again")
+        if end - start != math.prod(entry["shape"]) * np.dtype(DTYPES[entry["dtype"]]).itemsize:
+            raise CheckpointFileError(f"{path}: tensor {name!r} has {end - start} bytes, not "
+                                      f"what its shape {entry['shape']} needs")
+    return (header, 8 + n) if with_offset else header
+
+
+class SafetensorsDir:
+    """The tensors of a Hugging Face model directory: name -> (file, dtype, shape)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointFileError(f"cannot read {index} ({type(e).__name__})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.directory / SINGLE).is_file():
+            weight_map, files = None, [SINGLE]
+        else:
+            raise CheckpointFileError(f"no {SINGLE} or {INDEX} in {self.directory}; pass a "
+                                      "Hugging Face model directory saved with safetensors")
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self.offsets: dict[str, int] = {}  # absolute byte offset of each tensor's data
+        self.bytes_read = 0  # tensor bytes this process has read (its devices' slices)
+        for file in files:
+            path = self.directory / file
+            header, data_start = read_header(path, with_offset=True)
+            for name, entry in header.items():
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue
+                self.entries[name] = (path, entry["dtype"], tuple(entry["shape"]))
+                self.offsets[name] = data_start + entry["data_offsets"][0]
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.entries))
+            if missing:
+                raise CheckpointFileError(f"{index} lists tensor {missing[0]!r} in "
+                                          f"{weight_map[missing[0]]}, which does not hold it")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * np.dtype(DTYPES[d]).itemsize for _, d, s in self.entries.values())
+
+    def check(self, maps: Iterable[TensorMap], *, tied: bool) -> None:
+        """Every tensor the model needs is here with its shape, and nothing else is."""
+        needed = set()
+        for m in maps:
+            for name in m.names:
+                needed.add(name)
+                if name not in self.entries:
+                    raise CheckpointFileError(f"tensor {name!r} is missing from the checkpoint in "
+                                              f"{self.directory}; it does not match its config.json")
+                shape = self.entries[name][2]
+                if shape != m.hf_shape:
+                    raise CheckpointFileError(
+                        f"tensor {name!r} in {self.entries[name][0]} has shape {list(shape)} but "
+                        f"config.json implies {list(m.hf_shape)}; the weights do not match the "
+                        "config")
+        from infra.interop.hf_weights import IGNORED_SUFFIXES, TIED_COPY
+
+        extra = sorted(n for n in set(self.entries) - needed
+                       if not n.endswith(IGNORED_SUFFIXES) and not (tied and n == TIED_COPY))
+        if extra:
+            raise CheckpointFileError(f"the checkpoint in {self.directory} holds tensor "
+                                      f"{extra[0]!r}, which this architecture does not use; "
+                                      "refusing to drop weights")
+
+    def will_need(self, names: Iterable[str]) -> None:
+        """Ask the kernel to start reading these tensors' bytes (page cache, not our memory)."""
+        for name in names:
+            path, dtype, shape = self.entries[name]
+            size = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self.offsets[name], size, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[slices]` (step-1 slices, one per dim)."""
+        return self.read_many(name, [slices])[0]
+
+    def read_many(self, name: str, requests: list[tuple[slice, ...]]) -> list[np.ndarray]:
+        """`tensor[r]` for every request `r` (step-1 slices, one per dim), with positioned reads:
+        a request whole in every dim but the first is one read into its result; the others are
+        cut from row blocks of at most `READ_BLOCK` bytes read once for all of them (so 8
+        devices holding 8 column slices of a tensor read it once, not 8 times)."""
+        path, dtype, shape = self.entries[name]
+        dtype, scalar = np.dtype(DTYPES[dtype]), not shape
+        if scalar:
+            shape, requests = (1,), [(slice(0, 1),)] * len(requests)
+        bounds = [[s.indices(n)[:2] for s, n in zip(r, shape)] for r in requests]
+        outs = [np.empty([b - a for a, b in bs], dtype) for bs in bounds]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        strided = [i for i, bs in enumerate(bounds)
+                   if any(b - a != n for (a, b), n in zip(bs[1:], shape[1:]))]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, bs in enumerate(bounds):
+                if i not in strided:
+                    _pread_into(fd, outs[i], self.offsets[name] + bs[0][0] * row_bytes)
+                    self.bytes_read += outs[i].nbytes
+            if strided:  # mapped one row block at a time: only the pages holding the slices
+                first = min(bounds[i][0][0] for i in strided)  # are read, and each block's
+                last = max(bounds[i][0][1] for i in strided)  # mapping is dropped at once
+                block = max(1, READ_BLOCK // max(row_bytes, 1))
+                for r in range(first, last, block):
+                    n = min(block, last - r)
+                    rows = np.memmap(path, dtype, "r", offset=self.offsets[name] + r * row_bytes,
+                                     shape=(n, *shape[1:]))
+                    for i in strided:
+                        (a, b), trailing = bounds[i][0], tuple(slice(x, y) for x, y in bounds[i][1:])
+                        lo, hi = max(a, r), min(b, r + n)
+                        if lo < hi:
+                            outs[i][lo - a: hi - a] = rows[(slice(lo - r, hi - r), *trailing)]
+                            self.bytes_read += outs[i][lo - a: hi - a].nbytes
+                    del rows  # the last reference: unmapped here
+        finally:
+            os.close(fd)
+        return [o.reshape(()) for o in outs] if scalar else outs
+
+
+READ_BLOCK = 16 * 2**20  # bytes of rows read at once for slices that cut the inner dims
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill `out` (C-contiguous) with the file's bytes from `offset`."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointFileError(f"unexpected end of file reading {out.nbytes} bytes at "
+                                      f"offset {offset}; the file is truncated")
+        done += n
+
+
+def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _key(index: tuple, shape: tuple[int, ...]) -> tuple:
+    return tuple((s.start, s.stop) for s in _normalize(index, shape))
+
+
+def read_unit(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, shape: tuple[int, ...],
+              keys: list[tuple], dtype) -> dict[tuple, np.ndarray]:
+    """The slices `keys` (from `_key`) of our parameter `m` (of layer `layer` only, when not
+    None) in `dtype`, reading only those parts of the file."""
+    by_layer: dict[int, list] = {}
+    for key in keys:
+        index = tuple(slice(a, b) for a, b in key)
+        stacked = m.stacked and layer is None
+        layers = range(len(m.names))[index[0]] if stacked else [layer or 0]
+        read, after = m.hf_slices(index[1:] if stacked else index)
+        for i in layers:
+            by_layer.setdefault(i, []).append((key, read, after))
+    parts: dict[tuple, list[np.ndarray]] = {key: [] for key in keys}
+    for i, items in sorted(by_layer.items()):
+        raws = ckpt.read_many(m.names[i], [read for _, read, _ in items])
+        for (key, read, after), raw in zip(items, raws):
+            part = raw.reshape(m.read_shape(read))[after].transpose(m.perm)
+            parts[key].append(part.astype(dtype, copy=False))
+    stacked = m.stacked and layer is None
+    return {key: np.stack(p) if stacked else p[0] for key, p in parts.items()}
+
+
+def read_slice(ckpt: SafetensorsDir, m: TensorMap, index: tuple, dtype) -> np.ndarray:
+    """Our parameter `m` restricted to `index`, in `dtype`, reading only that part of the file."""
+    key = _key(index, m.shape)
+    return read_unit(ckpt, m, None, m.shape, [key], dtype)[key]
+
+
+def _units(leaf, m: TensorMap) -> list[tuple[int | None, tuple[int, ...], Any]]:
+    """(layer, shape, sharding) of the arrays a parameter is built from: one, or one per layer of
+    a stacked parameter whose layers dim is not sharded (placed into it one layer at a time)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = leaf.sharding
+    spec = tuple(getattr(sharding, "spec", ()))
+    if m.stacked and isinstance(sharding, NamedSharding) and (not spec or spec[0] is None):
+        sub = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+        return [(i, tuple(leaf.shape[1:]), sub) for i in range(len(m.names))]
+    return [(None, tuple(leaf.shape), sharding)]
+
+
+def load_params(ckpt: SafetensorsDir, maps: list[TensorMap], abstract_params: Any,
+                on_tensor: Callable[[str, jax.Array], None] | None = None) -> Any:
+    """Our parameter tree (`abstract_params`: ShapeDtypeStructs with shardings) filled from the
+    checkpoint, one tensor at a time, each device's slice read straight from the file; the next
+    tensor's slices are read in a background thread while the current one is placed (positioned
+    reads release the GIL), so reading overlaps the host-to-device copies. A stacked
+    (scan_layers) parameter is placed one layer at a time into a buffer updated in place.
+    `on_tensor(path, array)` is called after each parameter is on its devices (memory probes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    if len(leaves) != len(maps):
+        raise ValueError("tensor maps do not match the parameter tree")
+    work = [(j, layer, shape, sharding) for j, (leaf, m) in enumerate(zip(leaves, maps))
+            for layer, shape, sharding in _units(leaf, m)]
+
+    def read(k: int) -> dict:
+        j, layer, shape, sharding = work[k]
+        if k + 1 < len(work):  # the disk reads ahead while we read and place this one
+            nj, nlayer = work[k + 1][:2]
+            ckpt.will_need(maps[nj].names if nlayer is None else [maps[nj].names[nlayer]])
+        keys = sorted({_key(i, shape) for i in
+                       sharding.addressable_devices_indices_map(shape).values()})
+        return read_unit(ckpt, maps[j], layer, shape, keys, leaves[j].dtype)
+
+    out: list[Any] = [None] * len(leaves)
+    with ThreadPoolExecutor(1, thread_name_prefix="infra-safetensors") as pool:
+        pending = pool.submit(read, 0) if work else None
+        for k, (j, layer, shape, sharding) in enumerate(work):
+            slices = pending.result()
+            pending = pool.submit(read, k + 1) if k + 1 < len(work) else None
+            array = jax.make_array_from_callback(
+                shape, sharding, lambda index, s=slices, shape=shape: s[_key(index, shape)])
+            del slices
+            leaf = leaves[j]
+            if layer is None:
+                out[j] = array.block_until_ready()
+            else:
+                if layer == 0:
+                    out[j] = jax.jit(lambda: jnp.zeros(leaf.shape, leaf.dtype),
+                                     out_shardings=leaf.sharding)()
+                out[j] = _set_layer(out[j], array, layer).block_until_ready()
+            del array
+            if on_tensor is not None and (layer is None or layer == len(maps[j].names) - 1):
+                on_tensor(maps[j].path, out[j])
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer_array: jax.Array, index) -> jax.Array:
+    """`stacked[index] = layer_array`, in place (the stacked buffer is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer_array.astype(stacked.dtype),
+                                               index, 0)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _header_bytes(entries: list[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset, sizes = 0, []
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        sizes.append(size)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+def plan_shards(entries: list[tuple[str, str, tuple[int, ...]]],
+                max_shard_bytes: int) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Consecutive tensors grouped into shards of at most `max_shard_bytes` (a larger tensor gets
+    a shard of its own), as `save_pretrained` does."""
+    shards: list[list] = [[]]
+    used = 0
+    for entry in entries:
+        size = math.prod(entry[2]) * np.dtype(DTYPES[entry[1]]).itemsize
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += size
+    return shards
+
+
+def write_safetensors(out_dir: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+                      produce: Callable[[str], np.ndarray], *, max_shard_bytes: int,
+                      write: bool = True) -> list[str]:
+    """Write `entries` (name, safetensors dtype, shape) into `out_dir`, each tensor's data from
+    `produce(name)` (called once per tensor, in order, on every process; only `write` processes
+    write). Returns the file names."""
+    shards = plan_shards(entries, max_shard_bytes)
+    n = len(shards)
+    files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = 0
+    for file, shard in zip(files, shards):
+        header, sizes = _header_bytes(shard)
+        f = open(out_dir / file, "wb") if write else None
+        try:
+            if f:
+                f.write(header)
+            for (name, dtype, shape), size in zip(shard, sizes):
+                array = np.ascontiguousarray(produce(name), dtype=DTYPES[dtype])
+                if array.shape != tuple(shape) or array.nbytes != size:
+                    raise ValueError(f"{name}: produced {array.shape}, expected {shape}")
+                if f:
+                    f.write(memoryview(array.reshape(-1).view(np.uint8)))
+                total += size
+        finally:
+            if f:
+                f.close()
+    if n > 1 and write:
+        weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
+        (out_dir / INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return files
+
+
+def parse_size(text: str | int) -> int:
+    """`"5GB"`, `"500MB"`, `"2GiB"` or bytes -> bytes (save_pretrained's units: GB = 10^9)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3,
+             "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise UserError(f"--max_shard_size {text!r} is not a size; write e.g. 5GB or 500MB") from None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
