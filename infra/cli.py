@@ -7,6 +7,7 @@
   plot   runs/a [runs/b ...] [--out loss.png]  loss vs step and vs tokens seen, one PNG
   generate --workdir runs/x --prompt "def " [--temperature 0.8 --top_k 40]  sample from a run
   eval   --workdir runs/x [--step N]  eval metrics of a checkpoint (read-only), one JSON line
+  goodput runs/x [--json]  wall time, productive training time and badput by cause
   hf import <hf_dir> --workdir w / hf export --workdir w --out dir  Hugging Face checkpoints
   tokenizer train --files '<glob>' --vocab_size N --out tok.json  a byte-level BPE, offline
   tokenize --tokenizer tok.json --files '<glob>' --out dir  a corpus -> memory-mapped token files
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out data (one JSON line)")
     evaluate.add_arguments(e)
+
+    from infra import goodput
+
+    gp = sub.add_parser("goodput", help="of a workdir's wall time, how much trained the model")
+    goodput.add_arguments(gp)
 
     from infra.data import tokenizer_cli
     from infra.interop import cli as hf_cli
@@ -220,6 +226,10 @@ def _run(argv: list[str] | None) -> int:
         from infra import evaluate
 
         return evaluate.run_cli(args)
+    if args.command == "goodput":
+        from infra import goodput
+
+        return goodput.run_cli(args)
     if args.command == "hf":
         from infra.interop import cli as hf_cli
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class EventLog:
 
     def __init__(self, workdir: str | Path, process_index: int = 0):
         directory = Path(workdir) / EVENTS_DIR
+        self.process = process_index
+        self.run = f"{os.getpid()}-{time.time():.6f}"  # tells runs apart whatever their clocks
         self.path = directory / f"process_{process_index}.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -32,8 +35,10 @@ class EventLog:
         except OSError as e:
             raise write_failure(self.path, e) from None
 
-    def record(self, event: str, **fields) -> None:
-        line = json.dumps({"time": time.time(), "event": event, **fields})
+    def record(self, event: str, *, at: float | None = None, **fields) -> None:
+        """Append `event` (with `fields`) as of now, or as of unix time `at`."""
+        line = json.dumps({"time": time.time() if at is None else at, "event": event,
+                           "process": self.process, "run": self.run, **fields})
         try:
             self._file.write(line + "\n")
             self._file.flush()

@@ -53,15 +53,15 @@ class _Segment:
 
 
 def _segments(events: list[dict]) -> list[_Segment]:
-    """Process 0's events split at each `start` (one segment per run)."""
-    segments: list[_Segment] = []
+    """Process 0's runs, each its own events in order, ordered by when they started (a run's
+    events carry its id: clocks of successive runs may overlap by a little)."""
+    runs: dict[str, _Segment] = {}
     for e in events:
-        if e.get("process", 0) != 0:
-            continue
-        if e["event"] == "start" or not segments:
-            segments.append(_Segment())
-        segments[-1].events.append(e)
-    return segments
+        if e.get("process", 0) == 0:
+            runs.setdefault(e.get("run", ""), _Segment()).events.append(e)
+    for seg in runs.values():
+        seg.events.sort(key=lambda e: e["time"])
+    return sorted(runs.values(), key=lambda seg: seg.start)
 
 
 _SETUP = ("distributed_init", "restore", "compile")
@@ -90,7 +90,7 @@ def _account(seg: _Segment, resumed_at: int | None, badput: dict[str, float]) ->
         train = max(0.0, e["seconds"] - pauses - e["input_wait_s"])
         badput["input_wait"] += e["input_wait_s"]
         accounted += train + e["input_wait_s"]
-        steps = e["last"] - e["first"] + 1
+        steps = max(1, e["last"] - e["first"] + 1)
         kept = steps if resumed_at is None else max(0, min(e["last"], resumed_at) - e["first"] + 1)
         productive += train * kept / steps
         badput["lost_work"] += train * (steps - kept) / steps

@@ -156,6 +156,16 @@ class MetricWriter:
                 self.flush()
         return record
 
+    def write_tensorboard(self, step: int, metrics: dict[str, float]) -> None:
+        """Scalars for TensorBoard only, flushed now."""
+        if self.tb is None:
+            return
+        try:
+            self.tb.add_scalars(step, metrics)
+        except OSError as e:
+            raise write_failure(self.tb.path, e) from None
+        self.flush()
+
     def progress(self, step: int, summary: dict[str, str]) -> None:
         """Advance the bar; where stderr is not a terminal (logs, CI), print one line instead."""
         if self.bar is None:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,10 +59,10 @@ class Trainer:
         """This process's numpy batch -> global arrays in the batch shardings."""
         return sharding.to_global(local_batch, self.batch_shardings)
 
-    def evaluator(self) -> Evaluator:
+    def evaluator(self, events=None) -> Evaluator:
         """The task's eval metrics over this process's share of the held-out batches."""
         batches = self.task.eval_batches(jax.process_index(), jax.process_count())
-        return Evaluator(self.task, self.eval_step, [self.to_global(b) for b in batches])
+        return Evaluator(self.task, self.eval_step, [self.to_global(b) for b in batches], events)
 
 
 def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
@@ -118,11 +119,15 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
     holds the workdir's lock throughout (`infra.workdir`): one run per workdir.
     """
     process.setup()
-    mesh_lib.initialize_distributed(config.distributed)
+    t0 = time.perf_counter()
+    started = mesh_lib.initialize_distributed(config.distributed)
+    init_s = time.perf_counter() - t0
     claim = _claim(workdir)
     events = EventLog(claim.path, jax.process_index())
-    events.record("start", pid=os.getpid(), host=socket.gethostname(),
-                  process_count=jax.process_count())
+    events.record("start", at=process.start_time(), pid=os.getpid(),
+                  host=socket.gethostname(), process_count=jax.process_count())
+    if started:
+        events.record("distributed_init", seconds=init_s)
     reason = "finished"
     try:
         return _run(config, claim.path, events)
@@ -166,18 +171,19 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             trainer.state.abstract["params"], trainer.state.shardings["params"],
             config.sharding.warn_replicated_mb,
         ))
-    evaluator = trainer.evaluator()
+    main_events = events if is_main_process() else None  # process 0's timeline is the run's
+    evaluator = trainer.evaluator(main_events)
     cc = config.checkpoint
     ckpt = Checkpointer(
         workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
         device_copy=cc.device_copy, every_seconds=cc.every_seconds, fallback=cc.fallback,
-        events=events if is_main_process() else None,
+        events=main_events,
     )
     peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
     clean = False
     try:
         with peers.failures_reported():
-            result = _train(config, workdir, trainer, ckpt, evaluator)
+            result = _train(config, workdir, trainer, ckpt, evaluator, main_events)
         clean = True
         return result
     except Preempted:
@@ -190,14 +196,17 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             peers.close(clean)
 
 
-def _resume_or_start(trainer: Trainer, ckpt: Checkpointer,
-                     workdir: Path) -> tuple[State, Any, bool]:
+def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: Path,
+                     events: EventLog | None = None) -> tuple[State, Any, bool]:
     """(state, data iterator, resumed): the newest intact checkpoint with the data position it
     saved, or a fresh start where starting over loses nothing (`workdir.check_fresh_start`),
     from the parameters of `init.from` or of the workdir's own parameters-only checkpoint (what
     `hf import` writes)."""
-    pid, pcount, task = jax.process_index(), jax.process_count(), trainer.task
+    t0, pid, pcount, task = time.perf_counter(), jax.process_index(), jax.process_count(), trainer.task
     make_iterator = lambda start: task.train_iterator(pid, pcount, start_step=start)  # noqa: E731
+    # goodput: restoring a checkpoint is its own cost; creating a fresh state is start-up
+    note = lambda step, fresh: events and events.record(  # noqa: E731
+        "restore", step=step, fresh=fresh, seconds=0.0 if fresh else time.perf_counter() - t0)
     imported = init_from.params_only_checkpoint(workdir)
     restored = None if imported else ckpt.restore_latest(trainer.state.abstract, make_iterator)
     if restored is None:
@@ -208,22 +217,24 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer,
         if source:
             state["params"] = init_from.load_params(source, trainer.config,
                                                     trainer.state.abstract["params"])
+        note(0, True)
         return state, make_iterator(0), False
     state, meta, iterator = restored
     log.info("resumed from step %d in %s", meta["step"], ckpt.directory)
+    note(int(meta["step"]), False)
     return state, iterator, True
 
 
-def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
-           evaluator: Evaluator) -> tuple[State, list[dict]]:
+def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
+           events: EventLog | None) -> tuple[State, list[dict]]:
     tc, task = config.train, trainer.task
-    state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir)
+    state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir, events)
     step, end = int(state["step"]), min(tc.steps, tc.stop_at or tc.steps)
     if is_main_process():  # only now that config, data and checkpoint are known to be good
         config_lib.save(config, workdir)
     meta = {"config": config.to_dict(), "experiment": config.experiment}
     meter = ThroughputMeter(units_per_step=tc.batch_size * task.units_per_example(),
-                            unit=task.unit, start_step=step)
+                            unit=task.unit, start_step=step, events=events)
     guard = NonFiniteGuard(tc.nonfinite, ckpt.latest_step)
     profiler = ProfilerWindow(config.profile.steps, workdir / "tensorboard")
     pending = PendingMetrics()
@@ -254,6 +265,8 @@ def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer,
             if save_now:
                 ckpt.save(step, state, train_iter, meta)
             if preempted and not last:
+                meter.lap(step)  # the steps since the last log point, for goodput
                 raise preemption.stopped(ckpt, step)
         ckpt.wait()
+        report.log_goodput(step, workdir)
     return state, report.history

@@ -61,6 +61,15 @@ def test_two_processes_match_one_and_resume_in_one_on_another_mesh(tmp_path):
     assert diff <= 1e-4
     np.testing.assert_allclose(
         [resumed[s] for s in range(11, 21)], [ref[s] for s in range(11, 21)], rtol=1e-4)
+    # goodput of the two runs in that workdir: one event log per process, merged
+    assert sorted(f.name for f in (moved / "events").glob("*.jsonl")) == [
+        "process_0.jsonl", "process_1.jsonl"]
+    p = cli("goodput", str(moved), "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["segments"] == 2 and report["redone_steps"] == 0
+    total = report["productive_s"] + sum(report["badput_s"].values())
+    assert abs(total - report["wall_s"]) <= 0.01 * report["wall_s"], report
 
 
 def test_launcher_needs_a_command():

@@ -162,7 +162,9 @@ class Checkpointer:
         With the on-device copy, this returns once the copy is made: the loop may then donate
         `state`; Orbax receives the copy on the worker thread and transfers it to the host and
         writes it in its background commit."""
+        t0 = time.perf_counter()
         self._join()
+        self._note_commits()  # the previous saves that have committed since
         self._check_space(step, state)
         meta = {
             "step": int(step),
@@ -183,6 +185,8 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
                 raise self._write_error(failing, e) from None
         self._in_flight = step
+        if self._events is not None:
+            self._events.record("checkpoint_save", step=int(step), seconds=time.perf_counter() - t0)
 
     def _hand_off(self, step: int, state_args, snapshot: IteratorSnapshot, meta: dict) -> None:
         args = ocp.args.Composite(**{
@@ -196,6 +200,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every started save has committed."""
+        t0 = time.perf_counter()
         self._join()
         try:
             self.manager.wait_until_finished()
@@ -203,6 +208,8 @@ class Checkpointer:
             raise self._write_error(self._in_flight, e) from None
         self._in_flight = None
         self._note_commits()
+        if self._events is not None:
+            self._events.record("checkpoint_wait", seconds=time.perf_counter() - t0)
 
     def _note_commits(self) -> None:
         """Record in the event log every step newly committed (renamed into place) on disk."""

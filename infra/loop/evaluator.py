@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -13,9 +14,14 @@ class Evaluator:
     """`evaluator(params) -> {metric: value}`: `eval_step` on every batch, then
     `Task.summarize_eval` over all outputs on the host (exact AUC, MASE, masked accuracy)."""
 
-    def __init__(self, task: Task, eval_step: Callable, batches: Sequence[dict]):
+    def __init__(self, task: Task, eval_step: Callable, batches: Sequence[dict], events=None):
         self.task, self.eval_step, self.batches = task, eval_step, list(batches)
+        self.events = events  # `infra.events.EventLog`: each evaluation's duration (goodput)
 
     def __call__(self, params) -> dict[str, float]:
+        t0 = time.perf_counter()
         outputs = jax.device_get([self.eval_step(params, b) for b in self.batches])
-        return self.task.summarize_eval(outputs)
+        metrics = self.task.summarize_eval(outputs)
+        if self.events is not None:
+            self.events.record("eval", seconds=time.perf_counter() - t0)
+        return metrics

@@ -42,6 +42,19 @@ class Reporter:
                                     for k in self.task.headline_metrics if k in metrics})
         self.writer.flush()  # evaluations are rare and worth seeing in TensorBoard at once
 
+    def log_goodput(self, step: int, workdir: str | Path) -> None:
+        """The workdir's goodput so far (`infra.goodput`) to TensorBoard (not to the JSONL: the
+        metrics history stays the same however often a run was interrupted)."""
+        if self.writer.tb is None:
+            return
+        from infra.goodput import compute
+
+        report = compute(workdir)
+        self.writer.write_tensorboard(step, {
+            "goodput/goodput": report["goodput"], "goodput/productive_s": report["productive_s"],
+            "goodput/wall_s": report["wall_s"],
+            **{f"goodput/badput_s/{k}": v for k, v in report["badput_s"].items()}})
+
     def close(self) -> None:
         self.writer.close()
 

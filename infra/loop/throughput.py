@@ -21,9 +21,10 @@ class ThroughputMeter:
 
     def __init__(self, *, units_per_step: int, unit: str, start_step: int = 0,
                  peak: Callable[[], tuple[float | None, str]] = utilization.peak_flops_per_device,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, events=None):
         self.units_per_step, self.unit = units_per_step, unit
         self._peak_fn, self._clock = peak, clock
+        self.events = events  # `infra.events.EventLog`: compile, loop start, step intervals
         self._compiled = None
         self.compile_s: float | None = None
         self.flops: float | None = None  # per device per step (XLA's count)
@@ -49,10 +50,16 @@ class ThroughputMeter:
             self.flops = utilization.compiled_flops(self._compiled)
             self.peak, _ = self._peak_fn()
             self._t_last, self._waited = self._clock(), 0.0
+            if self.events is not None:
+                self.events.record("compile", seconds=self.compile_s)
+                self.events.record("loop_start", step=self._step_last)
         return self._compiled
 
     def lap(self, step: int) -> dict[str, float]:
-        """Figures per step since the last lap (or the start), then start a new interval."""
+        """Figures per step since the last lap (or the start), then start a new interval; {} when
+        no step ran since."""
+        if step <= self._step_last:
+            return {}
         interval = self._clock() - self._t_last
         seconds = interval / max(step - self._step_last, 1)
         out = {
@@ -69,5 +76,8 @@ class ThroughputMeter:
             out["peak_memory_gib"] = memory / 2**30
         if self._first_lap and self.compile_s is not None:
             out["compile_time_s"], self._first_lap = self.compile_s, False
+        if self.events is not None:
+            self.events.record("steps", first=self._step_last + 1, last=step, seconds=interval,
+                               input_wait_s=self._waited)
         self._t_last, self._step_last, self._waited = self._clock(), step, 0.0
         return out
