@@ -471,9 +471,11 @@ CONFIG_FILE = "config.json"
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def save(config: ConfigDict, workdir: str | os.PathLike) -> Path:
+def save(config: ConfigDict, workdir: str | os.PathLike):
     """Write the resolved config as `<workdir>/config.json`."""
-    path = Path(workdir) / CONFIG_FILE
+    from infra import paths
+
+    path = paths.path(workdir) / CONFIG_FILE
     path.write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
     return path
 
@@ -481,7 +483,9 @@ def save(config: ConfigDict, workdir: str | os.PathLike) -> Path:
 def read_saved(workdir: str | os.PathLike) -> dict:
     """The JSON a run saved in `<workdir>/config.json`, as it is (UserError when there is none
     or it is not a config)."""
-    workdir = Path(workdir)
+    from infra import paths
+
+    workdir = paths.path(workdir)
     if not workdir.is_dir():
         raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
     path = workdir / CONFIG_FILE
@@ -503,7 +507,7 @@ def load_saved(workdir: str | os.PathLike, raw: dict | None = None) -> ConfigDic
     it), validated and locked. Keys added to the stack since it was written take their
     defaults; a config without a known task or a model section is refused."""
     raw = read_saved(workdir) if raw is None else raw
-    path = Path(workdir) / CONFIG_FILE
+    path = f"{workdir}/{CONFIG_FILE}"
     from infra.tasks import TASKS
 
     if raw.get("task") not in TASKS:

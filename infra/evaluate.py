@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from infra.paths import PathLike
 
 
-def evaluate_checkpoint(workdir: str | Path, *, step: int | None = None) -> tuple[dict, int]:
+def evaluate_checkpoint(workdir: PathLike, *, step: int | None = None) -> tuple[dict, int]:
     """(eval metrics, step) of the newest intact checkpoint in `workdir` (or of `step`)."""
     from infra import config as config_lib
     from infra import process, train

@@ -1,10 +1,12 @@
 """The run's event log: what happened, when, across restarts of the same workdir.
 
 `<workdir>/events/process_<i>.jsonl`, one JSON object per line, appended by process `i` of every
-run in the workdir: `{"time": <unix s>, "event": "<name>", ...}`. It is what later tells how a
-workdir's history unfolded (e.g. which checkpoints were once committed, so a run that finds none
-left knows they were lost, not never written). Writes are synchronous and flushed: an event
-that returned is on disk, and a full disk stops the run like any other write.
+run in the workdir: `{"time": <unix s>, "event": "<name>", "process": i, "run": <id>, ...}`. It
+is what later tells how a workdir's history unfolded: which checkpoints were once committed (so
+a run that finds none left knows they were lost, not never written) and where the time went
+(`infra.goodput`). Writes happen in the calling thread: on a disk every event is flushed as it
+is recorded; in a bucket the log is rewritten every few seconds and at once for the events that
+matter when a run dies (`DURABLE`). A failed write stops the run like any other.
 """
 
 from __future__ import annotations
@@ -13,25 +15,27 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
+from infra import paths
 from infra.metrics import write_failure
+from infra.paths import PathLike
 
 EVENTS_DIR = "events"
+DURABLE = ("start", "restore", "checkpoint_committed", "exit")
 log = logging.getLogger(__name__)
 
 
 class EventLog:
     """Appends this process's events to `<workdir>/events/process_<index>.jsonl`."""
 
-    def __init__(self, workdir: str | Path, process_index: int = 0):
-        directory = Path(workdir) / EVENTS_DIR
+    def __init__(self, workdir: PathLike, process_index: int = 0):
+        directory = paths.path(workdir) / EVENTS_DIR
         self.process = process_index
         self.run = f"{os.getpid()}-{time.time():.6f}"  # tells runs apart whatever their clocks
         self.path = directory / f"process_{process_index}.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
+            self._file = paths.AppendFile(self.path)
         except OSError as e:
             raise write_failure(self.path, e) from None
 
@@ -40,8 +44,7 @@ class EventLog:
         line = json.dumps({"time": time.time() if at is None else at, "event": event,
                            "process": self.process, "run": self.run, **fields})
         try:
-            self._file.write(line + "\n")
-            self._file.flush()
+            self._file.write(line + "\n", flush=event in DURABLE)
         except OSError as e:
             raise write_failure(self.path, e) from None
 
@@ -52,11 +55,12 @@ class EventLog:
             pass
 
 
-def read_events(workdir: str | Path) -> list[dict]:
+def read_events(workdir: PathLike) -> list[dict]:
     """Every process's events, oldest first; a line torn by a crash is skipped."""
     events = []
-    for path in sorted((Path(workdir) / EVENTS_DIR).glob("process_*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
+    directory = paths.path(workdir) / EVENTS_DIR
+    for path in sorted(directory.glob("process_*.jsonl")) if directory.exists() else ():
+        for line in paths.read_text(path).splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -66,7 +70,7 @@ def read_events(workdir: str | Path) -> list[dict]:
     return sorted(events, key=lambda e: e["time"])
 
 
-def committed_checkpoints(workdir: str | Path) -> list[int]:
+def committed_checkpoints(workdir: PathLike) -> list[int]:
     """Steps whose checkpoints the event log saw committed, in any run of this workdir."""
     return sorted({int(e["step"]) for e in read_events(workdir)
                    if e.get("event") == "checkpoint_committed" and isinstance(e.get("step"), int)})

@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from infra.errors import UserError
 from infra.events import EVENTS_DIR, read_events
+from infra.paths import PathLike
 
 CAUSES = ("start_up", "distributed_init", "restore", "compile", "lost_work", "checkpoint",
           "eval", "input_wait", "idle", "other")
@@ -99,12 +99,12 @@ def _account(seg: _Segment, resumed_at: int | None, badput: dict[str, float]) ->
     return productive, redone
 
 
-def compute(workdir: str | Path) -> dict:
+def compute(workdir: PathLike) -> dict:
     """`{"wall_s", "productive_s", "goodput", "badput_s": {cause: s}, "redone_steps",
     "segments"}` for every run recorded in `workdir`'s event log."""
     events = read_events(workdir)
     if not events:
-        raise UserError(f"no event log in '{Path(workdir) / EVENTS_DIR}'; run `python -m infra "
+        raise UserError(f"no event log in '{workdir}/{EVENTS_DIR}'; run `python -m infra "
                         f"train` in that workdir first (runs record their events there)")
     segments = _segments(events)
     badput = dict.fromkeys(CAUSES, 0.0)

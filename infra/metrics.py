@@ -12,12 +12,15 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from infra import paths
 from infra.errors import CheckpointError, write_fix
+from infra.paths import PathLike
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
@@ -35,15 +38,15 @@ def _record(line: str) -> dict | None:
     return record
 
 
-def read_history(workdir: str | Path) -> list[dict]:
+def read_history(workdir: PathLike) -> list[dict]:
     """Every record in `<workdir>/metrics.jsonl` (empty when there is none). A line that is not
     a record with an integer `step` (the last one torn by a crash mid-write, or an edited file)
     is skipped with a warning."""
-    path = Path(workdir) / METRICS_FILE
+    path = paths.path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(paths.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         record = _record(line)
@@ -55,13 +58,13 @@ def read_history(workdir: str | Path) -> list[dict]:
     return records
 
 
-def truncate_history(workdir: str | Path, last_step: int | None) -> list[dict]:
+def truncate_history(workdir: PathLike, last_step: int | None) -> list[dict]:
     """Keep the records up to `last_step` (a run killed after its last checkpoint logged later
     ones; the resumed run logs those steps again), or none when `last_step` is None (a run that
     starts over). Returns the records kept; the file is rewritten clean."""
     records = [r for r in read_history(workdir)
                if last_step is not None and r["step"] <= last_step]
-    path = Path(workdir) / METRICS_FILE
+    path = paths.path(workdir) / METRICS_FILE
     if path.exists():
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
@@ -72,7 +75,7 @@ def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def write_failure(path: str | Path, e: OSError) -> CheckpointError:
+def write_failure(path: PathLike, e: OSError) -> CheckpointError:
     """The one-line error for a failed write into the workdir, with the fix that fits it."""
     return CheckpointError(f"cannot write {path}: {e.strerror or e}; {write_fix(e)} (earlier "
                            f"checkpoints are intact)")
@@ -80,14 +83,18 @@ def write_failure(path: str | Path, e: OSError) -> CheckpointError:
 
 class _EventFile:
     """A TensorBoard event file written synchronously (tensorboardX's own writer queues events
-    for a thread that, on a full disk, dies and leaves the queue to block the loop forever)."""
+    for a thread that, on a full disk, dies and leaves the queue to block the loop forever).
+    In a bucket the file is written locally and uploaded whole at each flush."""
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: PathLike):
         from tensorboardX.event_file_writer import EventsWriter
 
-        logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(logdir / "events"))
-        self.path = self._writer._file_name
+        self.remote = paths.path(logdir) if paths.is_remote(logdir) else None
+        local = Path(tempfile.mkdtemp(prefix="infra-tb-")) if self.remote else Path(logdir)
+        local.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(local / "events"))
+        self._local = Path(self._writer._file_name)
+        self.path = self.remote / self._local.name if self.remote else self._local
 
     def add_scalars(self, step: int, metrics: dict[str, float]) -> None:
         from tensorboardX.proto import event_pb2
@@ -99,8 +106,11 @@ class _EventFile:
 
     def flush(self) -> None:
         self._writer.flush()
+        if self.remote is not None:
+            self.path.write_bytes(self._local.read_bytes())
 
     def close(self) -> None:
+        self.flush()
         self._writer.close()
 
 
@@ -127,10 +137,10 @@ class MetricWriter:
         self._flushed = time.monotonic()
         if not enabled:
             return
-        path = Path(workdir) / METRICS_FILE
+        path = paths.path(workdir) / METRICS_FILE
         try:
-            self.jsonl = open(path, "a")
-            self.tb = _EventFile(Path(workdir) / "tensorboard")
+            self.jsonl = paths.AppendFile(path)
+            self.tb = _EventFile(paths.path(workdir) / "tensorboard")
         except OSError as e:
             raise write_failure(path, e) from None
         if progress_bar:
@@ -145,7 +155,6 @@ class MetricWriter:
         if self.enabled:
             try:
                 self.jsonl.write(json.dumps(record) + "\n")
-                self.jsonl.flush()
             except OSError as e:
                 raise write_failure(self.jsonl.name, e) from None
             try:
@@ -183,6 +192,7 @@ class MetricWriter:
         if self.tb is not None:
             try:
                 self.tb.flush()
+                self.jsonl.flush()
             except OSError as e:
                 raise write_failure(self.tb.path, e) from None
             self._flushed = time.monotonic()

@@ -9,10 +9,12 @@ Imports no JAX: matplotlib draws with its Agg canvas (no display needed).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
 
+from infra import paths
 from infra.errors import UserError
 from infra.metrics import METRICS_FILE, read_history
 
@@ -61,7 +63,7 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _read_run(workdir: str | Path) -> dict:
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     if not workdir.is_dir():
         raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
     if not (workdir / METRICS_FILE).is_file():
@@ -96,11 +98,11 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display
 
-    workdirs = [Path(w) for w in workdirs]
+    workdirs = [paths.path(w) for w in workdirs]
     if not workdirs:
         raise UserError("plot needs at least one workdir")
     runs = [_read_run(w) for w in workdirs]
-    out = Path(out) if out is not None else workdirs[0] / DEFAULT_NAME
+    out = paths.path(out) if out is not None else workdirs[0] / DEFAULT_NAME
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got '{out}'")
 
@@ -133,7 +135,9 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     ax_data.legend(fontsize="small", loc="upper right")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png", dpi=110)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=110)
+        out.write_bytes(image.getvalue())  # a local file or an object in a bucket
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e}); pass another --out") from None
     return out

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -35,6 +34,7 @@ from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
 from infra.optim import make_optimizer
+from infra.paths import PathLike
 from infra.peers import PeerWatchdog
 from infra.state import ShardedState, State, replicated, shard_state
 from infra.step import make_steps
@@ -110,7 +110,7 @@ def evaluate(trainer: Trainer, params: dict, batches: list[dict]) -> dict[str, f
     return Evaluator(trainer.task, trainer.eval_step, batches)(params)
 
 
-def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
+def run(config, workdir: PathLike) -> tuple[State, list[dict]]:
     """Train `config` in `workdir` (resuming if it holds a checkpoint). Returns (state, history).
 
     `history` is every metric record of the run so far, as written to `metrics.jsonl`.
@@ -141,7 +141,7 @@ def run(config, workdir: str | Path) -> tuple[State, list[dict]]:
         claim.release()
 
 
-def _claim(workdir: str | Path) -> workdir_lib.Claim:
+def _claim(workdir: PathLike) -> workdir_lib.Claim:
     """Process 0 claims the workdir; the other processes of a run learn its verdict before they
     touch anything."""
     if jax.process_count() == 1:
@@ -163,7 +163,7 @@ def _claim(workdir: str | Path) -> workdir_lib.Claim:
     return workdir_lib.claim(workdir, lock=False)
 
 
-def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
+def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]]:
     trainer = build(config)
     if is_main_process() and config.sharding.print_table:
         print(mesh_lib.describe(trainer.mesh))
@@ -196,7 +196,7 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             peers.close(clean)
 
 
-def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: Path,
+def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
                      events: EventLog | None = None) -> tuple[State, Any, bool]:
     """(state, data iterator, resumed): the newest intact checkpoint with the data position it
     saved, or a fresh start where starting over loses nothing (`workdir.check_fresh_start`),
@@ -225,7 +225,7 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: Path,
     return state, iterator, True
 
 
-def _train(config, workdir: Path, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
+def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
            events: EventLog | None) -> tuple[State, list[dict]]:
     tc, task = config.train, trainer.task
     state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir, events)

@@ -4,11 +4,12 @@
 * refuses paths with glob characters (`[ ] * ?`): Orbax lists a checkpoint's files with a glob
   over the unescaped path (etils.epath), so such a checkpoint saves but never restores;
 * creates the directory and checks it is writable;
-* takes an exclusive lock (`<workdir>/.lock`, `flock`) held until the run ends: a second trainer
-  on the same workdir stops at once with one line and touches nothing of the first. In a
-  multi-process run process 0 holds it for the whole run; the others learn the outcome from it.
-  The kernel drops the lock when the process dies, so a killed run never leaves it stale.
-  Read-only commands (`generate`, `eval`, `plot`) never take it.
+* takes an exclusive lock (`<workdir>/.lock`) held until the run ends: a second trainer on the
+  same workdir stops with one line and touches nothing of the first. On a disk it is a `flock`,
+  which the kernel drops when the process dies; in a bucket a lease its holder refreshes
+  (`_Lease`), taken over once nobody refreshed it for a while. In a multi-process run process 0
+  holds it for the whole run; the others learn the outcome from it. Read-only commands
+  (`generate`, `eval`, `plot`) never take it.
 
 `Claim.release()` unlocks, and removes a workdir that this run created if the run wrote nothing
 into it (bad input leaves no empty workdir behind). `check_fresh_start` refuses to start over
@@ -23,21 +24,23 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
-from pathlib import Path
+import threading
+import time
 
+from infra import paths
 from infra.errors import UserError
+from infra.paths import Path, PathLike
 
 LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 GLOB_CHARACTERS = "[]*?"
 
 
-def check_path(workdir: str | Path) -> Path:
+def check_path(workdir: PathLike) -> Path:
     """UserError unless Orbax can save and restore checkpoints under `workdir`."""
-    path = Path(workdir).expanduser()
-    full = str(path.absolute())
+    path = paths.path(workdir)
+    full = str(path if paths.is_remote(path) else path.absolute())
     bad = sorted({c for c in full if c in GLOB_CHARACTERS})
     if bad:
         raise UserError(f"workdir '{full}' contains {' '.join(repr(c) for c in bad)}: Orbax reads "
@@ -46,30 +49,117 @@ def check_path(workdir: str | Path) -> Path:
     return path
 
 
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _describe(owner_json: str) -> str:
+    try:
+        who = json.loads(owner_json or "{}")
+        return f"pid {who['pid']} on {who['host']}, since {who['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _in_use(path, who: str) -> UserError:
+    return UserError(f"workdir '{path}' is in use by another training run ({who}); wait for it "
+                     f"to finish or choose another --workdir")
+
+
+class _FileLock:
+    """`flock` on `<workdir>/.lock`: the kernel drops it when the holder dies."""
+
+    def __init__(self, path: Path):
+        self._handle = open(path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._handle.seek(0)
+            owner = self._handle.read().strip()
+            self._handle.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"cannot lock workdir '{path}' ({e.strerror}); choose a "
+                                f"--workdir on a filesystem that supports file locks") from None
+            raise _in_use(path, _describe(owner)) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(json.dumps(_owner()))
+        self._handle.flush()
+
+    def release(self) -> None:
+        self._handle.close()
+
+
+class _Lease:
+    """A bucket has no file locks: `<workdir>/.lock` is a lease that its holder rewrites every
+    `HEARTBEAT_S` (a thread). A lease nobody refreshed for `EXPIRY_S` belongs to a run that died
+    (SIGKILL, a lost VM): the claim waits that long, then takes it over; a lease that moves
+    means a live run, and the claim is refused. A run that ends deletes its lease."""
+
+    HEARTBEAT_S, EXPIRY_S = 10.0, 35.0
+
+    def __init__(self, path: Path, clock=time.monotonic, sleep=time.sleep):
+        self.file, self._stop = path / LOCK_FILE, threading.Event()
+        self._mine = json.dumps({**_owner(), "lease": os.urandom(8).hex()})
+        if self.file.exists():
+            seen, deadline = self.file.read_text(), clock() + self.EXPIRY_S
+            while clock() < deadline:
+                sleep(1.0)
+                if not self.file.exists():
+                    break  # released meanwhile
+                if self.file.read_text() != seen:
+                    raise _in_use(path, _describe(seen))
+        self.file.write_text(self._mine)
+        sleep(1.0)  # two runs that claimed at once: the last write wins, the other stops
+        if self.file.read_text() != self._mine:
+            raise _in_use(path, _describe(self.file.read_text()))
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="infra-lease")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                self._mine = json.dumps({**json.loads(self._mine), "beat": time.time()})
+                self.file.write_text(self._mine)
+            except OSError as e:  # the run itself will fail on the same bucket soon
+                log.warning("warning: cannot refresh the workdir lease %s: %s", self.file, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            if self.file.read_text() == self._mine:
+                self.file.unlink()
+        except OSError:
+            pass
+
+
 class Claim:
     """This run's hold on its workdir (see the module docstring)."""
 
-    def __init__(self, path: Path, created: bool, handle):
-        self.path, self.created, self._handle = path, created, handle
+    def __init__(self, path: Path, created: bool, lock):
+        self.path, self.created, self._lock = path, created, lock
 
     def release(self) -> None:
         """Unlock; remove the workdir if this run created it and wrote no file into it (its lock
         and event log aside)."""
         from infra.events import EVENTS_DIR
 
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         if self.created:
-            written = [p for p in self.path.rglob("*") if p.is_file() and p.name != LOCK_FILE
+            written = [p for p in paths.files(self.path) if p.name != LOCK_FILE
                        and EVENTS_DIR not in p.relative_to(self.path).parts[:1]]
             if not written:
-                shutil.rmtree(self.path, ignore_errors=True)
+                self.path.rmtree(missing_ok=True)
 
 
-def claim(workdir: str | Path, *, lock: bool = True) -> Claim:
+def claim(workdir: PathLike, *, lock: bool = True) -> Claim:
     """Create (if needed), check and lock `workdir` for one training run (UserError if another
-    run holds it). `lock=False`: processes other than 0 of a multi-process run."""
+    run holds it, or the location cannot be written: a missing bucket, no credentials). `lock=False`:
+    processes other than 0 of a multi-process run."""
     path = check_path(workdir)
     created = not path.exists()
     try:
@@ -77,38 +167,18 @@ def claim(workdir: str | Path, *, lock: bool = True) -> Claim:
         probe = path / ".write_test"
         probe.write_text("")
         probe.unlink()
-    except OSError as e:
-        raise UserError(f"workdir '{path}' is not writable ({e.strerror}); choose another "
-                        f"--workdir") from None
+    except Exception as e:  # noqa: BLE001 - OSError locally; a bucket's client raises its own
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+        fix = ("check that the bucket exists and that credentials are set up (gcloud auth "
+               "application-default login, or GOOGLE_APPLICATION_CREDENTIALS)"
+               if paths.is_remote(path) else "choose another --workdir")
+        raise UserError(f"workdir '{path}' is not writable ({why}); {fix}") from None
     if not lock:
         return Claim(path, created, None)
-    handle = open(path / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            handle.close()
-            raise UserError(f"cannot lock workdir '{path}' ({e.strerror}); choose a --workdir on "
-                            f"a filesystem that supports file locks") from None
-        handle.seek(0)
-        owner = handle.read().strip() or "{}"
-        handle.close()
-        try:
-            who = json.loads(owner)
-            who = f"pid {who['pid']} on {who['host']}, since {who['since']}"
-        except (ValueError, KeyError, TypeError):
-            who = "another process"
-        raise UserError(f"workdir '{path}' is in use by another training run ({who}); wait for "
-                        f"it to finish or choose another --workdir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": datetime.datetime.now().isoformat(timespec="seconds")}))
-    handle.flush()
-    return Claim(path, created, handle)
+    return Claim(path, created, _Lease(path) if paths.is_remote(path) else _FileLock(path))
 
 
-def check_fresh_start(workdir: str | Path) -> None:
+def check_fresh_start(workdir: PathLike) -> None:
     """Before a run starts over from step 0 in a workdir without a checkpoint: refuse (UserError)
     when that would silently throw away progress, i.e. the workdir holds checkpoints moved aside
     as corrupt, or metrics beyond step 0 of a run that had committed checkpoints since lost.
@@ -117,7 +187,7 @@ def check_fresh_start(workdir: str | Path) -> None:
     from infra.events import committed_checkpoints
     from infra.metrics import METRICS_FILE, read_history
 
-    path = Path(workdir)
+    path = paths.path(workdir)
     aside = layout.moved_aside(path)
     if aside:
         raise UserError(

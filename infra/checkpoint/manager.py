@@ -19,7 +19,6 @@ import logging
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from infra import paths
 from infra.checkpoint import layout
 from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, IteratorSave,
                                              IteratorSnapshot, StateRestore, StateSave)
@@ -64,7 +64,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: paths.PathLike,
         *,
         every: int,
         keep: int,
@@ -74,7 +74,8 @@ class Checkpointer:
         fallback: bool = True,
         events=None,
     ):
-        self.directory = layout.checkpoints_dir(Path(workdir).resolve())
+        workdir = paths.path(workdir)
+        self.directory = layout.checkpoints_dir(workdir if paths.is_remote(workdir) else workdir.resolve())
         self.fallback = fallback
         # `infra.events.EventLog` (process 0 only): commits are recorded as they are seen.
         self._events = events
@@ -136,7 +137,10 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def _check_space(self, step: int, state: Any) -> None:
-        """Refuse to start a save that cannot fit: a clean error beats a half-written one."""
+        """Refuse to start a save that cannot fit: a clean error beats a half-written one (a
+        bucket has no such limit to check)."""
+        if paths.is_remote(self.directory):
+            return
         need = sum(
             shard.data.nbytes
             for leaf in jax.tree.leaves(state)
@@ -340,10 +344,11 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> None:
-        """Keep a corrupted checkpoint for inspection, out of Orbax's sight."""
+        """Keep a corrupted checkpoint for inspection, out of Orbax's sight (in a bucket a
+        rename copies every object, then deletes the originals)."""
         if jax.process_index() == 0:
             src = self.directory / str(step)
-            src.rename(self.directory / f"corrupt-{step}-{int(time.time())}")
+            paths.move_tree(src, self.directory / f"corrupt-{step}-{int(time.time())}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

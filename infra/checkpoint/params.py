@@ -10,11 +10,11 @@ checkpoint's, and moves or deletes nothing: a damaged step is skipped with a war
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from infra import paths
 from infra.checkpoint import layout
 from infra.checkpoint.verify import (Corrupt, Unreadable, check_fingerprint, diagnose,
                                      saved_specs, specs)
@@ -23,7 +23,7 @@ from infra.errors import CheckpointError, UserError
 log = logging.getLogger(__name__)
 
 
-def restore_params(workdir: str | Path, abstract_params: Any, *,
+def restore_params(workdir: paths.PathLike, abstract_params: Any, *,
                    step: int | None = None) -> tuple[Any, int]:
     """(parameters, step) of the newest intact checkpoint in `workdir` (or of `step`).
 
@@ -32,7 +32,7 @@ def restore_params(workdir: str | Path, abstract_params: Any, *,
     UserError when there is no checkpoint or its arrays do not fit (another model), and
     CheckpointError when no checkpoint (or `step`) is intact. Read-only.
     """
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     directory = layout.checkpoints_dir(workdir)
     steps = layout.committed_steps(workdir)
     if not steps:
@@ -72,7 +72,7 @@ def restore_params(workdir: str | Path, abstract_params: Any, *,
     raise CheckpointError(f"no intact checkpoint in {directory} ({'; '.join(problems)})")
 
 
-def _restore_step(path: Path, abstract_params: Any) -> Any:
+def _restore_step(path: paths.Path, abstract_params: Any) -> Any:
     """The verified `params` of the checkpoint in step directory `path`."""
     target = {"params": abstract_params}
     saved = saved_specs(path / layout.STATE)

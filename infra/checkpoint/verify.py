@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from infra import paths
 from infra.checkpoint.layout import FINGERPRINT
+from infra.paths import PathLike
 
 
 class Corrupt(Exception):
@@ -95,15 +96,15 @@ def diagnose(e: Exception, step_dir: Path) -> Exception | None:
     return Corrupt(f"unreadable files ({type(e).__name__}: {cause})")
 
 
-def check_readable(step_dir: Path) -> None:
+def check_readable(step_dir: PathLike) -> None:
     """`Unreadable` when a file of the checkpoint cannot even be opened for an environmental
     reason (a damaged checkpoint's files open fine; its contents are wrong)."""
-    for path in sorted(Path(step_dir).rglob("*")):
+    for path in paths.tree(step_dir):
         try:
             if path.is_dir():
-                os.listdir(path)
+                list(path.iterdir())
             else:
-                with open(path, "rb"):
+                with path.open("rb"):
                     pass
         except OSError as e:
             if e.errno in ENVIRONMENT_ERRNOS:
@@ -150,10 +151,10 @@ def fingerprint(state: Any) -> dict[str, int]:
     return {name: int(s) for name, s in zip(names, jax.device_get(sums))}
 
 
-def read_fingerprint(step_dir: Path) -> dict[str, int]:
+def read_fingerprint(step_dir: PathLike) -> dict[str, int]:
     """The checksums a checkpoint was saved with (`Corrupt` when they cannot be read)."""
     try:
-        return json.loads((Path(step_dir) / FINGERPRINT / "fingerprint.json").read_text())
+        return json.loads((paths.path(step_dir) / FINGERPRINT / "fingerprint.json").read_text())
     except (OSError, ValueError) as e:
         raise Corrupt(f"unreadable checksums ({type(e).__name__})") from None
 

@@ -3,9 +3,9 @@ bar, and the run's history (every record so far, as returned by `infra.train.run
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from infra.metrics import MetricWriter, truncate_history
+from infra.paths import PathLike
 from infra.tasks import Task
 
 
@@ -18,7 +18,7 @@ class Reporter:
     the run starts over, and no earlier record is kept.
     """
 
-    def __init__(self, workdir: str | Path, task: Task, *, total_steps: int,
+    def __init__(self, workdir: PathLike, task: Task, *, total_steps: int,
                  start_step: int | None, enabled: bool, progress_bar: bool):
         self.task = task
         self.history = truncate_history(workdir, start_step) if enabled else []
@@ -42,7 +42,7 @@ class Reporter:
                                     for k in self.task.headline_metrics if k in metrics})
         self.writer.flush()  # evaluations are rare and worth seeing in TensorBoard at once
 
-    def log_goodput(self, step: int, workdir: str | Path) -> None:
+    def log_goodput(self, step: int, workdir: PathLike) -> None:
         """The workdir's goodput so far (`infra.goodput`) to TensorBoard (not to the JSONL: the
         metrics history stays the same however often a run was interrupted)."""
         if self.writer.tb is None:

@@ -1,0 +1,176 @@
+"""One path type for local directories and buckets (`gs://bucket/run`): `etils.epath`, which
+Orbax uses too, so a workdir is the same kind of object wherever it lives.
+
+Object stores differ from a disk in three ways this module absorbs:
+* no append: `AppendFile` keeps a log's lines in memory and rewrites the whole object when it
+  flushes (every `flush_secs`, and when closed); on a disk it appends and flushes each line;
+* no local path for libraries that need one (the Rust tokenizer, memory-mapped token files,
+  safetensors): `localize` copies a remote file or directory into a cache once;
+* no atomic rename: Orbax marks a committed checkpoint with `commit_success.txt` instead
+  (`infra.checkpoint.layout`).
+
+Credentials and endpoints come only from the client libraries' own settings (gcsfs and
+tensorstore: Application Default Credentials, `STORAGE_EMULATOR_HOST`,
+`TENSORSTORE_GCS_HTTP_URL`), so a test emulator and a real bucket are configured the same way.
+`gs://` needs `gcsfs` (`pip install 'infra[gcs]'`). `s3://` is refused: the rest of the stack
+(event log, metrics, tokenizer and data localisation) is only built and tested on gcsfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import time
+from typing import Union
+
+from etils import epath
+
+from infra.errors import UserError
+
+Path = epath.Path
+PathLike = Union[str, os.PathLike]
+REMOTE_PREFIXES = ("gs://",)
+CACHE = pathlib.Path(os.environ.get("INFRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "infra"))
+
+
+def is_remote(path: PathLike) -> bool:
+    return str(path).startswith(REMOTE_PREFIXES) or "://" in str(path)
+
+
+def path(location: PathLike) -> epath.Path:
+    """`location` as an epath: `~` expanded for local paths; `gs://` checked for its client."""
+    text = os.fspath(location)
+    if "://" in text and not text.startswith(REMOTE_PREFIXES):
+        scheme = text.split("://", 1)[0]
+        raise UserError(f"'{text}': {scheme}:// paths are not supported; use a local path or "
+                        f"gs://bucket/path")
+    if text.startswith("gs://"):
+        _require_gcsfs()
+        os.environ.setdefault("EPATH_USE_TF", "false")  # gcsfs, not TensorFlow's gfile
+        return epath.Path(text)
+    return epath.Path(os.path.expanduser(text))
+
+
+def read_text(location: PathLike) -> str:
+    """The file's text; bytes that are not UTF-8 become U+FFFD (a torn write, an edited file)."""
+    return path(location).read_bytes().decode("utf-8", errors="replace")
+
+
+def _require_gcsfs() -> None:
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        raise UserError("gs:// paths need the gcsfs package: pip install 'infra[gcs]'") from None
+    for name in ("gcsfs", "gcsfs.core", "google.auth", "google.auth._default"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # bucket-type probes warn on emulators
+
+
+def localize(location: PathLike) -> pathlib.Path:
+    """A local path with the content of `location`: itself when local; for a remote file or
+    directory, a copy in `~/.cache/infra/remote/` (refreshed when a file's size changed)."""
+    source = path(location)
+    if not is_remote(source):
+        return pathlib.Path(source)
+    key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
+    target = CACHE / "remote" / f"{key}-{source.name}"
+    remotes = [source] if source.is_file() else files(source) if source.is_dir() else []
+    if not remotes:
+        raise UserError(f"'{source}' does not exist or is empty")
+    for remote in remotes:
+        local = target if remote == source else target / remote.relative_to(source)
+        if local.exists() and local.stat().st_size == remote.stat().st_size:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(local.name + ".partial")
+        partial.write_bytes(remote.read_bytes())
+        partial.replace(local)
+    return target
+
+
+def _walk(root: PathLike) -> tuple[list[Path], list[Path]]:
+    """(directories, files) below `root` (epath's own recursive glob refuses buckets)."""
+    dirs_out, files_out = [], []
+    for directory, dirs, names in path(root).walk():
+        directory = path(directory)
+        dirs_out += [directory / d for d in dirs]
+        files_out += [directory / f for f in names]
+    return sorted(dirs_out), sorted(files_out)
+
+
+def tree(root: PathLike) -> list[Path]:
+    """Every directory and file below `root`."""
+    dirs, names = _walk(root)
+    return sorted(dirs + names)
+
+
+def files(root: PathLike) -> list[Path]:
+    """Every file below `root`."""
+    return _walk(root)[1]
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Rename a directory; in a bucket (no directories, no rename) copy each object, then delete
+    the originals."""
+    if not is_remote(src):
+        src.rename(dst)
+        return
+    for f in files(src):
+        f.copy(dst / f.relative_to(src))
+    src.rmtree()
+
+
+def upload_tree(local: PathLike, remote: Path) -> None:
+    """Copy a local directory's files to `remote` (e.g. a profiler trace next to a bucket run)."""
+    local = pathlib.Path(local)
+    for f in [p for p in local.rglob("*") if p.is_file()]:
+        (remote / str(f.relative_to(local))).parent.mkdir(parents=True, exist_ok=True)
+        (remote / str(f.relative_to(local))).write_bytes(f.read_bytes())
+
+
+class AppendFile:
+    """Lines appended to a file: appended and flushed each time on a disk; kept in memory and
+    written whole (objects cannot be appended to) every `flush_secs` and on `close` in a bucket.
+    Raises OSError where the write fails (the caller turns it into one line)."""
+
+    def __init__(self, location: PathLike, flush_secs: float = 10.0):
+        self.path = path(location)
+        self.remote = is_remote(self.path)
+        self.flush_secs = flush_secs
+        self._flushed = time.monotonic()
+        if self.remote:
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            self._dirty = False
+        else:
+            self._file = open(self.path, "a")
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def write(self, line: str, *, flush: bool = False) -> None:
+        """Append `line` (with its newline); `flush`: make it durable now."""
+        if not self.remote:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if flush or time.monotonic() - self._flushed >= self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.remote:
+            self._file.flush()
+        elif self._dirty:
+            self.path.write_text("".join(self._lines))
+            self._dirty = False
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if not self.remote:
+                self._file.close()
