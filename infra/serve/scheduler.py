@@ -62,6 +62,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate past EOS (benchmarks that need exact output lengths)
     emit: Callable[[object], None] = lambda event: None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     # filled in by the scheduler
@@ -200,7 +201,7 @@ class Scheduler:
         r.last_token_at = now
         r.token_ids.append(token)
         self.tokens_out += 1
-        if token == self.tok.eos_id:
+        if token == self.tok.eos_id and not r.ignore_eos:
             self._free(s, "stop", self.tok.decode(r.token_ids[:-1]))
             return
         text = self.tok.decode(r.token_ids)

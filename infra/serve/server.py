@@ -11,7 +11,7 @@ stream, or a dropped connection while waiting for a non-streamed answer) cancels
 which frees its slot before the next decode step.
 
 Not supported (400 when asked for): n > 1, best_of > 1, echo, logprobs, suffix, tools.
-`top_k` is accepted as an extension (as vLLM does). `max_tokens` defaults to 16 for
+`top_k` and `ignore_eos` are accepted as extensions (as vLLM does). `max_tokens` defaults to 16 for
 completions (OpenAI's default) and to the rest of the context for chat.
 """
 
@@ -250,8 +250,11 @@ class Api:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
         request = Request(ids, self._sampling(body), max_tokens=int(max_tokens),
-                          stop=_stops(body))
+                          stop=_stops(body), ignore_eos=ignore_eos)
         return request, stream, bool(options.get("include_usage", False))
 
 
