@@ -37,6 +37,8 @@ def attend(attn: Attention, q: jax.Array, keys: jax.Array, values: jax.Array,
     group = attn.num_heads // kv
     dt = attn.dtype
     q = q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)
+    if t == 1:
+        return _attend_one(q, keys, values, allowed, kv, group, dt)
     q = q.reshape(b, t, kv, group, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * group, hd)
     k, v = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # (batch, kv, s, hd)
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
@@ -45,6 +47,20 @@ def attend(attn: Attention, q: jax.Array, keys: jax.Array, values: jax.Array,
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
     return out.reshape(b, kv, t, group, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, kv * group, hd)
+
+
+def _attend_one(q, keys, values, allowed, kv, group, dt):
+    """The decode case (one query per sequence) reading the cache in its own layout: products
+    and sums instead of batched matmuls, which would first transpose (copy) every slot's whole
+    cache to (batch, kv_heads, length, head_dim) each step."""
+    b, _, _, hd = q.shape
+    q = q.reshape(b, 1, kv, group, hd)
+    scores = jnp.sum(q.astype(jnp.float32) * keys[:, :, :, None, :].astype(jnp.float32),
+                     axis=-1)  # (batch, s, kv, group)
+    bias = jnp.where(allowed[:, 0], 0.0, jnp.finfo(jnp.float32).min)  # (batch, s)
+    probs = jax.nn.softmax(scores + bias[:, :, None, None], axis=1).astype(dt)
+    out = jnp.sum(probs[..., None] * values[:, :, :, None, :], axis=1)  # (batch, kv, group, hd)
+    return out.reshape(b, 1, kv * group, hd).astype(dt)
 
 
 def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
