@@ -38,6 +38,23 @@ def load_config(workdir: str | Path):
     return config_lib.load_saved(workdir, raw)
 
 
+def _mesh(config):
+    """Parameters sharded FSDP-style over every local device (tensor-parallel as trained where
+    the device count allows). Not used by `generate` any more (it runs on the serving mesh,
+    `infra.serve.engine.serve_mesh`); `hf export` reads checkpoints onto it."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from infra import mesh as mesh_lib
+
+    n = len(jax.devices())
+    tensor = int(config.mesh.tensor)
+    tensor = tensor if tensor > 0 and n % tensor == 0 else 1
+    sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
+    sizes |= {"fsdp": -1, "tensor": tensor}
+    return mesh_lib.make_mesh(ConfigDict(sizes))
+
+
 INT32_MAX, SEED_MAX = 2**31 - 1, 2**63 - 1
 
 
