@@ -6,6 +6,7 @@
   plan   --config experiments/lm.py:8b --devices 256 --mesh fsdp=256  memory/FLOPs/cost estimate
   plot   runs/a [runs/b ...] [--out loss.png]  loss vs step and vs tokens seen, one PNG
   generate --workdir runs/x --prompt "def " [--temperature 0.8 --top_k 40]  sample from a run
+  serve  --workdir runs/x [--host 127.0.0.1 --port 8000 --slots 8]  OpenAI-compatible server
   eval   --workdir runs/x [--step N]  eval metrics of a checkpoint (read-only), one JSON line
   goodput runs/x [--json]  wall time, productive training time and badput by cause
   hf import <hf_dir> --workdir w / hf export --workdir w --out dir  Hugging Face checkpoints
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from the latest checkpoint of an LM run")
     generate.add_arguments(g)
+
+    from infra.serve import cli as serve_cli  # imports neither JAX nor the web stack
+
+    sv = sub.add_parser("serve", help="serve an LM run over an OpenAI-compatible HTTP API "
+                                      "(continuous batching, KV cache)")
+    serve_cli.add_arguments(sv)
 
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out data (one JSON line)")
     evaluate.add_arguments(e)
@@ -222,6 +229,10 @@ def _run(argv: list[str] | None) -> int:
         from infra import generate
 
         return generate.run_cli(args)
+    if args.command == "serve":
+        from infra.serve import cli as serve_cli
+
+        return serve_cli.run_cli(args)
     if args.command == "eval":
         from infra import evaluate
 

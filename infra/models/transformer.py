@@ -232,6 +232,32 @@ class Attention(nnx.Module):
             out = out + self.o_bias[...].astype(dt)
         return out
 
+    # KV-cache decoding (infra/serve/forward.py): the projections of `__call__`, with RoPE at
+    # per-row positions, and its output projection. `__call__` is left as it is; the serving
+    # parity test (tests/test_serve_engine.py) checks that both give the same logits.
+    def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array,
+                                                                        jax.Array]:
+        """q (batch, length, heads, head_dim), k and v (batch, length, kv_heads, head_dim) of
+        ``x`` (batch, length, d_model): biases, q/k norm, then RoPE at ``positions`` (batch,
+        length), one row of positions per sequence (each decode slot is at its own position)."""
+        x = x.astype(self.dtype)
+        q = constrain(self._project(x, "q"), ("batch", "length", "act_heads", "head_dim"))
+        k = constrain(self._project(x, "k"), ("batch", "length", "act_kv_heads", "head_dim"))
+        v = constrain(self._project(x, "v"), ("batch", "length", "act_kv_heads", "head_dim"))
+
+        def rotate(y: jax.Array) -> jax.Array:
+            one = lambda row, pos: rope(row[None], pos, self.rope_theta, self.rope_scaling)[0]  # noqa: E731
+            return jax.vmap(one)(y, positions)
+
+        return rotate(q), rotate(k), v
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """Attention output (batch, length, heads, head_dim) -> (batch, length, d_model)."""
+        out = dense(out, self.o[...].astype(self.dtype), n_in=2)
+        if hasattr(self, "o_bias"):
+            out = out + self.o_bias[...].astype(self.dtype)
+        return out
+
     def _query_blocks(self, length: int) -> list[tuple[int, int]]:
         """Position ranges of the query blocks: ``causal_blocks`` equal blocks when causal (block
         i skips the keys after its end, which the mask would zero: 5/8 of the work with 4

@@ -1,0 +1,155 @@
+"""`python -m infra serve --workdir runs/x [--host 127.0.0.1] [--port 8000] [--slots 8]`.
+
+Start-up: restore the newest checkpoint onto the serving mesh, compile every step (`warmup`),
+start the scheduler's thread, bind the socket, then serve with uvicorn in a thread; the line
+`serving <model> on http://<host>:<port>/v1` (stdout) says it is ready, and so does `GET
+/health` (200). `--port 0` picks a free port (the line names it).
+
+SIGTERM drains. The CLI's process-wide handler (`infra.loop.preemption.catch_sigterm`) only
+raises a flag; uvicorn runs outside the main thread, so it installs no handlers of its own and
+the main thread, which watches the flag, decides: new requests get 503 (and /health 503),
+running and queued ones finish, at most `--drain_timeout` seconds (then they are cancelled),
+and the process exits 0. The flag's grace timer is set beyond that, so a hung drain still ends
+(exit 143); a second SIGTERM ends it at once. Ctrl-C stops at once (exit 130).
+
+The web stack is the `serve` extra (`pip install -e ".[serve]"`): training needs none of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from infra.errors import UserError
+
+log = logging.getLogger(__name__)
+NEEDS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client",
+         "jinja2": "jinja2"}
+
+
+def check_dependencies() -> None:
+    import importlib.util
+
+    missing = [pkg for module, pkg in NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"serving needs {', '.join(missing)}: pip install -e \".[serve]\" "
+                        f"(or pip install {' '.join(missing)})")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="workdir of a trained, fine-tuned or imported LM")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed)")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--max_len", type=int, default=None,
+                   help="context per slot (default model.max_seq_len)")
+    p.add_argument("--tensor", type=int, default=None,
+                   help="devices per model replica along kv heads (default: the most that divide them)")
+    p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
+    p.add_argument("--drain_timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish")
+    p.add_argument("--static", action="store_true",
+                   help="static batching (a batch finishes before the next starts): a benchmark baseline")
+    p.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another "
+                        f"--port (0 = any free one)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_cli(args) -> int:
+    check_dependencies()
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0 or args.drain_timeout < 0:
+        raise UserError("--max_queue and --drain_timeout must be >= 0")
+    import uvicorn
+
+    from infra.generate import load_config
+    from infra.loop import preemption
+    from infra.serve.engine import Engine, serve_mesh
+    from infra.serve.scheduler import Scheduler
+    from infra.serve.server import Api, PrometheusMetrics, create_app
+
+    flag = preemption.catch_sigterm()
+    flag.grace_s = args.drain_timeout + 30  # the bound of a drain that hangs (exit 143)
+    config = load_config(args.workdir)
+    engine = Engine.from_workdir(args.workdir, slots=args.slots,
+                                 mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len)
+    start = time.perf_counter()
+    compile_s = engine.warmup()
+    log.info("warm-up: %.1f s (%.1f s compiling %d prefill buckets and the decode step)",
+             time.perf_counter() - start, compile_s, len(engine.buckets))
+    ref: list = []
+    metrics = PrometheusMetrics(ref)
+    scheduler = Scheduler(engine, engine.tokenizer, max_queue=args.max_queue,
+                          static=args.static, metrics=metrics)
+    ref.append(scheduler)
+    scheduler.start()
+    name = args.model_name or Path(args.workdir).resolve().name
+    api = Api(scheduler, engine.tokenizer, name, metrics)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(create_app(api), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise UserError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name} on http://{shown}:{port}/v1 ({engine.slots} slots x "
+          f"{engine.max_len} tokens, mesh {dict(engine.mesh.shape)}, checkpoint step "
+          f"{engine.step_restored}{', static batching' if args.static else ''})", flush=True)
+    try:
+        while thread.is_alive() and not flag.raised:
+            time.sleep(0.05)
+        if flag.raised:
+            _drain(api, scheduler, args.drain_timeout, flag)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        scheduler.stop()
+    return 0
+
+
+def _drain(api, scheduler, timeout: float, flag) -> None:
+    """No new requests; the running and queued ones finish within `timeout` s, or are cancelled."""
+    api.draining = True
+    scheduler.accepting = False
+    waiting = len(scheduler.queue) + scheduler.busy
+    print(f"SIGTERM: draining {waiting} request(s) (at most {timeout:g} s)", file=sys.stderr,
+          flush=True)
+    deadline = time.monotonic() + timeout
+    while not scheduler.idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not scheduler.idle():
+        left = [r for r in [*scheduler.slots, *scheduler.queue] if r is not None]
+        for r in left:
+            scheduler.cancel(r)
+        print(f"drain timeout: cancelled {len(left)} request(s)", file=sys.stderr, flush=True)
+        end = time.monotonic() + 5
+        while not scheduler.idle() and time.monotonic() < end:
+            time.sleep(0.05)
+    time.sleep(0.2)  # let the last responses reach their clients
+    print("drained; exiting", file=sys.stderr, flush=True)

@@ -1,0 +1,339 @@
+"""The inference engine: a KV cache of `slots` sequences, prefill into a slot, one decode step
+over every slot, each step a precompiled executable.
+
+    engine = Engine.from_workdir("runs/tiny", slots=8)
+    engine.warmup()                      # compiles every prefill bucket and the decode step
+    first = engine.insert(slot, ids, SamplingParams(temperature=0))
+    tokens = engine.step()               # one new token for every slot, numpy (slots,)
+    engine.release(slot)
+
+Shapes are fixed so that nothing compiles after start-up: prompts are padded to a bucket (powers
+of two from 16 up to the context length, and the context length itself), the decode step always
+runs all slots (a free slot decodes a token nobody reads: cheaper than a recompile), and every
+function is compiled ahead of time (`jit(...).lower(...).compile()`), so a call with an
+unexpected shape fails loudly instead of compiling. The device state of a slot is its last
+token, position, active flag and sampling parameters; stop conditions that need text (stop
+strings, max_tokens) are the scheduler's (`infra/serve/scheduler.py`).
+
+Layout: the cache is ``[layers, slots, max_len, kv_heads, head_dim]`` (keys and values), placed
+by the run's logical-axis rules: slots are the decode batch (``batch`` -> data axes), kv heads
+go on ``tensor`` like the k / v weights, so each device reads only its heads' cache. Parameters
+are restored with `restore_params` onto the serving mesh (`serve_mesh`) in their training
+layout; a `scan_layers` checkpoint is unstacked to the loop layout at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from infra import sharding
+from infra.errors import UserError
+from infra.serve import forward, sampling
+
+log = logging.getLogger(__name__)
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling: temperature 0 = greedy; top_k 0 = all; top_p 1 = all."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
+    """Prompt lengths compiled: powers of two from `smallest` below `max_len`, then `max_len`."""
+    out, b = [], min(smallest, max_len)
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+def serve_mesh(config, devices=None, tensor: int | None = None) -> Mesh:
+    """`data` x `tensor` over `devices`: kv heads over `tensor` (default: the largest divisor of
+    the device count that divides the kv heads), slots over `data` (the rest)."""
+    from ml_collections import ConfigDict
+
+    from infra import mesh as mesh_lib
+
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    kv = int(config.model.num_kv_heads)
+    if tensor is None:
+        tensor = max(t for t in range(1, n + 1) if n % t == 0 and kv % t == 0)
+    elif tensor < 1 or n % tensor:
+        raise UserError(f"--tensor {tensor} must divide the {n} devices")
+    sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
+    sizes |= {"data": n // tensor, "tensor": tensor}
+    return mesh_lib.make_mesh(ConfigDict(sizes), devices=devices)
+
+
+def load_model(workdir: str | Path, mesh: Mesh, *, step: int | None = None):
+    """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
+    `mesh`, in the loop layer layout (compute path of `forward`)."""
+    import optax
+
+    from infra import config as config_lib
+    from infra.checkpoint import committed_steps, restore_params
+    from infra.generate import load_config
+    from infra.state import shard_state
+    from infra.tasks import get_task, logical_rules
+
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    if not committed_steps(workdir):
+        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
+                        f"(python -m infra train --config ... --workdir {workdir})")
+    serving = config_lib.ConfigDict(config.to_dict())
+    serving.model.scan_layers = False
+    serving.model.remat = "none"
+    rules = sharding.normalize_rules(logical_rules(serving), mesh)
+    sharded = shard_state(get_task(serving).build_model, optax.identity(), mesh, rules)
+    abstract = sharded.abstract["params"]
+    if config.model.scan_layers:
+        from infra.interop.importer import abstract_params
+        from infra.interop.init_from import convert_layers
+
+        params, step = restore_params(workdir, abstract_params(config, mesh), step=step)
+        params = convert_layers(params, int(config.model.num_layers), abstract)
+    else:
+        params, step = restore_params(workdir, abstract, step=step)
+    return serving, sharded.model, params, step, rules
+
+
+class Engine:
+    """KV cache + slot state on the devices; prefill / decode / release as compiled steps."""
+
+    def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
+                 allowed: np.ndarray, max_len: int | None = None):
+        self.config = config
+        self.mesh, self.rules = mesh, rules
+        self.slots = int(slots)
+        self.max_len = int(max_len or config.model.max_seq_len)
+        self.buckets = buckets(self.max_len)
+        self.params = params
+        self._model_def = model_def
+        self._allowed = np.asarray(allowed, bool)
+        m = config.model
+        dtype = jnp.dtype(m.dtype)
+        shape = (int(m.num_layers), self.slots, self.max_len, int(m.num_kv_heads), int(m.head_dim))
+        self._cache_sharding = self._sharding(forward.CACHE_AXES, shape)
+        self._slot_sharding = self._sharding(("batch",), (self.slots,))
+        self._seed_sharding = self._sharding(("batch", None), (self.slots, 2))
+        self._replicated = NamedSharding(mesh, P())
+        self._cache_abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=self._cache_sharding)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sharding)
+        self.cache = (zeros(), zeros())
+        self.state = self._initial_state()
+        self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        self._prefills: dict[int, Any] = {}
+        self._decode = self._release = None
+        self.compile_seconds = 0.0
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, *, slots: int = 8, mesh: Mesh | None = None,
+                     step: int | None = None, max_len: int | None = None) -> "Engine":
+        """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
+        with the run's tokenizer (`engine.tokenizer`)."""
+        from infra.data.tokenizer import load_tokenizer
+        from infra.generate import load_config
+
+        if slots < 1:
+            raise UserError(f"--slots must be >= 1, got {slots}")
+        config = load_config(workdir)
+        mesh = mesh or serve_mesh(config)
+        config, model_def, params, step, rules = load_model(workdir, mesh, step=step)
+        tok = load_tokenizer(config.data.tokenizer)
+        limit = int(config.model.max_seq_len)
+        if max_len is not None and not 1 < max_len <= limit:
+            raise UserError(f"--max_len must be in [2, {limit}] (model.max_seq_len), got {max_len}")
+        engine = cls(model_def, params, config, mesh=mesh, rules=rules, slots=slots,
+                     allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len)
+        engine.tokenizer, engine.step_restored, engine.workdir = tok, step, Path(workdir)
+        log.info("engine: checkpoint step %d of %s, %d slots x %d tokens, mesh %s", step,
+                 workdir, slots, engine.max_len, dict(mesh.shape))
+        return engine
+
+    def _sharding(self, logical, shape) -> NamedSharding:
+        spec = sharding.logical_to_spec(logical, self.rules)
+        return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
+
+    def _initial_state(self) -> dict:
+        s = self.slots
+        host = {"tokens": np.zeros(s, np.int32), "pos": np.zeros(s, np.int32),
+                "active": np.zeros(s, bool), "temperature": np.zeros(s, np.float32),
+                "top_k": np.zeros(s, np.int32), "top_p": np.ones(s, np.float32)}
+        state = {k: jax.device_put(v, self._slot_sharding) for k, v in host.items()}
+        state["seed"] = jax.device_put(np.zeros((s, 2), np.uint32), self._seed_sharding)
+        return state
+
+    def _state_shardings(self) -> dict:
+        return {k: self._seed_sharding if k == "seed" else self._slot_sharding for k in self.state}
+
+    # --- the compiled steps -------------------------------------------------------------------
+    def _compile(self, fn, args, in_shardings, out_shardings, donate):
+        start = time.perf_counter()
+
+        def traced(*a):
+            with sharding.activation_rules(self.mesh, self.rules):
+                return fn(*a)
+
+        jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                         donate_argnums=donate)
+        compiled = jitted.lower(*args).compile()
+        self.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    def _abstract(self, tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+
+    def _prefill_fn(self, bucket: int):
+        if bucket in self._prefills:
+            return self._prefills[bucket]
+        model_def, allowed = self._model_def, self._allowed
+
+        def run(params, cache, state, tokens, length, slot, temperature, top_k, top_p, seed):
+            model = model_def.merge(params)
+            cache, logits = forward.prefill(model, cache, tokens, length, slot)
+            key = sampling.keys_at(seed[None], length[None])
+            first = sampling.sample(logits[None], jnp.asarray(allowed), temperature[None],
+                                    top_k[None], top_p[None], key)[0]
+            new = {"tokens": first, "pos": length, "active": True, "temperature": temperature,
+                   "top_k": top_k, "top_p": top_p, "seed": seed}
+            state = {k: state[k].at[slot].set(v) for k, v in new.items()}
+            return cache, state, first
+
+        r = self._replicated
+        scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=r)  # noqa: E731
+        args = (self._abstract(self.params, self._param_shardings),
+                (self._cache_abstract, self._cache_abstract),
+                self._abstract(self.state, self._state_shardings()),
+                jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=r), scalar(jnp.int32),
+                scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
+                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r))
+        cache_sh = (self._cache_sharding, self._cache_sharding)
+        compiled = self._compile(
+            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 7,
+            (cache_sh, self._state_shardings(), r), donate=(1, 2))
+        self._prefills[bucket] = compiled
+        return compiled
+
+    def _decode_fn(self):
+        if self._decode is not None:
+            return self._decode
+        model_def, allowed, max_len = self._model_def, self._allowed, self.max_len
+
+        def run(params, cache, state):
+            model = model_def.merge(params)
+            pos = state["pos"]
+            cache, logits = forward.decode(model, cache, state["tokens"], pos)
+            nxt = pos + 1
+            keys = sampling.keys_at(state["seed"], nxt)
+            new = sampling.sample(logits, jnp.asarray(allowed), state["temperature"],
+                                  state["top_k"], state["top_p"], keys)
+            active = state["active"] & (nxt < max_len)
+            state = {**state, "tokens": jnp.where(active, new, state["tokens"]),
+                     "pos": jnp.where(active, nxt, pos)}
+            return cache, state, new
+
+        cache_sh = (self._cache_sharding, self._cache_sharding)
+        args = (self._abstract(self.params, self._param_shardings),
+                (self._cache_abstract, self._cache_abstract),
+                self._abstract(self.state, self._state_shardings()))
+        self._decode = self._compile(
+            run, args, (self._param_shardings, cache_sh, self._state_shardings()),
+            (cache_sh, self._state_shardings(), self._slot_sharding), donate=(1, 2))
+        return self._decode
+
+    def _release_fn(self):
+        if self._release is None:
+            def run(state, slot):
+                return {**state, "active": state["active"].at[slot].set(False)}
+
+            args = (self._abstract(self.state, self._state_shardings()),
+                    jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated))
+            self._release = self._compile(run, args, (self._state_shardings(), self._replicated),
+                                          self._state_shardings(), donate=(0,))
+        return self._release
+
+    def warmup(self) -> float:
+        """Compile every prefill bucket, the decode step and release; run each once. Returns
+        the seconds spent compiling (all of it: nothing compiles later)."""
+        for b in self.buckets:
+            self._prefill_fn(b)
+        self._decode_fn()
+        self._release_fn()
+        self.insert(0, np.zeros(1, np.int32), SamplingParams(temperature=1.0, top_k=5, top_p=0.9))
+        self.step()
+        self.release(0)
+        return self.compile_seconds
+
+    # --- host API -----------------------------------------------------------------------------
+    def bucket_for(self, length: int) -> int:
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise UserError(f"a prompt of {length} tokens does not fit the context of "
+                        f"{self.max_len} tokens")
+
+    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams) -> int:
+        """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token (returned:
+        the token at position len(ids))."""
+        n = len(ids)
+        if not 0 < n < self.max_len:
+            raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
+        bucket = self.bucket_for(n)
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :n] = ids
+        r = self._replicated
+        put = lambda x: jax.device_put(x, r)  # noqa: E731
+        self.cache, self.state, first = self._prefill_fn(bucket)(
+            self.params, self.cache, self.state, put(padded), put(np.int32(n)),
+            put(np.int32(slot)), put(np.float32(sp.temperature)),
+            put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
+            put(sampling.seed_words(sp.seed)))
+        return int(first)
+
+    def step(self) -> np.ndarray:
+        """One decode step over every slot: the next token of each (numpy, (slots,)); only the
+        active slots' are meaningful. Each active slot advances one position (not beyond the
+        context's last)."""
+        self.cache, self.state, tokens = self._decode_fn()(self.params, self.cache, self.state)
+        return np.asarray(tokens)
+
+    def release(self, slot: int) -> None:
+        self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),
+                                                                  self._replicated))
+
+    # --- figures for the benchmark --------------------------------------------------------------
+    def decode_bytes(self) -> int:
+        """Bytes a decode step must read at least: every parameter, and the whole KV cache
+        (each slot's full length is read: the step's shapes are fixed)."""
+        params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        cache = 2 * math.prod(self._cache_abstract.shape) * self._cache_abstract.dtype.itemsize
+        return params + cache
+
+
+def allowed_ids(tok, vocab_size: int) -> np.ndarray:
+    """Ids that may be sampled: the tokenizer's, less BOS and PAD (unless PAD is EOS)."""
+    allowed = np.arange(vocab_size) < tok.vocab_size
+    for special in (tok.bos_id, tok.pad_id):
+        if special is not None and special != tok.eos_id:
+            allowed[special] = False
+    return allowed

@@ -1,0 +1,251 @@
+"""The host loop: admit queued requests into free slots while the others decode (continuous
+batching), stream each token's text as it is produced, free a slot at EOS, a stop string,
+`max_tokens`, a full context, or cancellation.
+
+One thread owns the engine (`Scheduler.start()`), or a caller drives it (`run_until_idle()`:
+what `generate` and the tests do). Other threads only `submit` and `cancel`, under a lock.
+Each request reports through its `emit(event)` callback, called on the loop's thread: the
+server turns that into an asyncio queue per request.
+
+`static=True` is the baseline the benchmark compares against: a batch is admitted only when
+every slot is free and runs until its last request finishes.
+
+Text is streamed safely: a delta never ends inside a multi-byte character (decoding the ids so
+far ends in U+FFFD until the rest arrives) or with what may be the start of a stop string, and
+the stop string itself is never sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from infra.serve.engine import Engine, SamplingParams
+
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the server answers 429."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests: 503."""
+
+
+@dataclasses.dataclass
+class Token:
+    text: str  # new text (may be "" while bytes of a character or a stop string are held back)
+    token_id: int
+
+
+@dataclasses.dataclass
+class Finished:
+    reason: str  # "stop" (EOS or a stop string), "length" (max_tokens, context), "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One completion. `ids`: the prompt as token ids (BOS included); `emit` receives Token
+    events then one Finished, on the scheduler's thread."""
+
+    ids: np.ndarray
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate past EOS (benchmarks that need exact output lengths)
+    emit: Callable[[object], None] = lambda event: None
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    # filled in by the scheduler
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    finished: Finished | None = None
+    cancelled: bool = False
+
+
+class Metrics:
+    """Hooks the scheduler calls (the server's Prometheus collector overrides them)."""
+
+    def ttft(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, request: Request) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer, *, max_queue: int = 64, static: bool = False,
+                 metrics: Metrics | None = None):
+        self.engine, self.tok = engine, tokenizer
+        self.max_queue, self.static = max_queue, static
+        self.metrics = metrics or Metrics()
+        self.queue: collections.deque[Request] = collections.deque()
+        self.slots: list[Request | None] = [None] * engine.slots
+        self.accepting = True
+        self.tokens_out = 0  # every token produced, for tokens/s
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # --- other threads ------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        with self._cv:
+            if not self.accepting:
+                raise Draining("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are already waiting")
+            request.arrived = time.perf_counter()
+            self.queue.append(request)
+            self._cv.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` (a client went away): its slot is freed before the next step."""
+        with self._cv:
+            request.cancelled = True
+            self._cv.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self.queue and self.busy == 0
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="infra-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self.queue and self.busy == 0:
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - reported by /health and to every waiter
+            self.error = e
+            for r in [*self.slots, *self.queue]:
+                if r is not None and r.finished is None:
+                    self._finish(r, "error")
+            raise
+
+    # --- the loop's own thread ------------------------------------------------------------------
+    def run_until_idle(self) -> None:
+        """Drive the loop in this thread until nothing is queued or running."""
+        while not self.idle():
+            self.step()
+
+    def step(self) -> None:
+        """Cancellations, admissions, then one decode step over every slot."""
+        for s, r in enumerate(self.slots):
+            if r is not None and r.cancelled:
+                self._free(s, "cancelled")
+        self._admit()
+        if self.busy == 0:
+            return
+        tokens = self.engine.step()
+        now = time.perf_counter()
+        for s, r in enumerate(self.slots):
+            if r is not None:
+                self._take(s, r, int(tokens[s]), now)
+
+    def _admit(self) -> None:
+        if self.static and self.busy:
+            return  # static batching: the running batch finishes first
+        for s in range(len(self.slots)):
+            if self.slots[s] is not None:
+                continue
+            with self._cv:
+                request = None
+                while self.queue and request is None:
+                    request = self.queue.popleft()
+                    if request.cancelled:  # gone before it started
+                        self._finish(request, "cancelled")
+                        request = None
+            if request is None:
+                return
+            self.slots[s] = request
+            first = self.engine.insert(s, request.ids, request.sampling)
+            self._take(s, request, first, time.perf_counter())
+
+    def _take(self, s: int, r: Request, token: int, now: float) -> None:
+        """Token `token` was produced for request `r` in slot `s`."""
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.metrics.ttft(now - r.arrived)
+        else:
+            self.metrics.inter_token(now - r.last_token_at)
+        r.last_token_at = now
+        r.token_ids.append(token)
+        self.tokens_out += 1
+        if token == self.tok.eos_id and not r.ignore_eos:
+            self._free(s, "stop", self.tok.decode(r.token_ids[:-1]))
+            return
+        text = self.tok.decode(r.token_ids)
+        for stop in r.stop:
+            at = text.find(stop, max(0, r.sent - len(stop)))
+            if at >= 0:
+                self._free(s, "stop", text[:at])
+                return
+        position = len(r.ids) + len(r.token_ids) - 1  # of this token
+        if len(r.token_ids) >= r.max_tokens or position >= self.engine.max_len - 1:
+            self._free(s, "length", text)
+            return
+        self._send(r, text[:_safe_end(text, r.stop)])
+
+    def _send(self, r: Request, text: str) -> None:
+        delta = text[r.sent:]
+        r.sent = max(r.sent, len(text))
+        r.emit(Token(delta, r.token_ids[-1] if r.token_ids else -1))
+
+    def _free(self, s: int, reason: str, text: str | None = None) -> None:
+        r = self.slots[s]
+        self.slots[s] = None
+        self.engine.release(s)
+        self._finish(r, reason, text)
+
+    def _finish(self, r: Request, reason: str, text: str | None = None) -> None:
+        """Send what was held back of the final `text` (None: nothing more), then Finished."""
+        if text is not None and len(text) > r.sent:
+            self._send(r, text)
+        r.finished = Finished(reason, len(r.ids), len(r.token_ids),
+                              text if text is not None else self.tok.decode(r.token_ids)[: r.sent])
+        self.metrics.finished(r)
+        r.emit(r.finished)
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` can be sent: not a trailing partial character (U+FFFD), nor a tail
+    that may grow into a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for n in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - n:end] == stop[:n]:
+                end -= n
+                break
+    return end
