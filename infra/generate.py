@@ -19,22 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from infra.errors import UserError
+from infra.paths import PathLike
 
 log = logging.getLogger(__name__)
 _ENGINES: dict = {}  # (model, tokenizer, devices) -> Engine with compiled steps
 
 
-def load_config(workdir: str | Path):
+def load_config(workdir: PathLike):
     """The resolved config of a language-model run in `workdir`."""
     from infra import config as config_lib
 
     raw = config_lib.read_saved(workdir)
     if raw.get("task") != "lm":
         raise UserError(f"generate needs a language-model run (task 'lm'); "
-                        f"{Path(workdir) / config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
+                        f"{workdir}/{config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
     return config_lib.load_saved(workdir, raw)
 
 
@@ -75,14 +75,14 @@ def _check_arguments(prompt: str, *, max_new_tokens: int, temperature: float, to
         raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
 
 
-def generate(workdir: str | Path, prompt: str, *, max_new_tokens: int = 200,
+def generate(workdir: PathLike, prompt: str, *, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
     """Prompt + completion sampled from the newest checkpoint in `workdir`."""
     return prompt + complete(workdir, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, seed=seed)["text"]
 
 
-def complete(workdir: str | Path, prompt: str | list[int], *, max_new_tokens: int = 200,
+def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int = 200,
              temperature: float = 0.8, top_k: int = 40, seed: int = 0,
              top_p: float = 1.0) -> dict:
     """`{"text", "token_ids", "finish_reason"}` of a completion of `prompt` (text, or token
@@ -99,7 +99,9 @@ def complete(workdir: str | Path, prompt: str | list[int], *, max_new_tokens: in
                      top_k=top_k, seed=seed)
     if not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    workdir = Path(workdir)
+    from infra import paths
+
+    workdir = paths.path(workdir)
     config = load_config(workdir)
     if not committed_steps(workdir):  # before building anything: the common mistake
         raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
@@ -127,7 +129,7 @@ def complete(workdir: str | Path, prompt: str | list[int], *, max_new_tokens: in
             "finish_reason": "eos" if stopped else "length"}
 
 
-def _engine(workdir: Path, config, tok):
+def _engine(workdir: PathLike, config, tok):
     """A one-slot engine for this model, tokenizer and device set, its parameters restored
     from `workdir` now. Engines are kept per process (their steps are compiled once: repeated
     calls from a notebook compile nothing); the parameters are read anew every call."""

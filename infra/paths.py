@@ -18,11 +18,14 @@ tensorstore: Application Default Credentials, `STORAGE_EMULATOR_HOST`,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import pathlib
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Union
 
 from etils import epath
@@ -127,6 +130,21 @@ def upload_tree(local: PathLike, remote: Path) -> None:
     for f in [p for p in local.rglob("*") if p.is_file()]:
         (remote / str(f.relative_to(local))).parent.mkdir(parents=True, exist_ok=True)
         (remote / str(f.relative_to(local))).write_bytes(f.read_bytes())
+
+
+@contextlib.contextmanager
+def staged(target: PathLike) -> Iterator[pathlib.Path]:
+    """A local directory standing for `target`: `target` itself on a disk; for a bucket, a
+    temporary directory whose files are uploaded to `target` once the block succeeds (for
+    writers that need local files: safetensors, a one-off import)."""
+    if not is_remote(target):
+        yield pathlib.Path(path(target))
+        return
+    with tempfile.TemporaryDirectory(prefix="infra-staged-") as local:
+        staging = pathlib.Path(local) / path(target).name
+        yield staging
+        if staging.exists():
+            upload_tree(staging, path(target))
 
 
 class AppendFile:

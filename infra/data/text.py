@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from infra import paths
 from infra.errors import DataError
 
 PAD_ID = 256
@@ -46,6 +47,9 @@ def resolve_files(pattern: str) -> list[str]:
     for part in (p.strip() for p in pattern.split(",")):
         if not part:
             continue
+        if paths.is_remote(part):  # gs://bucket/dir/*.txt (one level per `*`: no `**`)
+            files.update(_remote_glob(part))
+            continue
         literal = glob.escape(part) == part
         files.update(m for m in glob.glob(os.path.expanduser(part), recursive=True)
                      if literal or not os.path.isdir(m))
@@ -55,7 +59,24 @@ def resolve_files(pattern: str) -> list[str]:
     return sorted(files)
 
 
+def _remote_glob(pattern: str) -> list[str]:
+    """Files in a bucket matching `pattern` (the file itself when it names one)."""
+    if "**" in pattern:
+        raise DataError(f"data.files {pattern!r}: a bucket glob takes `*`, not `**`; list the "
+                        "levels, e.g. gs://bucket/corpus/*/*.txt")
+    if not glob.has_magic(pattern):
+        return [pattern] if paths.path(pattern).exists() else []
+    base, _, rest = pattern.partition("*")
+    root = paths.path(base.rsplit("/", 1)[0])
+    return [str(m) for m in root.glob(pattern[len(str(root)) + 1:]) if not m.is_dir()]
+
+
 def _read(path: str) -> bytes:
+    if paths.is_remote(path):
+        try:
+            return paths.path(path).read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read data file {path!r}: {e}; check data.files") from None
     try:
         mode = os.stat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device blocks or never ends

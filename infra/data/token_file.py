@@ -192,8 +192,11 @@ def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
 
 
 def open_token_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(index, {"train": memmap, "val": memmap}) of a directory `build_token_dir` wrote."""
-    directory = Path(directory)
+    """(index, {"train": memmap, "val": memmap}) of a directory `build_token_dir` wrote (one in
+    a bucket is copied to the local cache first: memory maps need a local file)."""
+    from infra import paths
+
+    directory = paths.localize(directory) if paths.is_remote(directory) else Path(directory)
     try:
         index = json.loads((directory / INDEX).read_text())
     except (OSError, ValueError):

@@ -143,7 +143,9 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     """`data.tokenizer`: "" (or "bytes") = byte-level; else a tokenizer.json or a directory."""
     if not spec or spec == "bytes":
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    from infra import paths
+
+    return HFTokenizer(paths.localize(spec) if paths.is_remote(spec) else spec)
 
 
 def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:

@@ -37,7 +37,9 @@ def _source_hf_config(workdir: Path, config) -> dict:
     candidates = [workdir / HF_CONFIG]
     source = config.get("init", {}).get("from", "") if "init" in config else ""
     if source:
-        source = Path(source)
+        from infra import paths
+
+        source = paths.path(source)
         candidates += [source / "config.json"] if is_hf_dir(source) else [source / HF_CONFIG]
     for path in candidates:
         try:
@@ -48,12 +50,26 @@ def _source_hf_config(workdir: Path, config) -> dict:
 
 
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
-              dtype: str = "auto", max_shard_size: int = 5 * 10**9) -> Path:
-    """Export the newest intact checkpoint of `workdir` (or `step`) into the new directory `out`."""
+              dtype: str = "auto", max_shard_size: int = 5 * 10**9):
+    """Export the newest intact checkpoint of `workdir` (or `step`) into the new directory `out`
+    (either may be in a bucket: `out` is written locally, then uploaded)."""
+    from infra import paths
+
+    target = paths.path(out)
+    if paths.is_remote(target) and target.exists() and any(target.iterdir()):
+        raise UserError(f"--out {target} exists and is not an empty directory; pass a new one")
+    with paths.staged(target) as local:
+        written = _export(paths.path(workdir), local, step=step, dtype=dtype,
+                          max_shard_size=max_shard_size)
+    return target if paths.is_remote(target) else written
+
+
+def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size: int) -> Path:
+    """`export_hf` into the local directory `out`."""
     import jax
     from jax.experimental import multihost_utils
 
-    from infra import process
+    from infra import paths, process
     from infra.checkpoint import restore_params
     from infra.data.tokenizer import copy_tokenizer_files, load_tokenizer
     from infra.generate import load_config
@@ -63,7 +79,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
     from infra.interop.safetensors_io import NAMES, write_safetensors
 
     process.setup()
-    workdir, out = Path(workdir), Path(out).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; pass a new one")
     config = load_config(workdir)
@@ -121,7 +137,7 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
                 generation["pad_token_id"] = tok.pad_id
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
             if config.data.tokenizer:
-                copy_tokenizer_files(config.data.tokenizer, tmp)
+                copy_tokenizer_files(paths.localize(config.data.tokenizer), tmp)
             if out.exists():
                 out.rmdir()
             tmp.rename(out)

@@ -45,9 +45,11 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def is_hf_dir(path: str | Path) -> bool:
     """A directory whose config.json is a transformers config (not one of our runs')."""
+    from infra import paths
+
     try:
-        raw = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        raw = json.loads((paths.path(path) / "config.json").read_text())
+    except (OSError, ValueError, UserError):
         return False
     return isinstance(raw, dict) and "architectures" in raw and "task" not in raw
 
@@ -112,10 +114,11 @@ def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
                    stats: dict | None = None) -> Any:
     """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io).
     `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
+    from infra import paths
     from infra.interop.hf_weights import tensor_maps
     from infra.interop.safetensors_io import SafetensorsDir, load_params
 
-    ckpt = SafetensorsDir(hf_dir)
+    ckpt = SafetensorsDir(paths.localize(hf_dir))  # positioned reads need a local file
     maps = tensor_maps(abstract, config.model.num_layers)
     ckpt.check(maps, tied=config.model.tie_embeddings)
     params = load_params(ckpt, maps, abstract, on_tensor=on_tensor)
@@ -153,14 +156,31 @@ def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
 
 
 def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = None,
-              overrides: list[str] | dict | None = None, stats: dict | None = None) -> Path:
+              overrides: list[str] | dict | None = None, stats: dict | None = None):
     """Import `hf_dir` into a new `workdir` (see the module docstring). Returns the workdir;
-    `stats` (a dict) receives what this process read (`load_hf_params`)."""
+    `stats` (a dict) receives what this process read (`load_hf_params`). Either may be in a
+    bucket: the model is read from a local copy, and the workdir written locally, then uploaded
+    (one process)."""
+    from infra import paths
+
+    target = paths.path(workdir)
+    if paths.is_remote(target) and target.exists() and any(target.iterdir()):
+        raise UserError(f"workdir {target} exists and is not empty; import into a new --workdir")
+    with paths.staged(target) as local:
+        _import(paths.localize(hf_dir), local, recorded=target, spec=spec, overrides=overrides,
+                stats=stats)
+    return target if paths.is_remote(target) else local
+
+
+def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
+            overrides: list[str] | dict | None, stats: dict | None) -> Path:
+    """`import_hf` into a local `workdir` that the saved config calls `recorded`."""
     import jax
     from ml_collections import ConfigDict
 
     from infra import config as config_lib
     from infra import mesh as mesh_lib
+    from infra import paths
     from infra import process
     from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
     from infra.interop.hf_config import from_hf
@@ -169,12 +189,14 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
 
     process.setup()
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()
+    if not paths.is_remote(recorded):
+        recorded = workdir
     if workdir.exists() and any(workdir.iterdir()):
         raise UserError(f"workdir {workdir} exists and is not empty; import into a new --workdir")
     hf = read_hf_config(hf_dir)
     model = from_hf(hf, str(hf_dir / "config.json"))
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()
-    tok_dir = workdir / TOKENIZER_DIR
+    tok_dir = recorded / TOKENIZER_DIR
     config = run_config(hf_dir, model, spec=spec, overrides=overrides,
                         tokenizer=str(hf_dir) if has_tokenizer else "")
     if has_tokenizer:

@@ -37,7 +37,9 @@ def _source_model(source: str) -> tuple[dict[str, Any], str]:
     from infra.interop.hf_config import from_hf
     from infra.interop.importer import is_hf_dir, read_hf_config
 
-    path = Path(source).expanduser()
+    from infra import paths
+
+    path = paths.path(source)
     if is_hf_dir(path):
         model = from_hf(read_hf_config(path), str(path / "config.json"))
         return model, str(path) if (path / "tokenizer.json").is_file() else ""

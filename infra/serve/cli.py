@@ -23,8 +23,8 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
+from infra import paths
 from infra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def run_cli(args) -> int:
                           static=args.static, metrics=metrics)
     ref.append(scheduler)
     scheduler.start()
-    name = args.model_name or Path(args.workdir).resolve().name
+    name = args.model_name or paths.path(args.workdir).name
     api = Api(scheduler, engine.tokenizer, name, metrics)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from infra import sharding
+from infra import paths, sharding
 from infra.errors import UserError
 from infra.serve import forward, sampling
 
@@ -82,7 +81,7 @@ def serve_mesh(config, devices=None, tensor: int | None = None) -> Mesh:
     return mesh_lib.make_mesh(ConfigDict(sizes), devices=devices)
 
 
-def load_model(workdir: str | Path, mesh: Mesh, *, step: int | None = None):
+def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
     `mesh`, in the loop layer layout (compute path of `forward`)."""
     import optax
@@ -93,7 +92,7 @@ def load_model(workdir: str | Path, mesh: Mesh, *, step: int | None = None):
     from infra.state import shard_state
     from infra.tasks import get_task, logical_rules
 
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     config = load_config(workdir)
     if not committed_steps(workdir):
         raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
@@ -146,7 +145,7 @@ class Engine:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_workdir(cls, workdir: str | Path, *, slots: int = 8, mesh: Mesh | None = None,
+    def from_workdir(cls, workdir: paths.PathLike, *, slots: int = 8, mesh: Mesh | None = None,
                      step: int | None = None, max_len: int | None = None) -> "Engine":
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
         with the run's tokenizer (`engine.tokenizer`)."""
@@ -164,7 +163,7 @@ class Engine:
             raise UserError(f"--max_len must be in [2, {limit}] (model.max_seq_len), got {max_len}")
         engine = cls(model_def, params, config, mesh=mesh, rules=rules, slots=slots,
                      allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len)
-        engine.tokenizer, engine.step_restored, engine.workdir = tok, step, Path(workdir)
+        engine.tokenizer, engine.step_restored, engine.workdir = tok, step, paths.path(workdir)
         log.info("engine: checkpoint step %d of %s, %d slots x %d tokens, mesh %s", step,
                  workdir, slots, engine.max_len, dict(mesh.shape))
         return engine
