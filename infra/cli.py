@@ -181,6 +181,20 @@ def cmd_smoke(args) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def _say_last(line: str) -> None:
+    """Print the line a failed or stopped run ends with. In a multi-process run the runtime's
+    threads keep logging (a lost peer's socket errors) until the process exits; stderr is
+    silenced after the line so that it stays the last one the user reads."""
+    mesh = sys.modules.get("infra.mesh")
+    if mesh is None or not mesh.distributed_started:
+        print(line, file=sys.stderr, flush=True)
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(terminal, (line + "\n").encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     process.setup(cli=True)  # first: the malloc settings must precede JAX's threads
     from infra.loop import preemption
@@ -190,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     except UserError as e:
-        print(f"error: {e.cli_message()}", file=sys.stderr, flush=True)
+        _say_last(f"error: {e.cli_message()}")
         return e.exit_code
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        _say_last(f"preempted: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

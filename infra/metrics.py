@@ -107,7 +107,7 @@ class _EventFile:
     def flush(self) -> None:
         self._writer.flush()
         if self.remote is not None:
-            self.path.write_bytes(self._local.read_bytes())
+            paths.write_remote(self.path, self._local.read_bytes())
 
     def close(self) -> None:
         self.flush()

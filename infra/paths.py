@@ -56,6 +56,22 @@ def path(location: PathLike) -> epath.Path:
     return epath.Path(os.path.expanduser(text))
 
 
+def check_credentials(location: PathLike) -> None:
+    """UserError, before any work, when a bucket is named but no credentials can be found (an
+    emulator, `STORAGE_EMULATOR_HOST`, takes any)."""
+    if not str(location).startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"no Google Cloud credentials for {location} ({first}); run `gcloud auth "
+                        f"application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+
+
 def read_text(location: PathLike) -> str:
     """The file's text; bytes that are not UTF-8 become U+FFFD (a torn write, an edited file)."""
     return path(location).read_bytes().decode("utf-8", errors="replace")
@@ -94,9 +110,12 @@ def localize(location: PathLike) -> pathlib.Path:
 
 def _walk(root: PathLike) -> tuple[list[Path], list[Path]]:
     """(directories, files) below `root` (epath's own recursive glob refuses buckets)."""
+    root = path(root)
+    scheme = str(root).split("://", 1)[0] + "://" if is_remote(root) else ""
     dirs_out, files_out = [], []
-    for directory, dirs, names in path(root).walk():
-        directory = path(directory)
+    for directory, dirs, names in root.walk():
+        directory = str(directory)
+        directory = path(directory if "://" in directory or not scheme else scheme + directory)
         dirs_out += [directory / d for d in dirs]
         files_out += [directory / f for f in names]
     return sorted(dirs_out), sorted(files_out)
@@ -130,6 +149,17 @@ def upload_tree(local: PathLike, remote: Path) -> None:
     for f in [p for p in local.rglob("*") if p.is_file()]:
         (remote / str(f.relative_to(local))).parent.mkdir(parents=True, exist_ok=True)
         (remote / str(f.relative_to(local))).write_bytes(f.read_bytes())
+
+
+def write_remote(target: Path, data: bytes) -> None:
+    """Write an object; whatever the client raises (it has its own exception types) becomes an
+    OSError, which callers turn into one line."""
+    try:
+        target.write_bytes(data)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gcsfs / aiohttp / google-auth errors
+        raise OSError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from e
 
 
 @contextlib.contextmanager
@@ -182,7 +212,7 @@ class AppendFile:
         if not self.remote:
             self._file.flush()
         elif self._dirty:
-            self.path.write_text("".join(self._lines))
+            write_remote(self.path, "".join(self._lines).encode())
             self._dirty = False
         self._flushed = time.monotonic()
 

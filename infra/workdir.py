@@ -121,7 +121,7 @@ class _Lease:
         while not self._stop.wait(self.HEARTBEAT_S):
             try:
                 self._mine = json.dumps({**json.loads(self._mine), "beat": time.time()})
-                self.file.write_text(self._mine)
+                paths.write_remote(self.file, self._mine.encode())
             except OSError as e:  # the run itself will fail on the same bucket soon
                 log.warning("warning: cannot refresh the workdir lease %s: %s", self.file, e)
 
@@ -131,7 +131,7 @@ class _Lease:
         try:
             if self.file.read_text() == self._mine:
                 self.file.unlink()
-        except OSError:
+        except Exception:  # noqa: BLE001 - the bucket may be gone; the lease then expires
             pass
 
 
@@ -149,11 +149,15 @@ class Claim:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-        if self.created:
+        if not self.created:
+            return
+        try:
             written = [p for p in paths.files(self.path) if p.name != LOCK_FILE
                        and EVENTS_DIR not in p.relative_to(self.path).parts[:1]]
             if not written:
                 self.path.rmtree(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - tidying up must not mask how the run ended
+            log.warning("warning: could not tidy up %s: %s", self.path, e)
 
 
 def claim(workdir: PathLike, *, lock: bool = True) -> Claim:
@@ -161,8 +165,9 @@ def claim(workdir: PathLike, *, lock: bool = True) -> Claim:
     run holds it, or the location cannot be written: a missing bucket, no credentials). `lock=False`:
     processes other than 0 of a multi-process run."""
     path = check_path(workdir)
-    created = not path.exists()
+    paths.check_credentials(path)
     try:
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
         probe.write_text("")

@@ -47,6 +47,15 @@ def committed_steps(workdir: PathLike) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and is_committed(p))
 
 
+def uncommitted_steps(workdir: PathLike) -> list[Path]:
+    """Step directories of saves that never committed (in a bucket they carry the step's own
+    name: a later save of that step would write into their leftovers)."""
+    directory = checkpoints_dir(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.isdigit() and not is_committed(p))
+
+
 def moved_aside(workdir: PathLike) -> list[Path]:
     """Checkpoints moved aside as corrupt (`corrupt-<step>-<time>`), oldest first."""
     directory = checkpoints_dir(workdir)

@@ -105,6 +105,22 @@ class Checkpointer:
                 save_decision_policy=policies.AnySavePolicy(decisions),
             ),
         )
+        self._remove_uncommitted()
+
+    def _remove_uncommitted(self) -> None:
+        """A bucket has no temporary directories: a killed save leaves `<step>/` without its
+        commit marker. Orbax skips it when restoring but would write into it when that step is
+        saved again, so it goes now (local leftovers are Orbax's own `cleanup_tmp_directories`)."""
+        if not paths.is_remote(self.directory):
+            return
+        if jax.process_index() == 0:
+            for step_path in layout.uncommitted_steps(self.directory.parent):
+                log.info("removing %s: a save that never committed", step_path)
+                step_path.rmtree()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("infra_remove_uncommitted")
 
     def _join(self) -> None:
         """Wait for the worker's hand-off of the last save to Orbax; raise what it raised."""

@@ -1,0 +1,226 @@
+"""Workdirs in a bucket (`gs://`), against a real GCS emulator on loopback that the tests start
+and stop (gcp-storage-emulator; tensorstore and gcsfs reach it through their standard
+environment variables, as they would reach a real bucket through default credentials)."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, cli, popen
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gcp_storage_emulator") is None
+                       or importlib.util.find_spec("gcsfs") is None,
+                       reason="needs gcp-storage-emulator and gcsfs (the test extra installs them)"),
+]
+SMOKE = "experiments/lm.py:smoke"
+QUIET = "--config.sharding.print_table=false"
+
+
+class Emulator:
+    """gcp-storage-emulator on a free loopback port, data kept in `directory` across restarts."""
+
+    def __init__(self, directory):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.directory, self.proc = directory, None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "EPATH_USE_TF": "false"}
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.directory), "start",
+             "--host", "127.0.0.1", "--port", str(self.port), "--default-bucket", "bkt"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, "emulator did not start"
+                time.sleep(0.1)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    emu = Emulator(tmp_path_factory.mktemp("gcs")).start()
+    old = {k: os.environ.get(k) for k in emu.env}
+    os.environ.update(emu.env)  # this process reads the bucket too (epath, Orbax)
+    yield emu
+    emu.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def gcli(emulator, *args, **kwargs):
+    return cli(*args, env=emulator.env, **kwargs)
+
+
+def bucket_losses(workdir):
+    from infra.metrics import read_history
+
+    return [(r["step"], r["train/loss"]) for r in read_history(workdir) if "train/loss" in r]
+
+
+def restore_state(location):
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(location)
+
+
+def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(emulator, tmp_path):
+    from etils import epath
+
+    args = ("--config", SMOKE, QUIET, "--config.train.steps=20", "--config.train.log_every=1",
+            "--config.checkpoint.every=5", "--config.train.eval_every=10")
+    local = tmp_path / "local"
+    assert cli("train", *args, "--workdir", str(local)).returncode == 0
+    workdir = "gs://bkt/runs/killed"
+    proc = popen("train", *args, "--workdir", workdir, env=emulator.env)
+    metrics = epath.Path(workdir) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = gcli(emulator, "train", *args, "--workdir", workdir)
+    assert p.returncode == 0, p.stderr
+    assert "resumed from step" in p.stderr
+    local_losses = [(r["step"], r["train/loss"]) for r in map(
+        json.loads, (local / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    assert bucket_losses(workdir) == local_losses  # bit-identical floats
+    import jax
+
+    a = restore_state(local / "checkpoints" / "20" / "state")
+    b = restore_state(epath.Path(workdir) / "checkpoints" / "20" / "state")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # every command reads the bucket workdir
+    report = json.loads(gcli(emulator, "goodput", workdir, "--json").stdout)
+    assert report["segments"] == 2 and report["productive_s"] > 0
+    g = gcli(emulator, "generate", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "4",
+             "--temperature", "0", "--json")
+    assert g.returncode == 0 and json.loads(g.stdout.strip().splitlines()[-1])["token_ids"], g.stderr
+    e = gcli(emulator, "eval", "--workdir", workdir)
+    assert e.returncode == 0 and json.loads(e.stdout.strip().splitlines()[-1])["step"] == 20, e.stderr
+    pl = gcli(emulator, "plot", workdir)
+    assert pl.returncode == 0 and (epath.Path(workdir) / "loss.png").exists(), pl.stderr
+    x = gcli(emulator, "hf", "export", "--workdir", workdir, "--out", "gs://bkt/exported")
+    assert x.returncode == 0, x.stderr
+    assert {p.name for p in epath.Path("gs://bkt/exported").iterdir()} >= {"config.json", "model.safetensors"}
+    tensorboard = [p.name for p in (epath.Path(workdir) / "tensorboard").iterdir()]
+    assert len(tensorboard) == 2 and all(n.startswith("events.out.tfevents") for n in tensorboard)
+
+
+def test_sharded_state_saves_and_restores_in_a_bucket_on_8_devices(emulator):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from infra.checkpoint import Checkpointer
+
+    class Position:
+        def get_state(self):
+            return {"next_index": 3}
+
+        def set_state(self, state):
+            self.state = state
+
+        def start_prefetch(self):
+            pass
+
+    rows = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+    state = {"w": jax.device_put(jax.random.normal(jax.random.key(0), (1024, 256)), rows),
+             "step": jnp.int32(7)}
+    expected = jax.device_get(state)
+    ckpt = Checkpointer("gs://bkt/sharded", every=1, keep=2)
+    ckpt.save(7, state, Position(), {})
+    ckpt.wait()
+    ckpt.close()
+    grid = NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("b", "a"))  # another layout
+    abstract = {"w": jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=grid),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    other = Checkpointer("gs://bkt/sharded", every=1, keep=2)
+    restored, meta, position = other.restore_latest(abstract, lambda s: Position())
+    other.close()
+    assert meta["step"] == 7 and restored["w"].sharding == grid
+    np.testing.assert_array_equal(np.asarray(restored["w"]), expected["w"])
+
+
+def test_the_emulator_dying_mid_save_is_one_line_and_the_last_commit_restores(emulator):
+    from infra.checkpoint import committed_steps
+
+    workdir = "gs://bkt/runs/outage"
+    args = ("--config", SMOKE, QUIET, "--config.train.log_every=1", "--config.checkpoint.every=2",
+            "--workdir", workdir)
+    proc = popen("train", *args, "--config.train.steps=100000", env=emulator.env)
+    deadline = time.time() + 300
+    while len(committed_steps(workdir)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    emulator.stop()
+    try:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 3, err[-3000:]
+        errors = [l for l in err.strip().splitlines() if l.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert "earlier checkpoints are intact" in errors[0] or "cannot write" in errors[0]
+    finally:
+        emulator.start()
+    last = committed_steps(workdir)[-1]
+    p = gcli(emulator, "train", *args, f"--config.train.steps={last + 2}")
+    assert p.returncode == 0, p.stderr
+    assert f"resumed from step {last}" in p.stderr  # never a half-written step
+
+
+def test_a_missing_bucket_or_no_credentials_fail_before_any_compute(emulator):
+    p = gcli(emulator, "train", "--config", SMOKE, "--workdir", "gs://nosuchbucket/run")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: workdir 'gs://nosuchbucket/run' is not writable")
+    assert "blocks/0/attn/q" not in p.stdout  # nothing was built
+    env = {k: v for k, v in os.environ.items() if k not in emulator.env}
+    env |= {"GOOGLE_APPLICATION_CREDENTIALS": str(ROOT / "no-such-key.json"), "INFRA_CPU_DEVICES": "8"}
+    p = subprocess.run([sys.executable, "-m", "infra", "train", "--config", SMOKE, "--workdir",
+                        "gs://bkt/nocreds"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: no Google Cloud credentials for gs://bkt/nocreds")
+
+
+def test_a_second_trainer_on_a_bucket_workdir_is_refused(emulator):
+    workdir = "gs://bkt/runs/shared"
+    args = ("--config", SMOKE, QUIET, "--config.train.steps=100000", "--workdir", workdir)
+    first = popen("train", *args, env=emulator.env)
+    try:
+        from etils import epath
+
+        deadline = time.time() + 300
+        while not (epath.Path(workdir) / "metrics.jsonl").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        p = gcli(emulator, "train", *args)
+        assert p.returncode == 2, p.stderr
+        assert "is in use by another training run" in p.stderr.strip().splitlines()[-1]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=180)
+    assert first.returncode == 75
