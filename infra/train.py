@@ -33,6 +33,7 @@ from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
+from infra.models import lora
 from infra.optim import make_optimizer
 from infra.peers import PeerWatchdog
 from infra.state import ShardedState, State, replicated, shard_state
@@ -74,10 +75,11 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     )
     task = get_task(config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    sharded = shard_state(task.build_model, tx, mesh, rules)
+    sharded = shard_state(task.build_model, tx, mesh, rules, trainable=task.trainable)
     train_step, eval_step = make_steps(
         task, sharded.model.merge, tx, schedule,
         microbatches=config.train.microbatches, mesh=mesh, rules=rules,
+        split_trained=sharded.model.split_trained,
     )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
     out = replicated(mesh)
@@ -205,9 +207,11 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer,
             workdir_lib.check_fresh_start(workdir)
         state = trainer.state.init(jax.random.key(trainer.config.train.seed))
         source = workdir if imported else init_from.source_of(trainer.config)
-        if source:
-            state["params"] = init_from.load_params(source, trainer.config,
-                                                    trainer.state.abstract["params"])
+        if source:  # the source's parameters; adapters (LoRA) it cannot have start fresh
+            base, _ = lora.split(trainer.state.abstract["params"])
+            _, adapters = lora.split(state["params"])
+            state["params"] = lora.join(
+                init_from.load_params(source, trainer.config, base), adapters)
         return state, make_iterator(0), False
     state, meta, iterator = restored
     log.info("resumed from step %d in %s", meta["step"], ckpt.directory)

@@ -35,6 +35,13 @@ class Task(abc.ABC):
     def __init__(self, config):
         self.config = config
 
+    @property
+    def trainable(self):
+        """An NNX filter of the parameters the run trains (and keeps optimizer state for);
+        None = all of them. The others stay bit for bit as initialised or loaded (LoRA: only
+        the adapters train, `nnx.LoRAParam`)."""
+        return None
+
     @abc.abstractmethod
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         """A fresh model; called under `nnx.eval_shape` and inside `jax.jit`."""
