@@ -32,8 +32,8 @@ def load_config(workdir: str | Path):
     from infra import config as config_lib
 
     raw = config_lib.read_saved(workdir)
-    if raw.get("task") != "lm":
-        raise UserError(f"generate needs a language-model run (task 'lm'); "
+    if raw.get("task") not in ("lm", "sft"):
+        raise UserError(f"generate needs a language-model run (task 'lm' or 'sft'); "
                         f"{Path(workdir) / config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
     return config_lib.load_saved(workdir, raw)
 
