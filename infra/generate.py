@@ -171,7 +171,9 @@ def complete(workdir: str | Path, prompt: str | list[int], *, max_new_tokens: in
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # One compiled sampler per model and mesh in this process (the prompt, lengths, temperature,
     # top-k and seed are traced arguments): repeated calls from a notebook compile once.
-    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str), length,
+    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
+           json.dumps(config.finetune.to_dict() if "finetune" in config else {}, sort_keys=True),
+           length,
            tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
     if key not in _SAMPLERS:
         _SAMPLERS[key] = make_sampler(sharded.model, length)

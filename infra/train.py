@@ -101,6 +101,20 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     )
 
 
+def trained_summary(state: ShardedState) -> str:
+    """How much of the model trains and what its optimizer state costs (from the abstract
+    state: exact, nothing allocated)."""
+    def size(tree) -> tuple[int, int]:
+        leaves = jax.tree.leaves(tree)
+        return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
+
+    params, _ = size(state.abstract["params"])
+    trained, _ = size(state.model.split_trained(state.abstract["params"])[0])
+    _, opt_bytes = size(state.abstract["opt_state"])
+    return (f"training {trained:,} of {params:,} parameters ({trained / params:.2%}); "
+            f"optimizer state {opt_bytes / 2**20:.2f} MiB")
+
+
 def is_main_process() -> bool:
     """Process 0 writes metrics, the resolved config and console summaries."""
     return jax.process_index() == 0
@@ -168,6 +182,8 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             trainer.state.abstract["params"], trainer.state.shardings["params"],
             config.sharding.warn_replicated_mb,
         ))
+    if is_main_process():
+        log.info("%s", trained_summary(trainer.state))
     evaluator = trainer.evaluator()
     cc = config.checkpoint
     ckpt = Checkpointer(
