@@ -32,7 +32,7 @@ def restore_params(workdir: str | Path, abstract_params: Any, *,
     UserError when there is no checkpoint or its arrays do not fit (another model), and
     CheckpointError when no checkpoint (or `step`) is intact. Read-only.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser().absolute()  # Orbax reads no metadata on relative paths
     directory = layout.checkpoints_dir(workdir)
     steps = layout.committed_steps(workdir)
     if not steps:
