@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from infra import config, train
 from infra.data import chat, docstrings, sft
@@ -344,3 +345,16 @@ def test_stdlib_docstrings_are_held_out_by_module_deterministically(tmp_path):
     n_train = len(train_path.read_text().splitlines())
     n_val = len(val_path.read_text().splitlines())
     assert 0.07 <= n_val / (n_train + n_val) <= 0.1
+
+
+def test_adapters_are_sharded_by_the_logical_axis_rules():
+    trainer = train.build(config.load(SMOKE, {"finetune.lora.rank": 4, "sharding.preset": "fsdp_tp",
+                                              "finetune.lora.targets": "attn/(q|o)|mlp/down"}))
+    sh = trainer.state.shardings
+    attn = sh["params"]["blocks"][0]["attn"]
+    assert attn["q_lora"]["a"].spec == P("fsdp", None)  # (embed, lora_rank)
+    assert attn["q_lora"]["b"].spec == P(None, "tensor", None)  # (lora_rank, heads, head_dim)
+    assert attn["o_lora"]["a"].spec == P("tensor", None, None)  # (heads, head_dim, lora_rank)
+    assert attn["o_lora"]["b"].spec == P(None, "fsdp")  # (lora_rank, embed)
+    mu = sh["opt_state"][1][0].mu["blocks"][0]["attn"]["q_lora"]["a"]
+    assert mu.spec == P("fsdp", None)  # the optimizer state like its adapter

@@ -101,7 +101,8 @@ def our_logits(workdir, tokens):
     from infra.checkpoint import restore_params
 
     trainer = train.build(config_lib.load_saved(workdir))
-    params, _ = restore_params(workdir, trainer.state.abstract["params"])
+    # a relative path, as `--config.init.from=runs/x` passes it
+    params, _ = restore_params(os.path.relpath(workdir), trainer.state.abstract["params"])
     return np.asarray(trainer.state.model.merge(params)(tokens)), params
 
 
