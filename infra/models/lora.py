@@ -21,15 +21,16 @@ in whole components: ``attn/(q|v)`` adapts ``blocks/<i>/attn/q`` and ``.../attn/
 layer, ``blocks/[0-3]/mlp/down`` the first four layers' down projections (loop layout).
 
 Why our own adapter and not qwix's ``LoraProvider`` (checked: qwix 0.1.8): qwix intercepts
-``dot_general`` / ``einsum`` calls and creates the adapter where it finds the weight among the
-calling module's Params. Our projections reshape the weight into one 2-D matmul first
-(``transformer.dense``), so qwix would create *flattened* adapters (``(D, r)``, ``(r, H*hd)``)
-whose sharding it derives by indexing the 3-D weight's axes with the 2-D matmul's dims, i.e.
-the wrong logical axes; it adds ``LoRAParam``s to the module only when the model is first run
-on example inputs (not under our ``nnx.eval_shape`` / jitted sharded init), and its dropout /
-quantisation machinery is more than the ~100 lines here. With our own adapter the adapter
-shapes mirror the weights, the logical-axis rules shard them, the scan layout works unchanged,
-and PEFT export is a transpose.
+``dot_general`` / ``einsum`` calls and adds ``<weight>_lora_a/_b`` ``LoRAParam``s shaped after
+the matmul's operand. Our projections reshape each weight into one 2-D matmul first
+(``transformer.dense``, a CPU speed-up), so qwix would create flattened adapters (q: ``(D, r)``,
+``(r, H*hd)``) and derive their shardings by indexing the weight's partition spec with the 2-D
+operand's dims: for o, ``(heads, head_dim, embed)`` seen as ``(heads*head_dim, embed)``, b would
+get head_dim's sharding instead of embed's. It creates the parameters by running the model on
+example inputs (``apply_lora_to_model``), a second traced pass beside our abstract / sharded
+init, and brings dropout and quantisation machinery we do not need. Our adapter is ~100 lines:
+its shapes mirror the weight's, the logical-axis rules shard it, the scan layout works
+unchanged, and PEFT export is a reshape and a transpose.
 
 The train state keeps base and adapters in one parameter tree (the checkpoint holds both, so a
 resume is bit-exact); the loop trains only the ``nnx.LoRAParam`` leaves (`Task.trainable`) and
