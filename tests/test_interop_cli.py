@@ -195,7 +195,7 @@ def test_init_from_loads_parameters_onto_the_runs_mesh(llama_dir, tmp_path):
         trainer = train.build(config)
         ckpt = Checkpointer(workdir, every=10, keep=1)
         try:
-            state, _ = train._resume_or_start(trainer, ckpt, Path(workdir))
+            state, _, _ = train._resume_or_start(trainer, ckpt, Path(workdir))
         finally:
             ckpt.close()
         assert int(state["step"]) == 0
