@@ -54,17 +54,31 @@ def make_steps(
         if microbatches == 1:
             return grads_of(params, batch, rng, frozen)
         micro = {k: split(v, k) for k, v in batch.items()}
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(grads_of, params, first, rng, frozen),
+        )
+        if task.loss_weight(first) is not None:
+            # A loss that is a mean over a varying count (SFT's learnt tokens): weight each
+            # microbatch by its share of the count, so the update is the whole batch's mean.
+            counts = jax.vmap(task.loss_weight)(micro)
+            weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+            def weighted(acc, xs):
+                mb, i, w = xs
+                out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
+                return jax.tree.map(lambda a, o: a + w * o, acc, out), None
+
+            total, _ = jax.lax.scan(weighted, zeros,
+                                    (micro, jnp.arange(microbatches), weights))
+            return total
 
         def body(acc, xs):
             mb, i = xs
             out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
             return jax.tree.map(jnp.add, acc, out), None
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(grads_of, params, first, rng, frozen),
-        )
         total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
         return jax.tree.map(lambda x: x / microbatches, total)
 

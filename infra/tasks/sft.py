@@ -8,8 +8,8 @@ The model and tokenizer are usually another run's or a Hugging Face model's (`in
 
 Loss: the mean cross-entropy over the learnt tokens of the batch (the per-token `loss_mask`;
 every other token contributes exactly zero), i.e. sum(mask * nll) / sum(mask). With
-`train.microbatches = k` each microbatch is normalised by its own learnt tokens and the k losses
-averaged. Eval reports `loss` (nats per learnt token) and `accuracy` over every learnt token of
+`train.microbatches = k` the microbatches are weighted by their learnt tokens (`loss_weight`), so
+the update is still the whole batch's mean. Eval reports `loss` (nats per learnt token) and `accuracy` over every learnt token of
 the held-out examples, summed over all batches before dividing.
 """
 
@@ -203,6 +203,13 @@ class SFTTask(LanguageModelTask):
         denominator = jnp.maximum(count, 1.0)
         return jnp.sum(nll * weight) / denominator, {
             "accuracy": jnp.sum(correct * weight) / denominator, "loss_tokens": count}
+
+    def loss_weight(self, batch: Batch) -> jax.Array:
+        """The learnt tokens: microbatches are weighted by them (one mean over the batch)."""
+        weight = batch["loss_mask"]
+        if "mask" in batch:
+            weight = weight * batch["mask"][:, None]
+        return jnp.sum(weight)
 
     def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
         nll, correct, weight = self.token_losses(model, batch)
