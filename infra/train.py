@@ -182,8 +182,7 @@ def _run(config, workdir: Path, events: EventLog) -> tuple[State, list[dict]]:
             trainer.state.abstract["params"], trainer.state.shardings["params"],
             config.sharding.warn_replicated_mb,
         ))
-    if is_main_process():
-        log.info("%s", trained_summary(trainer.state))
+        print(trained_summary(trainer.state), flush=True)
     evaluator = trainer.evaluator()
     cc = config.checkpoint
     ckpt = Checkpointer(

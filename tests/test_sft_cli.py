@@ -60,7 +60,7 @@ def straight(setup, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight") / "run"
     p = cli("train", *setup[1], "--workdir", str(workdir))
     assert p.returncode == 0, p.stderr
-    assert "sft train data: 96 examples (96 kept)" in p.stderr and "packed into" in p.stderr
+    assert "sft train data: 96 examples (96 kept)" in p.stdout and "packed into" in p.stdout
     return workdir
 
 

@@ -16,7 +16,6 @@ the held-out examples, summed over all batches before dividing.
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from infra.errors import ConfigError, DataError
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
-log = logging.getLogger(__name__)
 SOURCES = ("jsonl", "stdlib_docstrings")
 
 
@@ -112,7 +110,8 @@ class SFTTask(LanguageModelTask):
                                                      d.docstrings_format)
             train, val = docstrings.build(directory, val_fraction=d.val_fraction,
                                           fmt=d.docstrings_format)
-            log.info("sft data: %s (stdlib docstrings)", directory)
+            if jax.process_index() == 0:
+                print(f"sft data: {directory} (stdlib docstrings)", flush=True)
             return sft.read_jsonl([str(train)]), sft.read_jsonl([str(val)])
         records = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"))
         if d.eval_files:
@@ -144,8 +143,8 @@ class SFTTask(LanguageModelTask):
                                        packing=d.packing or split == "eval", seed=seed,
                                        pad_id=pad)
             out["stats"][split] = stats
-            if jax.process_index() == 0:
-                log.info("%s", stats.describe(split, d.seq_len, d.packing or split == "eval"))
+            if jax.process_index() == 0:  # stdout, like the sharding table: stderr is for errors
+                print(stats.describe(split, d.seq_len, d.packing or split == "eval"), flush=True)
         return out
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
