@@ -157,6 +157,14 @@ def base_config(task: str = "lm") -> ConfigDict:
     # (infra/interop/init_from.py).
     c.init = ConfigDict({"from": ""})
 
+    # LoRA (infra/models/lora.py; transformer LM tasks): with `rank` set, every weight whose
+    # path matches the regex `targets` gets low-rank adapters a, b (b = 0 at the start) and
+    # only they train; the model computes W x + (alpha / rank) * b(a x). Unset: every
+    # parameter trains (full fine-tuning).
+    c.finetune = ConfigDict(dict(
+        lora=ConfigDict(dict(rank=None, alpha=16.0, targets="attn/(q|k|v|o)")),
+    ))
+
     c.profile = ConfigDict(
         dict(steps=())  # (first, last): capture a jax.profiler trace of these steps (TensorBoard)
     )
@@ -465,6 +473,30 @@ def validate(config: ConfigDict) -> None:
     from infra.models import hyper_params
 
     hyper_params(config.model)  # types and ranges of every model.* key, before anything is built
+    _validate_lora(config)
+
+
+def _validate_lora(config: ConfigDict) -> None:
+    """`finetune.lora.*`: a positive integer rank (or unset), alpha > 0, a regex, an LM task."""
+    if "finetune" not in config:
+        return
+    c = config.finetune.lora
+    if c.rank is None:
+        return
+    if isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank <= 0:
+        raise ConfigError(f"finetune.lora.rank must be a positive integer (leave it unset for "
+                          f"full fine-tuning), got {c.rank}", key="finetune.lora.rank", value=8)
+    if isinstance(c.alpha, bool) or not isinstance(c.alpha, (int, float)) or not (
+            math.isfinite(c.alpha) and c.alpha > 0):
+        raise ConfigError(f"finetune.lora.alpha must be > 0, got {c.alpha}",
+                          key="finetune.lora.alpha", value=16.0)
+    from infra.models.lora import compile_targets
+
+    compile_targets(c.targets)
+    if config.task not in ("lm", "sft") or config.model.name != "transformer":
+        raise ConfigError(f"finetune.lora needs a transformer language model (task lm or sft), "
+                          f"not task {config.task!r} with model {config.model.name!r}",
+                          key="finetune.lora.rank", value="<unset>")
 
 
 CONFIG_FILE = "config.json"

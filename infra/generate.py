@@ -32,8 +32,8 @@ def load_config(workdir: PathLike):
     from infra import config as config_lib
 
     raw = config_lib.read_saved(workdir)
-    if raw.get("task") != "lm":
-        raise UserError(f"generate needs a language-model run (task 'lm'); "
+    if raw.get("task") not in ("lm", "sft"):
+        raise UserError(f"generate needs a language-model run (task 'lm' or 'sft'); "
                         f"{workdir}/{config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
     return config_lib.load_saved(workdir, raw)
 
@@ -137,7 +137,9 @@ def _engine(workdir: PathLike, config, tok):
 
     from infra.serve.engine import Engine, allowed_ids, load_model, serve_mesh
 
-    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str), tok.spec,
+    key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
+           json.dumps(config.finetune.to_dict() if "finetune" in config else {}, sort_keys=True),
+           tok.spec,
            tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tuple(d.id for d in jax.devices()))
     engine = _ENGINES.get(key)
     if engine is None:

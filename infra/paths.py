@@ -38,6 +38,22 @@ REMOTE_PREFIXES = ("gs://",)
 CACHE = pathlib.Path(os.environ.get("INFRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "infra"))
 
 
+def _no_listings_cache() -> None:
+    """gcsfs caches directory listings for the life of a process and answers "does not exist"
+    from a cached parent listing: what other processes write (a trainer's checkpoints, a lease)
+    would stay invisible to a reader that listed the parent once. Set before any gs:// file
+    system is made (epath keeps the first one)."""
+    try:
+        import fsspec
+    except ImportError:
+        return
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+_no_listings_cache()
+
+
 def is_remote(path: PathLike) -> bool:
     return str(path).startswith(REMOTE_PREFIXES) or "://" in str(path)
 

@@ -2,6 +2,11 @@
 
 The model is a Flax NNX module only at the edges: its abstract form gives the parameter tree
 and logical axes, and `ModelDef.merge(params)` rebuilds it from a pure dict inside a jitted step.
+
+A run may train only part of the parameters (`Task.trainable`, an NNX filter: LoRA adapters):
+then `params` still holds every parameter (the checkpoint has the frozen base too, so resuming
+is bit-exact), the optimizer state exists for the trained ones only, and the step differentiates
+and updates only them (`ModelDef.split_trained`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from infra import sharding
@@ -27,11 +32,29 @@ class ModelDef:
 
     graphdef: Any
     abstract_params: nnx.State
+    trained: frozenset | None = None  # flattened paths of the trained params; None = all
 
     def merge(self, params: dict) -> nnx.Module:
         state = jax.tree.map(lambda x: x, self.abstract_params)  # a fresh copy to fill in
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
+
+    def split_trained(self, params: dict) -> tuple[dict, dict | None]:
+        """(trained params, frozen params) of a pure-dict tree; (params, None) when all train."""
+        if self.trained is None:
+            return params, None
+        flat = traverse_util.flatten_dict(params)
+        trained = {k: v for k, v in flat.items() if k in self.trained}
+        frozen = {k: v for k, v in flat.items() if k not in self.trained}
+        return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
+
+
+def join_trained(trained: dict, frozen: dict | None) -> dict:
+    """The inverse of `ModelDef.split_trained`."""
+    if frozen is None:
+        return trained
+    return traverse_util.unflatten_dict(
+        traverse_util.flatten_dict(frozen) | traverse_util.flatten_dict(trained))
 
 
 def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
@@ -40,25 +63,36 @@ def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
         return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
 
 
-def model_def(model: nnx.Module) -> ModelDef:
+def model_def(model: nnx.Module, trainable=None) -> ModelDef:
+    """`trainable`: an NNX filter of the params the step trains (None: all of them)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         names = ", ".join(sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))}))
         raise ConfigError(f"model holds non-parameter state ({names}); only nnx.Param variables are supported")
-    return ModelDef(graphdef, params)
+    trained = None
+    if trainable is not None:
+        chosen = nnx.to_pure_dict(nnx.state(model, trainable))
+        trained = frozenset(traverse_util.flatten_dict(chosen))
+        if not trained:
+            raise ConfigError("the run would train no parameters (the task's trainable filter "
+                              "selects none)")
+    return ModelDef(graphdef, params, trained)
 
 
-def init_fn(build: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation):
-    """`key -> state`: a fresh model, its optimizer state, step 0 and the loop's rng."""
+def init_fn(build: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+            trainable=None):
+    """`key -> state`: a fresh model, its optimizer state (of the `trainable` params only; None
+    = all), step 0 and the loop's rng."""
 
     def init(key: jax.Array) -> State:
         init_key, loop_key = jax.random.split(key)
         with nnx.use_eager_sharding(False):
             model = build(nnx.Rngs(init_key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        trained = params if trainable is None else nnx.to_pure_dict(nnx.state(model, trainable))
         return {
             "params": params,
-            "opt_state": tx.init(params),
+            "opt_state": tx.init(trained),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(loop_key),
         }
@@ -76,11 +110,12 @@ class ShardedState:
     init: Callable[[jax.Array], State]  # jitted: creates the state directly in its shardings
 
 
-def shard_state(build, tx, mesh: Mesh, rules) -> ShardedState:
-    """eval_shape the init, derive each leaf's sharding from the rules, jit init with out_shardings."""
+def shard_state(build, tx, mesh: Mesh, rules, trainable=None) -> ShardedState:
+    """eval_shape the init, derive each leaf's sharding from the rules, jit init with out_shardings.
+    `trainable`: an NNX filter of the params to train and keep optimizer state for (None: all)."""
     abstract = abstract_model(build)
     specs = sharding.param_specs(abstract, rules)
-    init = init_fn(build, tx)
+    init = init_fn(build, tx, trainable)
     shapes = jax.eval_shape(init, jax.random.key(0))
     param_sh = sharding.named_shardings(specs, shapes["params"], mesh)
     shardings = sharding.state_shardings(shapes, param_sh, mesh)
@@ -89,7 +124,7 @@ def shard_state(build, tx, mesh: Mesh, rules) -> ShardedState:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
     return ShardedState(
-        model=model_def(abstract),
+        model=model_def(abstract, trainable),
         abstract=abstract_state,
         shardings=shardings,
         init=jax.jit(init, out_shardings=shardings),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from infra import sharding
-from infra.state import State
+from infra.state import State, join_trained
 from infra.tasks import Task
 
 
@@ -22,18 +22,24 @@ def make_steps(
     microbatches: int,
     mesh: jax.sharding.Mesh,
     rules,
+    split_trained: Callable | None = None,
 ) -> tuple[Callable, Callable]:
     """`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics`.
 
     With `microbatches = k > 1` the batch is split into k equal microbatches whose gradients are
     accumulated with `jax.lax.scan`: the same update as one big batch, at 1/k of the activation
     memory. Activations are pinned to the logical-axis rules while tracing.
+
+    `split_trained(params) -> (trained, frozen)` (`ModelDef.split_trained`): only `trained` is
+    differentiated and updated (the optimizer state is theirs); `frozen` passes through the step
+    bit for bit and no gradient is computed for it. None: every parameter trains.
     """
     axes = task.batch_axes()
+    split_trained = split_trained or (lambda params: (params, None))
 
-    def grads_of(params, batch, rng):
+    def grads_of(params, batch, rng, frozen=None):
         def loss_of(p):
-            return task.loss_fn(merge(p), batch, rng)
+            return task.loss_fn(merge(join_trained(p, frozen)), batch, rng)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         return grads, {"loss": loss, **metrics}
@@ -44,28 +50,44 @@ def make_steps(
         x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
         return sharding.constrain(x, (None, *axes.get(key, ("batch",))))
 
-    def mean_grads(params, batch, rng):
+    def mean_grads(params, batch, rng, frozen=None):
         if microbatches == 1:
-            return grads_of(params, batch, rng)
+            return grads_of(params, batch, rng, frozen)
         micro = {k: split(v, k) for k, v in batch.items()}
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(grads_of, params, first, rng, frozen),
+        )
+        if task.loss_weight(first) is not None:
+            # A loss that is a mean over a varying count (SFT's learnt tokens): weight each
+            # microbatch by its share of the count, so the update is the whole batch's mean.
+            counts = jax.vmap(task.loss_weight)(micro)
+            weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+            def weighted(acc, xs):
+                mb, i, w = xs
+                out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
+                return jax.tree.map(lambda a, o: a + w * o, acc, out), None
+
+            total, _ = jax.lax.scan(weighted, zeros,
+                                    (micro, jnp.arange(microbatches), weights))
+            return total
 
         def body(acc, xs):
             mb, i = xs
-            out = grads_of(params, mb, jax.random.fold_in(rng, i))
+            out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
             return jax.tree.map(jnp.add, acc, out), None
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grads_of, params, first, rng)
-        )
         total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
         return jax.tree.map(lambda x: x / microbatches, total)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         with sharding.activation_rules(mesh, rules):
             rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-            grads, metrics = mean_grads(state["params"], batch, rng)
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            trained, frozen = split_trained(state["params"])
+            grads, metrics = mean_grads(trained, batch, rng, frozen)
+            updates, opt_state = tx.update(grads, state["opt_state"], trained)
         grad_norm = optax.tree.norm(grads)
         update_norm = optax.tree.norm(updates)
         # A NaN/Inf loss, gradient or update must not reach the parameters or the optimizer
@@ -74,8 +96,9 @@ def make_steps(
         # norm cannot overflow them.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_trained = jax.tree.map(keep, optax.apply_updates(trained, updates), trained)
         new_state = {
-            "params": jax.tree.map(keep, optax.apply_updates(state["params"], updates), state["params"]),
+            "params": join_trained(new_trained, frozen),
             "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": state["rng"],

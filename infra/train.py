@@ -33,6 +33,7 @@ from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
+from infra.models import lora
 from infra.optim import make_optimizer
 from infra.paths import PathLike
 from infra.peers import PeerWatchdog
@@ -75,10 +76,11 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     )
     task = get_task(config)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    sharded = shard_state(task.build_model, tx, mesh, rules)
+    sharded = shard_state(task.build_model, tx, mesh, rules, trainable=task.trainable)
     train_step, eval_step = make_steps(
         task, sharded.model.merge, tx, schedule,
         microbatches=config.train.microbatches, mesh=mesh, rules=rules,
+        split_trained=sharded.model.split_trained,
     )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
     out = replicated(mesh)
@@ -98,6 +100,20 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
         ),
         batch_shardings=batch_sh,
     )
+
+
+def trained_summary(state: ShardedState) -> str:
+    """How much of the model trains and what its optimizer state costs (from the abstract
+    state: exact, nothing allocated)."""
+    def size(tree) -> tuple[int, int]:
+        leaves = jax.tree.leaves(tree)
+        return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
+
+    params, _ = size(state.abstract["params"])
+    trained, _ = size(state.model.split_trained(state.abstract["params"])[0])
+    _, opt_bytes = size(state.abstract["opt_state"])
+    return (f"training {trained:,} of {params:,} parameters ({trained / params:.2%}); "
+            f"optimizer state {opt_bytes / 2**20:.2f} MiB")
 
 
 def is_main_process() -> bool:
@@ -171,6 +187,7 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
             trainer.state.abstract["params"], trainer.state.shardings["params"],
             config.sharding.warn_replicated_mb,
         ))
+        print(trained_summary(trainer.state), flush=True)
     main_events = events if is_main_process() else None  # process 0's timeline is the run's
     evaluator = trainer.evaluator(main_events)
     cc = config.checkpoint
@@ -214,9 +231,11 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
             workdir_lib.check_fresh_start(workdir)
         state = trainer.state.init(jax.random.key(trainer.config.train.seed))
         source = workdir if imported else init_from.source_of(trainer.config)
-        if source:
-            state["params"] = init_from.load_params(source, trainer.config,
-                                                    trainer.state.abstract["params"])
+        if source:  # the source's parameters; adapters (LoRA) it cannot have start fresh
+            base, _ = lora.split(trainer.state.abstract["params"])
+            _, adapters = lora.split(state["params"])
+            state["params"] = lora.join(
+                init_from.load_params(source, trainer.config, base), adapters)
         note(0, True)
         return state, make_iterator(0), False
     state, meta, iterator = restored

@@ -185,7 +185,8 @@ class Plan:
             f"uv venv --allow-existing --python {py} {REMOTE_VENV}",
             f". {REMOTE_VENV}/bin/activate",
             f"cd {REMOTE_DIR}",
-            "uv pip install -e . 'jax[tpu]'",  # jax[tpu] within pyproject's jax pin
+            # jax[tpu] within pyproject's jax pin; gcsfs for gs:// workdirs and data
+            "uv pip install -e '.[gcs]' 'jax[tpu]'",
         ])
 
     def train_command(self) -> list[str]:
@@ -278,9 +279,8 @@ def pack_tarball(plan: Plan) -> None:
 def warn_about_workdir(plan: Plan) -> None:
     a = plan.args
     if a.workdir.startswith("gs://"):
-        print("warning: infra/ opens --workdir with pathlib, which does not understand gs:// yet; "
-              "until it does, mount the bucket (gcsfuse) and pass the mount path", file=sys.stderr)
-    elif is_multihost(a.accelerator_type, a.slices):
+        return  # every worker sees it, and it outlives the VM
+    if is_multihost(a.accelerator_type, a.slices):
         print(f"warning: --workdir {a.workdir} is on each worker's own disk; a multi-host run needs "
               "one shared path (gs:// or a mounted filesystem)", file=sys.stderr)
     elif not a.keep:

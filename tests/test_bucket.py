@@ -1,12 +1,12 @@
 """Workdirs in a bucket (`gs://`), against a real GCS emulator on loopback that the tests start
-and stop (gcp-storage-emulator; tensorstore and gcsfs reach it through their standard
-environment variables, as they would reach a real bucket through default credentials)."""
+and stop (gcp-storage-emulator, with GCS's generation headers and conditions added:
+tests/gcs_emulator.py; tensorstore and gcsfs reach it through their standard environment
+variables, as they would reach a real bucket through default credentials)."""
 
 import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.gcs_emulator import Emulator
 from tests.helpers import ROOT, cli, popen
 
 pytestmark = [
@@ -24,38 +25,6 @@ pytestmark = [
 ]
 SMOKE = "experiments/lm.py:smoke"
 QUIET = "--config.sharding.print_table=false"
-
-
-class Emulator:
-    """gcp-storage-emulator on a free loopback port, data kept in `directory` across restarts."""
-
-    def __init__(self, directory):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.directory, self.proc = directory, None
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "EPATH_USE_TF": "false"}
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.directory), "start",
-             "--host", "127.0.0.1", "--port", str(self.port), "--default-bucket", "bkt"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                assert self.proc.poll() is None and time.time() < deadline, "emulator did not start"
-                time.sleep(0.1)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -26,41 +26,45 @@ MESSAGES = [{"role": "system", "content": "Be brief. ünïcode"},
             {"role": "user", "content": "And 3+3?"}]
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA3ISH], ids=["chatml", "llama3-like"])
-def test_render_equals_transformers(template, tmp_path):
-    from transformers import PreTrainedTokenizerFast
+def with_template(directory, template, out):
+    import shutil
 
-    from infra.data.tokenizer import load_tokenizer
+    shutil.copytree(directory, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    return out
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3ISH], ids=["chatml", "llama3-like"])
+def test_prompt_ids_equal_transformers(template, tmp_path):
+    """What serving feeds the model for a conversation is what transformers' apply_chat_template
+    gives (the generation prompt appended, the template's own BOS)."""
+    from transformers import AutoTokenizer
+
+    from infra.data.tokenizer import HFTokenizer
     from tests import hf_models
 
-    directory = hf_models.train_tokenizer(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
-                                  bos_token="<s>", eos_token="</s>")
-    tok.chat_template = template
-    for generation_prompt in (True, False):
-        ref = tok.apply_chat_template(MESSAGES, tokenize=False,
-                                      add_generation_prompt=generation_prompt)
-        ours = chat.render(MESSAGES, template, add_generation_prompt=generation_prompt,
-                           bos_token="<s>", eos_token="</s>")
-        assert ours == ref
-    # the template is found in tokenizer_config.json, as transformers saves it
-    tok.save_pretrained(tmp_path / "saved")
-    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
-    if "chat_template" not in config:  # newer transformers write chat_template.jinja
-        assert (tmp_path / "saved" / "chat_template.jinja").is_file()
-    assert chat.template_of(load_tokenizer(str(tmp_path / "saved"))) == template
+    directory = with_template(hf_models.train_tokenizer(tmp_path / "bpe"), template,
+                              tmp_path / "tok")
+    theirs = AutoTokenizer.from_pretrained(str(directory))
+    expected = theirs.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True,
+                                          return_dict=True)["input_ids"]
+    ours = HFTokenizer(directory)
+    assert chat.template_of(ours) == template  # read from tokenizer_config.json
+    assert list(chat.prompt_ids(ours, MESSAGES)) == list(expected)
 
 
-def test_template_errors_and_the_default():
-    with pytest.raises(chat.TemplateError, match="system first"):
-        chat.render(MESSAGES[1:] + MESSAGES[:1], LLAMA3ISH)
-    with pytest.raises(chat.TemplateError):
-        chat.render(MESSAGES, "{% for %}")
+def test_template_errors_and_the_builtin_template():
     from infra.data.tokenizer import ByteTokenizer
 
-    assert chat.template_of(ByteTokenizer()) == chat.DEFAULT_TEMPLATE
-    assert chat.render(MESSAGES[1:2], chat.DEFAULT_TEMPLATE) == \
-        "<|user|>\n  What is 2+2? \n<|assistant|>\n"
+    tok = ByteTokenizer()
+    with pytest.raises(chat.TemplateRejected, match="system first"):
+        chat.prompt_ids(tok, MESSAGES[1:] + MESSAGES[:1], LLAMA3ISH)
+    with pytest.raises(UserError, match="does not parse"):
+        chat.prompt_ids(tok, MESSAGES, "{% for %}")
+    assert chat.template_of(tok) == chat.BUILTIN_TEMPLATE
+    ids = chat.prompt_ids(tok, MESSAGES[1:2])  # special tokens' text are those tokens
+    assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "<|user|>\n  What is 2+2? \n<|assistant|>\n"
 
 
 def test_serve_names_missing_dependencies(monkeypatch):

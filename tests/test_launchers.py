@@ -55,7 +55,7 @@ def test_tpu_single_host_create_copy_install_train_delete_in_order():
     cmds = dry_run_tpu(*BASE, *OVERRIDES)
     create = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "create"))
     scp = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "scp"))
-    install = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "ssh") and "pip install -e ." in remote(c))
+    install = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "ssh") and "pip install -e '.[gcs]'" in remote(c))
     train = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "ssh") and "python -m infra train" in remote(c))
     delete = find(cmds, lambda c: is_gcloud(c, "tpu-vm", "delete"))
     assert all(len(x) == 1 for x in (create, scp, install, train, delete)), cmds

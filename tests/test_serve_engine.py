@@ -29,11 +29,11 @@ FEATURES = {"qkv_bias": True, "out_bias": True, "mlp_bias": True, "qk_norm": Tru
             "rope_scaling": "llama3", "rope_original_max_len": 16, "tie_embeddings": False}
 
 
-def make_config(**model):
+def make_config(extra: dict | None = None, **model):
     overrides = {"model.vocab_size": VOCAB, "model.max_seq_len": 64, "model.d_model": 32,
                  "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
                  "model.mlp_dim": 64, "model.num_layers": 2, "model.rope_theta": 500000.0}
-    overrides |= {f"model.{k}": v for k, v in model.items()}
+    overrides |= {f"model.{k}": v for k, v in model.items()} | (extra or {})
     return config_lib.load("experiments/lm.py:smoke", overrides)
 
 
@@ -71,11 +71,16 @@ def test_buckets():
     assert buckets(8) == [8]
 
 
-@pytest.mark.parametrize("features", [FEATURES, {}], ids=["llama-family-options", "plain-tied"])
-def test_cached_logits_equal_the_full_forward(features):
+LORA = {"finetune.lora.rank": 4, "finetune.lora.targets": "attn/(q|k|v|o)|mlp/(gate|up|down)"}
+
+
+@pytest.mark.parametrize("features, extra", [(FEATURES, None), ({}, None), (FEATURES, LORA)],
+                         ids=["llama-family-options", "plain-tied", "lora-adapters"])
+def test_cached_logits_equal_the_full_forward(features, extra):
     """Prefill one prompt into a slot, then decode; another slot decodes its own sequence at the
-    same time. Every logit row equals the training forward pass over the same tokens."""
-    config = make_config(**features)
+    same time. Every logit row equals the training forward pass over the same tokens (LoRA: the
+    adapters, perturbed from their zero init, on every projection)."""
+    config = make_config(extra, **features)
     engine = random_engine(config, devices=jax.devices()[:1])
     model_def, params = engine._model_def, engine.params
     rng = np.random.default_rng(0)

@@ -33,6 +33,8 @@ def restore_params(workdir: paths.PathLike, abstract_params: Any, *,
     CheckpointError when no checkpoint (or `step`) is intact. Read-only.
     """
     workdir = paths.path(workdir)
+    if not paths.is_remote(workdir):
+        workdir = workdir.absolute()  # Orbax reads no array metadata through a relative path
     directory = layout.checkpoints_dir(workdir)
     steps = layout.committed_steps(workdir)
     if not steps:

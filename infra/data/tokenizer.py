@@ -12,12 +12,19 @@ without a BOS token (Qwen) starts documents with nothing.
 Texts are encoded without the tokenizer's own special-token post-processing: callers add BOS
 and EOS explicitly (`encode_document`), so packed training documents and prompts have exactly
 one BOS whatever the tokenizer's template does.
+
+For chat templates (`infra.data.chat`) each tokenizer also names its special tokens as text
+(`special_tokens`: `bos_token`, `eos_token`, ... as `tokenizer_config.json` spells them; the
+byte-level tokenizer's are `<|pad|>`, `<|bos|>`, `<|eos|>`, the names `tokenizer train` gives
+its BPE's), its own `chat_template` (None if it has none) and `encode_with_offsets`, whose
+offsets are character spans of the text (a special token's name in the text is that token).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -50,6 +57,33 @@ class ByteTokenizer:
     vocab_size = text.VOCAB_SIZE
     bos_id, eos_id, pad_id = text.BOS_ID, text.EOS_ID, text.PAD_ID
     spec = ""
+    special_tokens = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    chat_template = None  # none of its own: infra.data.chat.BUILTIN_TEMPLATE
+    _SPECIAL_IDS = {"<|bos|>": text.BOS_ID, "<|eos|>": text.EOS_ID, "<|pad|>": text.PAD_ID}
+    _SPECIAL_RE = re.compile("|".join(map(re.escape, _SPECIAL_IDS)))
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, (n, 2) character offsets) of each text: one id per UTF-8 byte, spanning its
+        character; `<|bos|>`, `<|eos|>`, `<|pad|>` in the text are those tokens."""
+        out = []
+        for s in texts:
+            ids, offsets, pos = [], [], 0
+            for m in [*self._SPECIAL_RE.finditer(s), None]:
+                end = m.start() if m else len(s)
+                if end > pos:
+                    chunk = s[pos:end]
+                    points = np.frombuffer(chunk.encode("utf-32-le"), np.uint32)
+                    widths = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+                    starts = pos + np.repeat(np.arange(len(chunk)), widths)
+                    ids.append(text.encode(chunk))
+                    offsets.append(np.stack([starts, starts + 1], axis=1))
+                if m:
+                    ids.append(np.array([self._SPECIAL_IDS[m.group()]], np.int32))
+                    offsets.append(np.array([[m.start(), m.end()]]))
+                    pos = m.end()
+            out.append((np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
+                        np.concatenate(offsets) if offsets else np.zeros((0, 2), np.int64)))
+        return out
 
     def encode(self, s: str) -> np.ndarray:
         return text.encode(s)
@@ -113,6 +147,20 @@ class HFTokenizer:
         self.bos_id = special_id("bos")
         self.eos_id = special_id("eos")
         self.pad_id = special_id("pad")
+        self.special_tokens = {}
+        for kind in ("bos", "eos", "pad", "unk"):
+            for source in (cfg, special):
+                if f"{kind}_token" in source:
+                    name = _token_name(source[f"{kind}_token"])
+                    if name:
+                        self.special_tokens[f"{kind}_token"] = name
+                    break
+        self.chat_template = _chat_template(self.directory, cfg)
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, (n, 2) character offsets) of each text (special tokens in it recognised)."""
+        return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2))
+                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def encode(self, s: str) -> np.ndarray:
         return np.asarray(self._tok.encode(s, add_special_tokens=False).ids, dtype=np.int32)
@@ -136,6 +184,23 @@ class HFTokenizer:
         if self.eos_id is not None:
             parts.append([self.eos_id])
         return np.concatenate(parts).astype(np.int32)
+
+
+def _chat_template(directory: Path, cfg: dict) -> str | None:
+    """The tokenizer's Jinja chat template: `chat_template.jinja` beside it, else
+    `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates: the
+    one named "default")."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+    value = cfg.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
 
 
 @functools.lru_cache(maxsize=8)

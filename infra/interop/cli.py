@@ -1,5 +1,6 @@
 """`python -m infra hf import <hf_dir> --workdir <w> [--config <experiment>] [--config.k=v ...]`
-and `python -m infra hf export --workdir <w> --out <dir> [--step N] [--dtype bfloat16]`."""
+and `python -m infra hf export --workdir <w> --out <dir> [--step N] [--dtype bfloat16]
+[--merge_lora | --peft]`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--dtype", default="auto", help="auto (= model.param_dtype), float32, "
                                                    "bfloat16 or float16")
     e.add_argument("--max_shard_size", default="5GB", help="shard the weights above this size")
+    e.add_argument("--merge_lora", action="store_true",
+                   help="LoRA runs: fold the adapters into the weights (base + alpha/rank * A B)")
+    e.add_argument("--peft", action="store_true",
+                   help="LoRA runs: write the adapters only, in PEFT's format "
+                        "(adapter_config.json + adapter_model.safetensors)")
     e.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -48,7 +54,8 @@ def run_cli(args, overrides: list[str]) -> int:
     from infra.interop.safetensors_io import parse_size
 
     out = export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                    max_shard_size=parse_size(args.max_shard_size))
+                    max_shard_size=parse_size(args.max_shard_size), merge_lora=args.merge_lora,
+                    peft=args.peft)
     if jax.process_index() == 0:
         print(f"exported {args.workdir} -> {out}")
     return 0

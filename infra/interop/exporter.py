@@ -11,6 +11,19 @@ more than one tensor. The directory is written as `<out>.exporting` and renamed 
 
 A byte-level run has no Hugging Face tokenizer: its export holds the weights and config only
 (token ids are UTF-8 bytes, PAD 256, BOS 257, EOS 258).
+
+A LoRA run (`finetune.lora.rank`) exports either way, and refuses to guess:
+
+* `merge_lora=True`: every adapter folded into its weight, `W + (alpha / rank) * a b`
+  (float32, on the devices, sharded like the weight), written as a plain model;
+* `peft=True`: the adapters only, in PEFT's format: `adapter_config.json` (`r`, `lora_alpha`,
+  `target_modules` in HF names such as `q_proj`, `base_model_name_or_path` = the `init.from`
+  source) and `adapter_model.safetensors` with PEFT's names
+  (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, `(r, in_features)`;
+  `lora_B`: `(out_features, r)`), which `peft.PeftModel.from_pretrained(base, out)` loads.
+
+An SFT run whose tokenizer has no chat template gets the one it was trained with (the built-in
+template of `infra.data.chat`, or `data.chat_template`) in the exported `tokenizer_config.json`.
 """
 
 from __future__ import annotations
@@ -50,9 +63,11 @@ def _source_hf_config(workdir: Path, config) -> dict:
 
 
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
-              dtype: str = "auto", max_shard_size: int = 5 * 10**9):
+              dtype: str = "auto", max_shard_size: int = 5 * 10**9, merge_lora: bool = False,
+              peft: bool = False):
     """Export the newest intact checkpoint of `workdir` (or `step`) into the new directory `out`
-    (either may be in a bucket: `out` is written locally, then uploaded)."""
+    (LoRA runs: `merge_lora` or `peft`, see the module docstring). Either may be in a bucket:
+    `out` is written locally, then uploaded."""
     from infra import paths
 
     target = paths.path(out)
@@ -60,11 +75,12 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
         raise UserError(f"--out {target} exists and is not an empty directory; pass a new one")
     with paths.staged(target) as local:
         written = _export(paths.path(workdir), local, step=step, dtype=dtype,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, merge_lora=merge_lora, peft=peft)
     return target if paths.is_remote(target) else written
 
 
-def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size: int) -> Path:
+def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size: int,
+            merge_lora: bool, peft: bool) -> Path:
     """`export_hf` into the local directory `out`."""
     import jax
     from jax.experimental import multihost_utils
@@ -86,6 +102,16 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
     if config.model.name != "transformer":
         raise UserError(f"export needs a transformer language model; {workdir} trains "
                         f"{config.model.name!r}")
+    from infra.models import lora
+
+    if merge_lora and peft:
+        raise UserError("pass one of --merge_lora (a whole model) and --peft (the adapters)")
+    if lora.enabled(config) and not (merge_lora or peft):
+        raise UserError(f"{workdir} trained LoRA adapters; pass --merge_lora (the weights with "
+                        f"the adapters folded in) or --peft (the adapters, PEFT format)")
+    if (merge_lora or peft) and not lora.enabled(config):
+        raise UserError(f"{workdir} has no LoRA adapters (finetune.lora.rank is unset); export "
+                        f"it without --merge_lora / --peft")
     model = config.model.to_dict()
     source = _source_hf_config(workdir, config)
     architecture = architecture_for(model, (source.get("architectures") or [None])[0])
@@ -100,6 +126,13 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
 
     abstract = abstract_params(config, _mesh(config))
     params, step = restore_params(workdir, abstract, step=step)
+    if peft:
+        return _export_peft(params, config, out, st_dtype, tok, workdir)
+    if merge_lora:
+        base_abstract, _ = lora.split(abstract)
+        shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+        params = jax.jit(lambda p: lora.merged(p, lora.scale_of(config)),
+                         out_shardings=shardings)(params)
     maps = tensor_maps(params, config.model.num_layers)
     leaves = dict(zip((m.path for m in maps), jax.tree.leaves(params)))
     entries, producers = [], {}
@@ -138,11 +171,119 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
             if config.data.tokenizer:
                 copy_tokenizer_files(paths.localize(config.data.tokenizer), tmp)
+                _add_chat_template(config, tok, tmp)
             if out.exists():
                 out.rmdir()
             tmp.rename(out)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _add_chat_template(config, tok, directory: Path) -> None:
+    """An SFT run's chat template in the exported tokenizer_config.json, if the tokenizer has
+    none of its own (or the run overrode it with data.chat_template)."""
+    if config.task != "sft":
+        return
+    from infra.data.chat import BUILTIN_TEMPLATE
+
+    custom = config.data.get("chat_template", "")
+    if not custom and tok.chat_template:
+        return
+    template = Path(custom).read_text() if custom else BUILTIN_TEMPLATE
+    (directory / "chat_template.jinja").unlink(missing_ok=True)
+    path = directory / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def peft_modules(config, params) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(HF module name, a, b) of every adapter in our layout, one entry per layer (host
+    arrays: small), in layer order."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from infra.interop.hf_weights import _BLOCK
+    from infra.models import lora
+
+    def host(x):
+        if not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    out = []
+    for path, ab in lora.adapter_items(lora.split(params)[1]):
+        if path[0] != "blocks":
+            raise UserError(f"no PEFT name for the adapter of {'/'.join(map(str, path))}")
+        a, b = host(ab["a"]), host(ab["b"])
+        if isinstance(path[1], int) or str(path[1]).isdigit():
+            layers, inner = [(int(path[1]), a, b)], "/".join(map(str, path[2:]))
+        else:
+            layers, inner = [(i, a[i], b[i]) for i in range(a.shape[0])], "/".join(map(str, path[1:]))
+        module = _BLOCK[inner].removesuffix(".weight")
+        out += [(f"model.layers.{i}.{module}", x, y) for i, x, y in layers]
+    return sorted(out, key=lambda m: (int(m[0].split(".")[2]), m[0]))
+
+
+def _export_peft(params, config, out: Path, st_dtype: str, tok, workdir: Path) -> Path:
+    """The adapters as a PEFT LoRA adapter directory."""
+    import jax
+
+    from infra.data.tokenizer import copy_tokenizer_files
+    from infra.interop.importer import is_hf_dir
+    from infra.interop.safetensors_io import DTYPES, SINGLE, write_safetensors
+
+    modules = peft_modules(config, params)
+    tensors = {}
+    for name, a, b in modules:
+        rank = a.shape[-1]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.reshape(-1, rank).T
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.reshape(rank, -1).T
+    by_layer: dict[int, set[str]] = {}
+    for name, _, _ in modules:
+        by_layer.setdefault(int(name.split(".")[2]), set()).add(name.rsplit(".", 1)[1])
+    kinds = sorted(set().union(*by_layer.values()))
+    uniform = all(v == set(kinds) for v in by_layer.values())
+    if uniform and len(by_layer) == config.model.num_layers:
+        targets, layers = kinds, None
+    elif uniform:
+        targets, layers = kinds, sorted(by_layer)
+    else:  # any other selection: PEFT's regex form, matched against whole module names
+        targets = "(" + "|".join(name.replace(".", r"\.") for name, _, _ in modules) + ")"
+        layers = None
+    lc = config.finetune.lora
+    source = config.init["from"] if "init" in config else ""
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lc.rank),
+        "lora_alpha": float(lc.alpha), "target_modules": targets, "layers_to_transform": layers,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": str(Path(source).expanduser().resolve()) if source else None,
+    }
+    if source and not is_hf_dir(source):
+        adapter_config["base_model_name_or_path"] = None  # export the base with `hf export`
+    main = jax.process_index() == 0
+    tmp = out.with_name(out.name + ".exporting")
+    if not main:
+        return out
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        entries = [(n, st_dtype, t.shape) for n, t in tensors.items()]
+        write_safetensors(tmp, entries, lambda n: tensors[n].astype(DTYPES[st_dtype]),
+                          max_shard_bytes=1 << 62)
+        (tmp / SINGLE).rename(tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        if config.data.tokenizer:
+            copy_tokenizer_files(config.data.tokenizer, tmp)
+            _add_chat_template(config, tok, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

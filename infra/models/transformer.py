@@ -27,6 +27,12 @@ Activations are pinned with ``infra.sharding.constrain`` (a no-op outside
 "head_dim"), MLP hidden ("batch", "length", "act_mlp"), logits ("batch", "length", "act_vocab").
 Causal masking uses global positions (``jnp.arange(length)``), so it stays correct when
 ``length`` is split over the ``sequence`` mesh axis (GSPMD gathers K/V along length).
+
+Packed rows (supervised fine-tuning): with ``segment_ids`` (batch, length) a token attends only
+to earlier tokens of its own segment, and ``positions`` (batch, length) restart RoPE in each
+segment; the query blocks above still skip the upper triangle. Without them the computation is
+exactly the one above. Low-rank adapters (``infra/models/lora.py``) attach as ``<weight>_lora``
+submodules of `Attention` / `MLP`; a projection adds ``scale * (x A) B`` when one is present.
 """
 
 from __future__ import annotations
@@ -108,12 +114,17 @@ def rope_frequencies(half: int, theta: float,
 
 def rope(x: jax.Array, positions: jax.Array, theta: float,
          scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
-    """Rotary position embedding (rotate-half form) on the last dim of x: (batch, length, heads, head_dim)."""
+    """Rotary position embedding (rotate-half form) on the last dim of x: (batch, length, heads,
+    head_dim); ``positions`` is (length,) shared by every row, or (batch, length)."""
     half = x.shape[-1] // 2
     inv_freq = rope_frequencies(half, theta, scaling)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (length, half)
-    sin = jnp.sin(angles)[None, :, None, :]
-    cos = jnp.cos(angles)[None, :, None, :]
+    if positions.ndim == 2:  # (batch, length): per-row positions (packed rows restart them)
+        angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+        sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    else:
+        angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (length, half)
+        sin = jnp.sin(angles)[None, :, None, :]
+        cos = jnp.cos(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -142,6 +153,9 @@ class Attention(nnx.Module):
     biases on q, k, v), ``out_bias`` (Llama's ``attention_bias`` also biases o), ``qk_norm``
     (Qwen3: an RMSNorm over head_dim on each q and k head, before RoPE, eps ``norm_eps``) and
     ``rope_scaling`` (Llama 3.1's, see `rope_frequencies`)."""
+
+    #: weights a low-rank adapter may target -> how many leading (input) dims each contracts
+    lora_targets = {"q": 1, "k": 1, "v": 1, "o": 2}
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope_theta: float, out_scale: float, dtype, param_dtype, rngs: nnx.Rngs,
@@ -185,13 +199,18 @@ class Attention(nnx.Module):
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         dt = self.dtype
         y = dense(x, getattr(self, name)[...].astype(dt))
+        if hasattr(self, f"{name}_lora"):  # a low-rank adapter (infra/models/lora.py)
+            y = y + getattr(self, f"{name}_lora")(x)
         if hasattr(self, f"{name}_bias"):
             y = y + getattr(self, f"{name}_bias")[...].astype(dt)
         if hasattr(self, f"{name}_norm"):
             y = getattr(self, f"{name}_norm")(y)
         return y
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """``positions``: (length,), or (batch, length) with ``segment_ids`` (batch, length): a
+        packed row's examples, each with positions from 0, attend only within their segment."""
         dt = self.dtype
         b, t, _ = x.shape
         x = x.astype(dt)
@@ -218,7 +237,9 @@ class Attention(nnx.Module):
             rows = slice(start * group, end * group)
             scores = jnp.einsum("bkqh,bksh->bkqs", q[:, :, rows], k[:, :, :keys],
                                 preferred_element_type=jnp.float32)
-            if self.causal:
+            if segment_ids is not None:
+                scores = scores + self._segment_bias(segment_ids, start, end, keys, group)
+            elif self.causal:
                 allowed = positions[start:end, None] >= positions[None, :keys]  # global positions
                 bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
                 scores = scores + jnp.repeat(bias, group, axis=0)
@@ -227,10 +248,19 @@ class Attention(nnx.Module):
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
         out = out.reshape(b, self.num_kv_heads, t, group, self.head_dim).transpose(0, 2, 1, 3, 4)
         out = out.reshape(b, t, self.num_heads, self.head_dim)
-        out = dense(out, self.o[...].astype(dt), n_in=2)
-        if hasattr(self, "o_bias"):
-            out = out + self.o_bias[...].astype(dt)
-        return out
+        return self.project_out(out)
+
+    def _segment_bias(self, segment_ids: jax.Array, start: int, end: int, keys: int,
+                      group: int) -> jax.Array:
+        """Additive mask (batch, 1, rows, keys) of query positions [start, end): a query sees
+        the keys of its own segment only (and, when causal, none after it: by index, since
+        positions restart in every segment)."""
+        allowed = segment_ids[:, start:end, None] == segment_ids[:, None, :keys]
+        if self.causal:
+            index = jnp.arange(keys)
+            allowed = allowed & (index[start:end, None] >= index[None, :])
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        return jnp.repeat(bias, group, axis=1)[:, None]
 
     # KV-cache decoding (infra/serve/forward.py): the projections of `__call__`, with RoPE at
     # per-row positions, and its output projection. `__call__` is left as it is; the serving
@@ -253,10 +283,12 @@ class Attention(nnx.Module):
 
     def project_out(self, out: jax.Array) -> jax.Array:
         """Attention output (batch, length, heads, head_dim) -> (batch, length, d_model)."""
-        out = dense(out, self.o[...].astype(self.dtype), n_in=2)
+        y = dense(out, self.o[...].astype(self.dtype), n_in=2)
+        if hasattr(self, "o_lora"):
+            y = y + self.o_lora(out)
         if hasattr(self, "o_bias"):
-            out = out + self.o_bias[...].astype(self.dtype)
-        return out
+            y = y + self.o_bias[...].astype(self.dtype)
+        return y
 
     def _query_blocks(self, length: int) -> list[tuple[int, int]]:
         """Position ranges of the query blocks: ``causal_blocks`` equal blocks when causal (block
@@ -274,6 +306,8 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: (silu(x W_gate) * (x W_up)) W_down; ``bias``: biases on all three
     (Llama's ``mlp_bias``)."""
 
+    lora_targets = {"gate": 1, "up": 1, "down": 1}
+
     def __init__(self, *, d_model: int, mlp_dim: int, out_scale: float, dtype, param_dtype,
                  rngs: nnx.Rngs, bias: bool = False):
         self.dtype = dtype
@@ -290,6 +324,8 @@ class MLP(nnx.Module):
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         y = dense(x, getattr(self, name)[...].astype(self.dtype))
+        if hasattr(self, f"{name}_lora"):  # a low-rank adapter (infra/models/lora.py)
+            y = y + getattr(self, f"{name}_lora")(x)
         if hasattr(self, f"{name}_bias"):
             y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return y
@@ -320,14 +356,16 @@ class Block(nnx.Module):
         self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
                        **common)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, RESIDUAL_AXES)
 
 
-def _apply_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
-    return block(x, positions)
+def _apply_block(block: Block, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+    return block(x, positions, segment_ids)
 
 
 def _stack_blocks(layers: list[Block]) -> Block:
@@ -473,13 +511,19 @@ class Transformer(nnx.Module):
             self.unembedding = _param(rngs, _normal(1.0 / math.sqrt(c.d_model)),
                                       (c.d_model, c.vocab_size), storage_dtype, ("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """``segment_ids`` (batch, length) int: packed rows; tokens attend only to earlier tokens
+        of their own segment (padding may be any id of its own). ``positions`` (batch, length):
+        the RoPE positions (restarting at 0 in every segment of a packed row); default
+        ``arange(length)`` for every row. Without both, plain causal attention."""
         length = tokens.shape[1]
         if length > self.max_seq_len:
             raise ConfigError(f"sequence length {length} exceeds model.max_seq_len "
                               f"{self.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
         dt = self.dtype
-        positions = jnp.arange(length)
+        if positions is None:
+            positions = jnp.arange(length)
         # FSDP-style: gather the table's embed dim before the lookup (vocab may stay sharded);
         # a lookup into an embed-sharded table cannot be resharded to batch/length efficiently.
         table = constrain(self.embedding[...], ("vocab", "act_embed"))
@@ -493,18 +537,18 @@ class Transformer(nnx.Module):
                 # optimisation barriers of prevent_cse.
                 body = nnx.remat(body, policy=policy, prevent_cse=False)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry,
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: LAYERS})
-            def run_layers(h: jax.Array, block: Block, pos: jax.Array) -> jax.Array:
-                return body(block, h, pos)
+            def run_layers(h: jax.Array, block: Block, pos: jax.Array, seg) -> jax.Array:
+                return body(block, h, pos, seg)
 
-            x = run_layers(x, self.blocks, positions)
+            x = run_layers(x, self.blocks, positions, segment_ids)
         else:
             body = _apply_block
             if self.remat != "none":
                 body = nnx.remat(body, policy=policy)
             for block in self.blocks:
-                x = body(block, x, positions)
+                x = body(block, x, positions, segment_ids)
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = dense(x, self.embedding[...].astype(dt), transpose_w=True,

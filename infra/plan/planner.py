@@ -42,7 +42,7 @@ class Plan:
     # per-device bytes
     params_bytes: int  # exact
     opt_bytes: int  # exact: optimizer state + step + rng
-    grads_bytes: int  # exact shapes/shardings of the params, param dtype (x2 with accumulation)
+    grads_bytes: int  # exact shapes/shardings of the trained params, param dtype (x2 with accumulation)
     batch_bytes: int  # exact
     activation_bytes: float | None  # estimate
     gather_buffer_bytes: float | None  # estimate
@@ -128,7 +128,9 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     param_leaves = _leaves(state["params"])
     param_count = sum(math.prod(x.shape) for x in param_leaves)
     microbatches = int(cfg.train.get("microbatches", 1))
-    grads_local = params_local * (2 if microbatches > 1 else 1)
+    # gradients exist for the trained params only (all of them, or LoRA's adapters)
+    _, trained_local = _leaf_bytes(_leaves(trainer.state.model.split_trained(state["params"])[0]))
+    grads_local = trained_local * (2 if microbatches > 1 else 1)
     batch = _abstract_batch(task, cfg, trainer.batch_shardings)
     _, batch_local = _leaf_bytes(batch.values())
     units = cfg.train.batch_size * task.units_per_example()

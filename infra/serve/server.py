@@ -30,6 +30,7 @@ import numpy as np
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves the annotations here
 
 from infra.data import chat
+from infra.errors import DataError
 from infra.serve.engine import SamplingParams
 from infra.serve.scheduler import (Draining, Finished, Metrics, QueueFull, Request, Scheduler,
                                    Token)
@@ -155,7 +156,7 @@ class Api:
         self.metrics = metrics
         self.max_len = scheduler.engine.max_len
         self.draining = False
-        self.template = chat.template_of(tokenizer)
+        chat.compile_template(chat.template_of(tokenizer))  # one that does not parse: at start
         self.created = int(time.time())
 
     def _sampling(self, body: dict) -> SamplingParams:
@@ -194,6 +195,9 @@ class Api:
         bos = self.tok.bos_id
         if bos is not None and (len(ids) == 0 or ids[0] != bos):
             ids = np.concatenate([[bos], ids])
+        return self._checked(ids)
+
+    def _checked(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int32)
         if len(ids) == 0:
             raise ApiError(400, "the prompt is empty and this tokenizer has no BOS token",
@@ -225,11 +229,10 @@ class Api:
                                param=f"messages[{i}].content")
             clean.append({**m, "content": content or ""})
         try:
-            text = chat.render(clean, self.template, add_generation_prompt=True,
-                               **chat.special_tokens(self.tok))
-        except chat.TemplateError as e:
+            ids = chat.prompt_ids(self.tok, clean)
+        except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return self._with_bos(self.tok.encode(text))
+        return self._checked(ids)  # the template decides BOS, as in fine-tuning
 
     def parse(self, body: Any, *, chat_api: bool) -> tuple[Request, bool, bool]:
         """(request, stream, include_usage) of a JSON body, or ApiError."""

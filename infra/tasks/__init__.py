@@ -14,6 +14,7 @@ from infra.tasks.base import Task
 
 TASKS: dict[str, str] = {
     "lm": "infra.tasks.lm:LanguageModelTask",
+    "sft": "infra.tasks.sft:SFTTask",
     "image": "infra.tasks.image:ImageClassificationTask",
     "ctr": "infra.tasks.ctr:ClickThroughTask",
     "forecast": "infra.tasks.forecast:ForecastTask",

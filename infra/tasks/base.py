@@ -35,6 +35,13 @@ class Task(abc.ABC):
     def __init__(self, config):
         self.config = config
 
+    @property
+    def trainable(self):
+        """An NNX filter of the parameters the run trains (and keeps optimizer state for);
+        None = all of them. The others stay bit for bit as initialised or loaded (LoRA: only
+        the adapters train, `nnx.LoRAParam`)."""
+        return None
+
     @abc.abstractmethod
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         """A fresh model; called under `nnx.eval_shape` and inside `jax.jit`."""
@@ -42,6 +49,13 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         """(scalar loss to minimise, metrics) for one training batch."""
+
+    def loss_weight(self, batch: Batch) -> jax.Array | None:
+        """What `loss_fn`'s loss is a mean over in this (micro)batch, when that varies (SFT: its
+        learnt tokens). With `train.microbatches` the microbatches' gradients and metrics are
+        then averaged with these weights, so the update is exactly the whole batch's mean; None
+        (default): equal weights, for losses that are means over equal-sized microbatches."""
+        return None
 
     def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
         """Outputs on one held-out batch; defaults to the training loss and metrics.

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from infra import data, models
+from infra.models import lora
 from infra.errors import ConfigError
 from infra.tasks.base import Batch, Metrics, Task
 
@@ -86,8 +87,21 @@ class LanguageModelTask(Task):
             files, val_fraction=d.val_fraction, seed=self.config.train.seed, pattern=d.files or None
         )
 
+    #: adapters' rank dimension: never split (a, b are sharded along their weight's other axes)
+    logical_rules = (("lora_rank", None),)
+
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return models.build_model(self.config.model, rngs=rngs)
+        model = models.build_model(self.config.model, rngs=rngs)
+        if lora.enabled(self.config):  # finetune.lora.*: low-rank adapters on chosen weights
+            c = self.config.finetune.lora
+            lora.add_adapters(model, rank=c.rank, alpha=c.alpha, targets=c.targets,
+                              key=rngs.params())
+        return model
+
+    @property
+    def trainable(self):
+        """LoRA runs train the adapters only; otherwise every parameter."""
+        return nnx.LoRAParam if lora.enabled(self.config) else None
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng  # the model is deterministic
