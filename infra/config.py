@@ -180,6 +180,9 @@ def base_config(task: str = "lm") -> ConfigDict:
             # Orbax's device-to-host transfer instead
             device_copy=True,
             fallback=True,  # a corrupted latest checkpoint: warn and use the previous one
+            # gs:// workdirs: a failed request is retried this often (backoff 1 s -> 32 s, about
+            # 15 minutes in all by default) before the save fails with exit 3
+            storage_retries=32,
         )
     )
     return c
@@ -455,6 +458,7 @@ def validate(config: ConfigDict) -> None:
     non_negative("optim.grad_clip", config.optim.grad_clip, " (0 = no clipping)")
     non_negative("checkpoint.every_seconds", config.checkpoint.get("every_seconds", 0.0),
                  " (0 = off)")
+    non_negative("checkpoint.storage_retries", config.checkpoint.get("storage_retries", 32))
     if config.profile.steps and (
         len(config.profile.steps) != 2 or not 0 < config.profile.steps[0] <= config.profile.steps[1]
     ):

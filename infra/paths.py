@@ -98,8 +98,12 @@ def _require_gcsfs() -> None:
         import gcsfs  # noqa: F401
     except ImportError:
         raise UserError("gs:// paths need the gcsfs package: pip install 'infra[gcs]'") from None
-    for name in ("gcsfs", "gcsfs.core", "google.auth", "google.auth._default"):
+    for name in ("google.auth", "google.auth._default"):
         logging.getLogger(name).setLevel(logging.ERROR)  # bucket-type probes warn on emulators
+    # gcsfs logs a traceback for every request it gives up on, then raises: the error reaches
+    # the user once, as the command's one line
+    for name in ("gcsfs", "gcsfs.core", "gcsfs.retry"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def localize(location: PathLike) -> pathlib.Path:

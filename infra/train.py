@@ -194,7 +194,7 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
     ckpt = Checkpointer(
         workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
         device_copy=cc.device_copy, every_seconds=cc.every_seconds, fallback=cc.fallback,
-        events=main_events,
+        storage_retries=cc.get("storage_retries", 32), events=main_events,
     )
     peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
     clean = False

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from infra import paths  # first: it configures gcsfs before any bucket is touched
 from tests.gcs_emulator import Emulator
 from tests.helpers import ROOT, cli, popen
 
@@ -55,15 +56,13 @@ def restore_state(location):
 
 
 def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(emulator, tmp_path):
-    from etils import epath
-
     args = ("--config", SMOKE, QUIET, "--config.train.steps=20", "--config.train.log_every=1",
             "--config.checkpoint.every=5", "--config.train.eval_every=10")
     local = tmp_path / "local"
     assert cli("train", *args, "--workdir", str(local)).returncode == 0
     workdir = "gs://bkt/runs/killed"
     proc = popen("train", *args, "--workdir", workdir, env=emulator.env)
-    metrics = epath.Path(workdir) / "metrics.jsonl"
+    metrics = paths.path(workdir) / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -79,7 +78,7 @@ def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(em
     import jax
 
     a = restore_state(local / "checkpoints" / "20" / "state")
-    b = restore_state(epath.Path(workdir) / "checkpoints" / "20" / "state")
+    b = restore_state(paths.path(workdir) / "checkpoints" / "20" / "state")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -92,11 +91,11 @@ def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(em
     e = gcli(emulator, "eval", "--workdir", workdir)
     assert e.returncode == 0 and json.loads(e.stdout.strip().splitlines()[-1])["step"] == 20, e.stderr
     pl = gcli(emulator, "plot", workdir)
-    assert pl.returncode == 0 and (epath.Path(workdir) / "loss.png").exists(), pl.stderr
+    assert pl.returncode == 0 and (paths.path(workdir) / "loss.png").exists(), pl.stderr
     x = gcli(emulator, "hf", "export", "--workdir", workdir, "--out", "gs://bkt/exported")
     assert x.returncode == 0, x.stderr
-    assert {p.name for p in epath.Path("gs://bkt/exported").iterdir()} >= {"config.json", "model.safetensors"}
-    tensorboard = [p.name for p in (epath.Path(workdir) / "tensorboard").iterdir()]
+    assert {p.name for p in paths.path("gs://bkt/exported").iterdir()} >= {"config.json", "model.safetensors"}
+    tensorboard = [p.name for p in (paths.path(workdir) / "tensorboard").iterdir()]
     assert len(tensorboard) == 2 and all(n.startswith("events.out.tfevents") for n in tensorboard)
 
 
@@ -139,8 +138,9 @@ def test_the_emulator_dying_mid_save_is_one_line_and_the_last_commit_restores(em
     from infra.checkpoint import committed_steps
 
     workdir = "gs://bkt/runs/outage"
+    # a real outage is retried for about 15 minutes (checkpoint.storage_retries=32); 2 here
     args = ("--config", SMOKE, QUIET, "--config.train.log_every=1", "--config.checkpoint.every=2",
-            "--workdir", workdir)
+            "--config.checkpoint.storage_retries=2", "--workdir", workdir)
     proc = popen("train", *args, "--config.train.steps=100000", env=emulator.env)
     deadline = time.time() + 300
     while len(committed_steps(workdir)) < 2:
@@ -180,10 +180,8 @@ def test_a_second_trainer_on_a_bucket_workdir_is_refused(emulator):
     args = ("--config", SMOKE, QUIET, "--config.train.steps=100000", "--workdir", workdir)
     first = popen("train", *args, env=emulator.env)
     try:
-        from etils import epath
-
         deadline = time.time() + 300
-        while not (epath.Path(workdir) / "metrics.jsonl").exists():
+        while not (paths.path(workdir) / "metrics.jsonl").exists():
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.2)
         p = gcli(emulator, "train", *args)

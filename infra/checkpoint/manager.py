@@ -30,7 +30,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from infra import paths
 from infra.checkpoint import layout
 from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, IteratorSave,
-                                             IteratorSnapshot, StateRestore, StateSave)
+                                             IteratorSnapshot, StateRestore, StateSave,
+                                             set_storage_retries)
 from infra.checkpoint.verify import (META_DIGEST, Corrupt, Unreadable, check_fingerprint,
                                      check_meta, diagnose, fingerprint_async, meta_digest,
                                      saved_specs, specs)
@@ -72,9 +73,11 @@ class Checkpointer:
         device_copy: bool = True,
         every_seconds: float = 0,
         fallback: bool = True,
+        storage_retries: int = 32,
         events=None,
     ):
         workdir = paths.path(workdir)
+        set_storage_retries(storage_retries)
         self.directory = layout.checkpoints_dir(workdir if paths.is_remote(workdir) else workdir.resolve())
         self.fallback = fallback
         # `infra.events.EventLog` (process 0 only): commits are recorded as they are seen.

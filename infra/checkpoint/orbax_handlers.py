@@ -9,6 +9,7 @@ touches this file only.
   transfers to the host in the background commit.
 * `FingerprintHandler`: the checksums, fetched from the devices and written as JSON in Orbax's
   background save thread, so the training loop never waits for them.
+* `set_storage_retries`: the bucket retry budget of Orbax's tensorstore contexts.
 * `IteratorHandler`: grain's iterator checkpoint (`process_<i>-of-<n>.json`, restored by grain's
   own code), written in Orbax's background commit instead of grain's synchronous `save`.
 
@@ -26,12 +27,22 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata
+from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils
 from orbax.checkpoint._src.serialization import types as _serialization
 
 from infra.checkpoint.verify import Corrupt
 
 # Host memory the background transfers may hold at once before their bytes are written.
 _IN_FLIGHT_GB = 16
+
+
+def set_storage_retries(max_retries: int) -> None:
+    """How often tensorstore retries a failed bucket request (exponential backoff from 1 s to
+    32 s) before a save or restore fails. Orbax builds its tensorstore contexts from these two
+    module-level defaults and offers no option for it."""
+    retries = {"max_retries": int(max_retries), "initial_delay": "1s", "max_delay": "32s"}
+    for context in (_ts_utils._BASE_TS_CONTEXT, _ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        context["gcs_request_retries"] = retries
 
 
 def digest(data: bytes) -> str:

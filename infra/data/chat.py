@@ -182,6 +182,24 @@ def template_of(tokenizer, template: str | None = None) -> str:
     return template or tokenizer.chat_template or BUILTIN_TEMPLATE
 
 
+def run_template(config: Any, tokenizer) -> str:
+    """The template a run's conversations use: the `data.chat_template` file (an SFT run's
+    override), else the tokenizer's own, else `BUILTIN_TEMPLATE`. Fine-tuning, serving and
+    export all ask here, so a model is served and exported with the format it learnt."""
+    from infra import paths
+    from infra.errors import ConfigError
+
+    location = config.data.get("chat_template", "") if "data" in config else ""
+    if not location:
+        return template_of(tokenizer)
+    try:
+        return paths.read_text(location)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read data.chat_template {location!r} "
+                          f"({getattr(e, 'strerror', None) or e})",
+                          key="data.chat_template", value="<a .jinja file>") from None
+
+
 def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> np.ndarray:
     """The token ids a model continues for `messages`: the conversation with the generation
     prompt, tokenised as fine-tuning tokenised it (special tokens' text are those tokens)."""

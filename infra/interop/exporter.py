@@ -187,12 +187,11 @@ def _add_chat_template(config, tok, directory: Path) -> None:
     none of its own (or the run overrode it with data.chat_template)."""
     if config.task != "sft":
         return
-    from infra.data.chat import BUILTIN_TEMPLATE
+    from infra.data.chat import run_template
 
-    custom = config.data.get("chat_template", "")
-    if not custom and tok.chat_template:
-        return
-    template = Path(custom).read_text() if custom else BUILTIN_TEMPLATE
+    if not config.data.get("chat_template", "") and tok.chat_template:
+        return  # the tokenizer files copied already carry it
+    template = run_template(config, tok)
     (directory / "chat_template.jinja").unlink(missing_ok=True)
     path = directory / "tokenizer_config.json"
     cfg = json.loads(path.read_text()) if path.is_file() else {}

@@ -25,6 +25,7 @@ import threading
 import time
 
 from infra import paths
+from infra.data import chat
 from infra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def run_cli(args) -> int:
     ref.append(scheduler)
     scheduler.start()
     name = args.model_name or paths.path(args.workdir).name
-    api = Api(scheduler, engine.tokenizer, name, metrics)
+    api = Api(scheduler, engine.tokenizer, name, metrics,
+              chat.run_template(engine.config, engine.tokenizer))
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(api), log_level="warning", access_log=False,

@@ -151,12 +151,13 @@ class Api:
     """What the endpoints share: scheduler, tokenizer, model name, metrics, drain state."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_name: str,
-                 metrics: PrometheusMetrics):
+                 metrics: PrometheusMetrics, template: str | None = None):
         self.scheduler, self.tok, self.model_name = scheduler, tokenizer, model_name
         self.metrics = metrics
         self.max_len = scheduler.engine.max_len
         self.draining = False
-        chat.compile_template(chat.template_of(tokenizer))  # one that does not parse: at start
+        self.template = chat.template_of(tokenizer, template)  # the run's (chat.run_template)
+        chat.compile_template(self.template)  # one that does not parse fails at start
         self.created = int(time.time())
 
     def _sampling(self, body: dict) -> SamplingParams:
@@ -229,7 +230,7 @@ class Api:
                                param=f"messages[{i}].content")
             clean.append({**m, "content": content or ""})
         try:
-            ids = chat.prompt_ids(self.tok, clean)
+            ids = chat.prompt_ids(self.tok, clean, self.template)
         except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
         return self._checked(ids)  # the template decides BOS, as in fine-tuning

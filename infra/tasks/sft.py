@@ -89,17 +89,10 @@ class SFTTask(LanguageModelTask):
     # ----------------------------------------------------------------------- data
 
     @functools.cached_property
-    def chat_template(self) -> str | None:
-        path = self.config.data.chat_template
-        if not path:
-            return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read data.chat_template {path!r} "
-                              f"({getattr(e, 'strerror', None) or e})",
-                              key="data.chat_template", value="<a .jinja file>") from None
+    def chat_template(self) -> str:
+        from infra.data.chat import run_template
+
+        return run_template(self.config, self.tokenizer)
 
     def _records(self) -> tuple[list, list]:
         d = self.config.data
