@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 from pathlib import Path
 
+from infra import config as config_lib
 from infra import paths
 from infra.errors import UserError
 from infra.metrics import METRICS_FILE, read_history
 
 DEFAULT_NAME = "loss.png"
-
-
-def _load_config(workdir: Path) -> dict:
-    path = workdir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{workdir} has {METRICS_FILE} but no config.json; pass a workdir "
-                        f"written by `python -m infra train`") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); pass a workdir written by "
-                        f"`python -m infra train`") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a config written by `python -m infra train`")
-    return config
 
 
 def _positive_int(value) -> int | None:
@@ -78,7 +63,7 @@ def _read_run(workdir: str | Path) -> dict:
     if not train[0] and not evals[0]:
         raise UserError(f"{workdir / METRICS_FILE} holds no finite train/loss or eval/loss yet; "
                         f"train longer or pass another workdir")
-    per_step, unit = units_per_step(_load_config(workdir))
+    per_step, unit = units_per_step(config_lib.read_saved(workdir))
     return {"workdir": workdir, "train": train, "eval": evals, "per_step": per_step, "unit": unit}
 
 
