@@ -29,19 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-class _Position:
-    """A data-iterator stand-in: the checkpointer stores its state beside the arrays."""
-
-    def get_state(self):
-        return {"next_index": 0}
-
-    def set_state(self, state):
-        self.state = state
-
-    def start_prefetch(self):
-        pass
-
-
 def measure(location: str, mb: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -50,6 +37,7 @@ def measure(location: str, mb: int, repeats: int) -> dict:
 
     from infra import paths
     from infra.checkpoint import Checkpointer
+    from tests.helpers import Position
 
     rows = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
     leaves = 8
@@ -66,13 +54,13 @@ def measure(location: str, mb: int, repeats: int) -> dict:
         directory = paths.path(location) / f"run{r}"
         ckpt = Checkpointer(directory, every=1, keep=1, async_save=False)
         start = time.perf_counter()
-        ckpt.save(1, state, _Position(), {})
+        ckpt.save(1, state, Position(), {})
         ckpt.wait()
         saves.append(time.perf_counter() - start)
         ckpt.close()
         reader = Checkpointer(directory, every=1, keep=1)
         start = time.perf_counter()
-        restored, _, _ = reader.restore_latest(abstract, lambda s: _Position())
+        restored, _, _ = reader.restore_latest(abstract, lambda s: Position())
         jax.block_until_ready(restored)
         restores.append(time.perf_counter() - start)
         reader.close()

@@ -1,4 +1,4 @@
-"""Shared test utilities: run the real CLI in a subprocess."""
+"""Shared test utilities: run the real CLI in a subprocess; a data position to checkpoint."""
 
 from __future__ import annotations
 
@@ -46,3 +46,20 @@ def assert_metric_everywhere(workdir: Path, stderr: str, name: str) -> None:
     assert jsonl and tb.keys() == jsonl.keys(), (tag, tb, jsonl)
     assert all(tb[s] == pytest.approx(v, rel=1e-6) for s, v in jsonl.items()), (tb, jsonl)
     assert f"eval {name} " in stderr, stderr
+
+
+class Position:
+    """A data iterator's checkpointable position: the grain protocol `Checkpointer` saves and
+    restores beside the state."""
+
+    def __init__(self, index: int = 0):
+        self.state = {"next_index": index}
+
+    def get_state(self) -> dict:
+        return self.state
+
+    def set_state(self, state: dict) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:
+        pass

@@ -16,7 +16,7 @@ import pytest
 
 from infra import paths  # first: it configures gcsfs before any bucket is touched
 from tests.gcs_emulator import Emulator
-from tests.helpers import ROOT, cli, popen
+from tests.helpers import ROOT, Position, cli, popen
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,16 +105,6 @@ def test_sharded_state_saves_and_restores_in_a_bucket_on_8_devices(emulator):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from infra.checkpoint import Checkpointer
-
-    class Position:
-        def get_state(self):
-            return {"next_index": 3}
-
-        def set_state(self, state):
-            self.state = state
-
-        def start_prefetch(self):
-            pass
 
     rows = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
     state = {"w": jax.device_put(jax.random.normal(jax.random.key(0), (1024, 256)), rows),

@@ -13,20 +13,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infra.checkpoint import Checkpointer, committed_steps, restore_params
 from infra.errors import CheckpointError, UserError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, Position
 
 FIXTURE = ROOT / "tests" / "fixtures" / "v0_lm_workdir"
-
-
-class Position:
-    def __init__(self, index=0):
-        self.state = {"next_index": index}
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.state = state
 
 
 def tree_files(path):

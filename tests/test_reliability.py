@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import ROOT, cli, popen
+from tests.helpers import ROOT, Position, cli, popen
 
 SMOKE = "experiments/lm.py:smoke"
 RUN = ("--config", SMOKE, "--config.train.steps=60", "--config.train.log_every=1",
@@ -316,7 +316,7 @@ def test_time_based_save_decisions_follow_the_clock(tmp_path):
                 assert not due, step
         if due:
             t0 = time.time()
-            ckpt.save(step, {"w": jnp.full((4,), float(step))}, _Position(step), {})
+            ckpt.save(step, {"w": jnp.full((4,), float(step))}, Position(step), {})
             ckpt.wait()
             last_save, saves = (t0, time.time()), saves + (last_save is not None)
         time.sleep(0.05)
@@ -374,22 +374,6 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_pa
             subprocess.run(["umount", str(mount)])
 
 
-class _Position:
-    """A data iterator's checkpointable position (the grain protocol the Checkpointer uses)."""
-
-    def __init__(self, index=0):
-        self.state = {"next_index": index}
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.state = state
-
-    def start_prefetch(self):
-        pass
-
-
 def test_async_save_owns_its_copy_of_the_state(tmp_path):
     """After save() returns the loop may donate the state (the next train step does): the
     checkpoint must not read it any more. Deleting every array right after save() stands in for
@@ -419,11 +403,11 @@ def test_async_save_owns_its_copy_of_the_state(tmp_path):
         for step in (1, 2):
             state = make_state(step)
             expected[step] = jax.device_get(state)
-            ckpt.save(step, state, _Position(step), {})
+            ckpt.save(step, state, Position(step), {})
             if device_copy:
                 jax.tree.map(lambda a: a.delete(), state)  # what donation does to the buffers
         ckpt.wait()
-        restored, meta, position = ckpt.restore_latest(abstract, lambda s: _Position())
+        restored, meta, position = ckpt.restore_latest(abstract, lambda s: Position())
         assert meta["step"] == 2 and json.loads(position.state) == {"next_index": 2}
         assert_bit_identical(restored, expected[2])
         assert restored["w"].sharding.is_equivalent_to(rows, 2)
@@ -431,6 +415,6 @@ def test_async_save_owns_its_copy_of_the_state(tmp_path):
         # the other kind of Checkpointer reads the same files
         other = Checkpointer(tmp_path / str(device_copy), every=1, keep=5,
                              device_copy=not device_copy)
-        again, _, _ = other.restore_latest(abstract, lambda s: _Position())
+        again, _, _ = other.restore_latest(abstract, lambda s: Position())
         assert_bit_identical(again, expected[2])
         other.close()
