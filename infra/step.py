@@ -95,11 +95,14 @@ def make_steps(
         # so every checkpoint stays finite. A finite update of finite parameters with a finite
         # norm cannot overflow them.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_trained = jax.tree.map(keep, optax.apply_updates(trained, updates), trained)
+        new_trained, new_opt_state = jax.lax.cond(
+            finite,
+            lambda: (optax.apply_updates(trained, updates), opt_state),
+            lambda: (trained, state["opt_state"]),
+        )
         new_state = {
             "params": join_trained(new_trained, frozen),
-            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+            "opt_state": new_opt_state,
             "step": state["step"] + 1,
             "rng": state["rng"],
         }

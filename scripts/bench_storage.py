@@ -47,7 +47,8 @@ def measure(location: str, mb: int, repeats: int) -> dict:
     state["step"] = jnp.int32(0)
     size = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
     grid = NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("b", "a"))
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=grid if v.ndim else None)
+    scalar = NamedSharding(grid.mesh, P())
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=grid if v.ndim else scalar)
                 for k, v in state.items()}
     saves, restores = [], []
     for r in range(repeats):
