@@ -38,22 +38,6 @@ REMOTE_PREFIXES = ("gs://",)
 CACHE = pathlib.Path(os.environ.get("INFRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "infra"))
 
 
-def _no_listings_cache() -> None:
-    """gcsfs caches directory listings for the life of a process and answers "does not exist"
-    from a cached parent listing: what other processes write (a trainer's checkpoints, a lease)
-    would stay invisible to a reader that listed the parent once. Set before any gs:// file
-    system is made (epath keeps the first one)."""
-    try:
-        import fsspec
-    except ImportError:
-        return
-    for protocol in ("gs", "gcs"):
-        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
-
-
-_no_listings_cache()
-
-
 def is_remote(path: PathLike) -> bool:
     return str(path).startswith(REMOTE_PREFIXES) or "://" in str(path)
 
@@ -95,9 +79,16 @@ def read_text(location: PathLike) -> str:
 
 def _require_gcsfs() -> None:
     try:
+        import fsspec
         import gcsfs  # noqa: F401
     except ImportError:
         raise UserError("gs:// paths need the gcsfs package: pip install 'infra[gcs]'") from None
+    # gcsfs caches directory listings for the life of a process and answers "does not exist"
+    # from a cached parent listing: what other processes write (a trainer's checkpoints, a
+    # lease) would stay invisible to a reader that listed the parent once. Set here, before the
+    # first gs:// file system is made (epath keeps that one for the process).
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
     for name in ("google.auth", "google.auth._default"):
         logging.getLogger(name).setLevel(logging.ERROR)  # bucket-type probes warn on emulators
     # gcsfs logs a traceback for every request it gives up on, then raises: the error reaches
@@ -167,8 +158,9 @@ def upload_tree(local: PathLike, remote: Path) -> None:
     """Copy a local directory's files to `remote` (e.g. a profiler trace next to a bucket run)."""
     local = pathlib.Path(local)
     for f in [p for p in local.rglob("*") if p.is_file()]:
-        (remote / str(f.relative_to(local))).parent.mkdir(parents=True, exist_ok=True)
-        (remote / str(f.relative_to(local))).write_bytes(f.read_bytes())
+        target = remote / str(f.relative_to(local))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
 
 
 def write_remote(target: Path, data: bytes) -> None:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from infra import paths  # first: it configures gcsfs before any bucket is touched
+from infra import paths  # every bucket path through it: it configures gcsfs first
 from tests.gcs_emulator import Emulator
 from tests.helpers import ROOT, Position, cli, popen
 
