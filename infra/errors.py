@@ -95,32 +95,53 @@ def check_positive_ints(section: str, **values) -> None:
                               key=f"{section}.{key}", value="<positive integer>")
 
 
-# What to do about a failed write into the workdir, by OS error number; tensorstore reports the
-# same failures as text, matched by `_WRITE_MESSAGES`.
+# What to do about a failed write, by OS error number; tensorstore reports the same failures as
+# text, matched by `_WRITE_MESSAGES`. `{flag}` is the option that names the target.
 _WRITE_FIXES = {
-    errno.ENOSPC: "free disk space or use another --workdir",
-    errno.EDQUOT: "free space in your disk quota or use another --workdir",
+    errno.ENOSPC: "free disk space or use another {flag}",
+    errno.EDQUOT: "free space in your disk quota or use another {flag}",
     errno.EMFILE: "raise the open-file limit (ulimit -n) or close other programs",
     errno.ENFILE: "raise the system's open-file limit or close other programs",
-    errno.EACCES: "make the workdir writable or use another --workdir",
-    errno.EPERM: "make the workdir writable or use another --workdir",
-    errno.EROFS: "use a --workdir on a writable filesystem",
-    errno.EFBIG: "raise the file-size limit (ulimit -f) or use another --workdir",
+    errno.EACCES: "make it writable or use another {flag}",
+    errno.EPERM: "make it writable or use another {flag}",
+    errno.EROFS: "use a {flag} on a writable filesystem",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or use another {flag}",
 }
 _WRITE_MESSAGES = {"No space left": errno.ENOSPC, "quota exceeded": errno.EDQUOT,
                    "Too many open files": errno.EMFILE, "Permission denied": errno.EACCES,
                    "Read-only file system": errno.EROFS, "File too large": errno.EFBIG}
+# Out of room: the same command succeeds once space is freed (exit 3, as a full workdir).
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def write_fix(e: BaseException | None) -> str:
-    """How to fix a failed write, from the OS error in `e`'s chain (or its message)."""
+def _write_errno(e: BaseException | None) -> int | None:
+    """The OS error number of a failed write, from `e`'s chain (or its message)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno in _WRITE_FIXES:
-            return _WRITE_FIXES[e.errno]
+            return e.errno
         for text, number in _WRITE_MESSAGES.items():
             if text.lower() in str(e).lower():
-                return _WRITE_FIXES[number]
+                return number
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return "check the workdir's filesystem or use another --workdir"
+    return None
+
+
+def write_fix(e: BaseException | None, flag: str = "--workdir") -> str:
+    """How to fix a failed write, from the OS error in `e`'s chain (or its message)."""
+    number = _write_errno(e)
+    if number is None:
+        return f"check the filesystem or use another {flag}"
+    return _WRITE_FIXES[number].format(flag=flag)
+
+
+def output_error(target: object, e: BaseException, flag: str) -> UserError:
+    """The one-line error of a command whose output `target` (named by option `flag`, e.g.
+    `--out`) cannot be written: exit 3 (`CheckpointError`) when the disk or quota is full,
+    exit 2 when the target itself cannot be written (read-only, no permission, not a
+    directory)."""
+    why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    why = why if len(why) < 240 else why[:120] + " ... " + why[-100:]
+    cls = CheckpointError if _write_errno(e) in _FULL else UserError
+    return cls(f"cannot write {target}: {why}; {write_fix(e, flag)}")
