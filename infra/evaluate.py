@@ -8,8 +8,8 @@ the metrics from the same `Evaluator` part the training loop uses, on the same h
 from __future__ import annotations
 
 import argparse
-import json
 
+from infra import jsonout
 from infra.paths import PathLike
 
 
@@ -37,5 +37,5 @@ def run_cli(args) -> int:
 
     metrics, step = evaluate_checkpoint(args.workdir, step=args.step)
     if jax.process_index() == 0:
-        print(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
+        print(jsonout.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
     return 0

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 
+from infra import jsonout
 from infra.errors import UserError
 from infra.paths import PathLike
 
@@ -173,5 +174,5 @@ def run_cli(args) -> int:
     out = complete(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                    top_p=args.top_p)
-    print(json.dumps(out, ensure_ascii=False) if args.json else args.prompt + out["text"])
+    print(jsonout.dumps(out, ensure_ascii=False) if args.json else args.prompt + out["text"])
     return 0

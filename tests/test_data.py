@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from infra.data import (BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, default_corpus_files, encode,
-                        eval_batches, load_corpus, resolve_files, train_iterator)
+from infra.data.pipeline import eval_batches, train_iterator
+from infra.data.text import (BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, default_corpus_files,
+                             encode, load_corpus, resolve_files)
 from infra.errors import ConfigError, DataError
 
 
@@ -179,7 +180,7 @@ def test_eval_batches_fixed_and_sharded():
 def test_array_source_batches_vectorised_and_sharded_like_one_process():
     """ArraySource batches (gathered a batch at a time): the processes' batches form the global
     batch, an epoch visits every row once, and a resumed iterator continues where it left off."""
-    from infra.data import ArraySource, shuffled_batches
+    from infra.data.batching import ArraySource, shuffled_batches
 
     n = 1000
     src = ArraySource({"x": np.random.default_rng(0).random((n, 3), np.float32), "y": np.arange(n)})

@@ -172,18 +172,26 @@ def test_lora_run_exports_merged_and_as_peft_adapter(setup, straight, tmp_path):
      "finetune.lora.targets 'attn/qkv' matches no adaptable parameter"),
     ("rank-0", ("--config.finetune.lora.rank=0",),
      "finetune.lora.rank must be a positive integer (leave it unset for full fine-tuning), got 0"),
+    ("rank-above-the-weights", ("--config.finetune.lora.rank=100000",),
+     "finetune.lora.rank=100000 is larger than blocks"),
+    # a template is code from elsewhere: one that never finishes fails its example, in bounded time
+    ("looping-template", ("--config.data.chat_template={loop}",),
+     "good.jsonl:1: the chat template did not finish rendering within 2 s"),
 ])
 def test_bad_fine_tuning_input_is_one_line_and_writes_nothing(tmp_path, case, extra, message):
     bad, tool = tmp_path / "bad.jsonl", tmp_path / "tool.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
     tool.write_text(json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n")
+    loop = tmp_path / "loop.jinja"
+    loop.write_text("{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}"
+                    "{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")
     good = tmp_path / "good.jsonl"
     good.write_text(chat_examples(40, 0))
     workdir = tmp_path / "w"
     p = cli("train", "--config", "experiments/sft.py:smoke", "--workdir", str(workdir),
             "--config.data.source=jsonl", f"--config.data.train_files={good}",
             f"--config.data.eval_files={good}", "--config.finetune.lora.rank=4",
-            *(e.format(bad=bad, tool=tool) for e in extra))
+            *(e.format(bad=bad, tool=tool, loop=loop) for e in extra))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr

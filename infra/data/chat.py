@@ -8,7 +8,9 @@ templates use (`raise_exception`, `strftime_now`, a `tojson` that does not escap
 tokenizer's special tokens as text (`bos_token`, `eos_token`, ...) and the rendered text
 tokenised without added special tokens: the ids equal `apply_chat_template(messages,
 tokenize=True)`'s (tests/test_sft.py checks it). Templates from model repositories are code
-from elsewhere: the sandbox keeps them from reaching Python internals.
+from elsewhere: Jinja's sandbox keeps them from reaching Python internals
+(`infra.data.chat_template`), and they render in worker processes bounded in time, memory and
+output (`infra.data.template_sandbox`), so a hostile one fails its own conversation only.
 
 The assistant's tokens are found from the template itself:
 
@@ -41,139 +43,16 @@ conversations for the exported model the way it was trained.
 
 from __future__ import annotations
 
-import functools
-import json
-import re
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from infra.errors import DataError
+from infra.data import template_sandbox
+from infra.data.chat_template import BUILTIN_TEMPLATE, TemplateRejected, check_messages
+from infra.data.template_sandbox import TemplateSandbox
 
-BUILTIN_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception(\"role '\" ~ message['role'] ~ \"' is not one of system, user, "
-    "assistant\") -}}"
-    "{%- endif -%}"
-    "{{- '<|' ~ message['role'] ~ '|>\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{- message['content'] ~ eos_token -}}{% endgeneration %}"
-    "{%- else -%}"
-    "{{- message['content'] ~ '\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
-_START, _END = "\ue000", "\ue001"  # private-use characters marking {% generation %} output
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-class TemplateRejected(DataError):
-    """The template refused a conversation (`raise_exception`, or an error while rendering)."""
-
-
-@functools.lru_cache(maxsize=16)
-def compile_template(source: str):
-    """A Jinja template in the sandbox transformers uses, with `{% generation %}` support."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """`{% generation %}...{% endgeneration %}`: the body's output between two markers."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
-
-        def _mark(self, caller):
-            return _START + caller() + _END
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise DataError(f"the chat template does not parse (line {e.lineno}: {e.message}); fix "
-                        "data.chat_template or the tokenizer's chat_template") from None
-
-
-def check_messages(messages: Any) -> list[dict]:
-    """A conversation as a list of {"role": str, "content": str} (DataError otherwise)."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError('"messages" must be a non-empty list of {"role", "content"} objects')
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise DataError(f'message {i} is not an object with string "role" and "content"')
-    return messages
-
-
-def _render(template, messages: list[dict], add_generation_prompt: bool,
-            special: dict[str, str]) -> str:
-    import jinja2
-
-    try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               tools=None, documents=None, **special)
-    except jinja2.exceptions.TemplateError as e:
-        raise TemplateRejected(f"the chat template rejects this conversation: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a template is code: any failure is this example's
-        raise TemplateRejected(f"the chat template fails on this conversation "
-                               f"({type(e).__name__}: {e})") from None
-
-
-def render(source: str, messages: list[dict], *, special: dict[str, str] | None = None,
-           add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """(text, assistant character spans) of a conversation rendered with template `source`."""
-    special = dict(special or {})
-    template = compile_template(source)
-    messages = check_messages(messages)
-    if _GENERATION_TAG.search(source):
-        marked = _render(template, messages, add_generation_prompt, special)
-        if any(_START in m["content"] or _END in m["content"] for m in messages):
-            raise DataError("a message holds the private-use characters U+E000 / U+E001")
-        spans, out, pos = [], [], 0
-        for piece in re.split(f"([{_START}{_END}])", marked):
-            if piece == _START:
-                start = pos
-            elif piece == _END:
-                spans.append((start, pos))
-            else:
-                out.append(piece)
-                pos += len(piece)
-        return "".join(out), [s for s in spans if s[1] > s[0]]
-    text = _render(template, messages, add_generation_prompt, special)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(template, messages[:i], True, special) if i else ""
-        upto = _render(template, messages[: i + 1], False, special)
-        if not (upto.startswith(before) and text.startswith(upto)):
-            raise DataError("the chat template does not render conversations as growing prefixes, "
-                            "so the assistant's tokens cannot be found; add {% generation %} ... "
-                            "{% endgeneration %} around assistant content (data.chat_template)")
-        if len(upto) > len(before):
-            spans.append((len(before), len(upto)))
-    return text, spans
+__all__ = ["BUILTIN_TEMPLATE", "TemplateRejected", "ChatEncoder", "check_messages", "prompt_ids",
+           "run_template", "span_mask", "template_of"]
 
 
 def template_of(tokenizer, template: str | None = None) -> str:
@@ -200,12 +79,15 @@ def run_template(config: Any, tokenizer) -> str:
                           key="data.chat_template", value="<a .jinja file>") from None
 
 
-def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> np.ndarray:
+def prompt_ids(tokenizer, messages: list[dict], template: str | None = None,
+               sandbox: TemplateSandbox | None = None) -> np.ndarray:
     """The token ids a model continues for `messages`: the conversation with the generation
-    prompt, tokenised as fine-tuning tokenised it (special tokens' text are those tokens)."""
-    text = _render(compile_template(template_of(tokenizer, template)), check_messages(messages),
-                   True, dict(tokenizer.special_tokens))
-    text = text.replace(_START, "").replace(_END, "")
+    prompt (rendered in `sandbox`, default the process's shared one), tokenised as fine-tuning
+    tokenised it (special tokens' text are those tokens)."""
+    source = template_of(tokenizer, template)
+    text, _ = (sandbox or template_sandbox.shared()).render(
+        source, check_messages(messages), special=dict(tokenizer.special_tokens),
+        add_generation_prompt=True)
     return tokenizer.encode_with_offsets([text])[0][0]
 
 
@@ -219,17 +101,21 @@ def span_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
 
 class ChatEncoder:
     """Conversations -> (token ids, assistant mask) with a tokenizer and its template
-    (`template` overrides it; neither: `BUILTIN_TEMPLATE`)."""
+    (`template` overrides it; neither: `BUILTIN_TEMPLATE`), rendered in `sandbox` (default: the
+    process's shared one)."""
 
-    def __init__(self, tokenizer, template: str | None = None):
+    def __init__(self, tokenizer, template: str | None = None,
+                 sandbox: TemplateSandbox | None = None):
         self.tokenizer = tokenizer
         self.source = template_of(tokenizer, template)
-        compile_template(self.source)  # a template that does not parse fails here, once
+        self.sandbox = sandbox or template_sandbox.shared()
+        self.sandbox.check(self.source)  # a template that does not parse fails here, once
 
     def render(self, messages: list[dict],
                add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        return render(self.source, messages, special=self.tokenizer.special_tokens,
-                      add_generation_prompt=add_generation_prompt)
+        return self.sandbox.render(self.source, check_messages(messages),
+                                   special=dict(self.tokenizer.special_tokens),
+                                   add_generation_prompt=add_generation_prompt)
 
     def encode(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids int32, assistant mask bool) of each conversation (TemplateRejected / DataError

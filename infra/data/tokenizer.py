@@ -43,6 +43,7 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    longest_token_chars: int  # the most characters of text one token covers
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -61,6 +62,7 @@ class ByteTokenizer:
     chat_template = None  # none of its own: infra.data.chat.BUILTIN_TEMPLATE
     _SPECIAL_IDS = {"<|bos|>": text.BOS_ID, "<|eos|>": text.EOS_ID, "<|pad|>": text.PAD_ID}
     _SPECIAL_RE = re.compile("|".join(map(re.escape, _SPECIAL_IDS)))
+    longest_token_chars = max(map(len, _SPECIAL_IDS))  # the most characters one token covers
 
     def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids, (n, 2) character offsets) of each text: one id per UTF-8 byte, spanning its
@@ -157,13 +159,22 @@ class HFTokenizer:
                     break
         self.chat_template = _chat_template(self.directory, cfg)
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token covers (its vocabulary string: one character per
+        byte, or the special token's name), so a text of n characters has at least
+        n / longest_token_chars tokens, short of a normalizer that drops characters."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids, (n, 2) character offsets) of each text (special tokens in it recognised)."""
         return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2))
                 for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def encode(self, s: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(s, add_special_tokens=False).ids, dtype=np.int32)
+        """Ids of `s` (through `encode_batch`, which releases the GIL: a server thread that
+        tokenizes a long prompt does not stop the others)."""
+        return self.encode_batch([s])[0]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once (the Rust library encodes them on all cores)."""

@@ -130,6 +130,11 @@ def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: str,
         lead = 1 if axes and axes[0] == LAYERS else 0
         ins, outs = shape[lead:lead + n_in], shape[lead + n_in:]
         in_axes, out_axes = axes[lead:lead + n_in], axes[lead + n_in:]
+        full = min(math.prod(ins), math.prod(outs))  # the rank of the weight itself
+        if rank > full:
+            raise ConfigError(f"finetune.lora.rank={rank} is larger than {path} can use (a "
+                              f"{math.prod(ins)} x {math.prod(outs)} weight has rank at most "
+                              f"{full})", key="finetune.lora.rank", value=f"<at most {full}>")
         bound = 1.0 / math.sqrt(math.prod(ins))
         # one key per (weight within its block, layer): equal adapters in both layer layouts
         inner = re.sub(r"^blocks/(\d+/)?", "", path)

@@ -28,8 +28,8 @@ Neither it nor the modules it imports import JAX at module level: `infra.cli` bu
 from __future__ import annotations
 
 import argparse
-import json
 
+from infra import jsonout
 from infra.hardware import known_chips
 from infra.plan.estimate import Collective
 from infra.plan.hlo import Compiled, hlo_collective_bytes
@@ -71,5 +71,5 @@ def run_cli(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     p = plan(cfg, devices=args.devices, mesh=args.mesh, chip=args.chip,
              price_per_chip_hour=args.price, compile=args.compile, assumed_mfu=args.mfu)
-    print(json.dumps(p.to_dict(), indent=2, default=str) if args.json else format_plan(p))
+    print(jsonout.dumps(p.to_dict(), indent=2, default=str) if args.json else format_plan(p))
     return 0

@@ -1,9 +1,15 @@
 """`python -m infra serve --workdir runs/x [--host 127.0.0.1] [--port 8000] [--slots 8]`.
 
-Start-up: restore the newest checkpoint onto the serving mesh, compile every step (`warmup`),
-start the scheduler's thread, bind the socket, then serve with uvicorn in a thread; the line
-`serving <model> on http://<host>:<port>/v1` (stdout) says it is ready, and so does `GET
-/health` (200). `--port 0` picks a free port (the line names it).
+Start-up checks what can be wrong in a second before the minute of loading and compiling: the
+port is bound first (a port in use is refused at once), the chat template parsed and its
+renderer processes started (`infra.data.template_sandbox`); then the newest checkpoint is
+restored onto the serving mesh, every step compiled (`warmup`), the scheduler's thread started,
+and the socket starts listening, served by uvicorn in a thread; the line `serving <model> on
+http://<host>:<port>/v1` (stdout) says it is ready, and so does `GET /health` (200). `--port 0`
+picks a free port (the line names it).
+
+`--api_key` (or the environment variable `INFRA_SERVE_API_KEY`, which keeps the key out of the
+process list) makes the `/v1` routes require `Authorization: Bearer <key>`.
 
 SIGTERM drains. The CLI's process-wide handler (`infra.loop.preemption.catch_sigterm`) only
 raises a flag; uvicorn runs outside the main thread, so it installs no handlers of its own and
@@ -19,16 +25,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
 import time
 
 from infra import paths
-from infra.data import chat
+from infra.data import chat, template_sandbox
 from infra.errors import UserError
 
 log = logging.getLogger(__name__)
+API_KEY_ENV = "INFRA_SERVE_API_KEY"
 NEEDS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client",
          "jinja2": "jinja2"}
 
@@ -56,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
     p.add_argument("--drain_timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish")
+    p.add_argument("--api_key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' on /v1 (default: ${API_KEY_ENV})")
+    p.add_argument("--max_body_mb", type=float, default=8.0,
+                   help="largest request body accepted (413 beyond)")
+    p.add_argument("--template_timeout", type=float, default=template_sandbox.DEFAULT_TIMEOUT_S,
+                   help="seconds a chat template may take to render a conversation (400 beyond)")
     p.add_argument("--static", action="store_true",
                    help="static batching (a batch finishes before the next starts): a benchmark baseline")
     p.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -71,44 +85,57 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another "
                         f"--port (0 = any free one)") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
-def run_cli(args) -> int:
-    check_dependencies()
+def _check_arguments(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 0 or args.drain_timeout < 0:
         raise UserError("--max_queue and --drain_timeout must be >= 0")
+    if not args.max_body_mb > 0 or not args.template_timeout > 0:
+        raise UserError("--max_body_mb and --template_timeout must be > 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api_key is empty; pass a key, or leave it out to serve without one")
+
+
+def run_cli(args) -> int:
+    check_dependencies()
+    _check_arguments(args)
     import uvicorn
 
+    from infra.data.tokenizer import load_tokenizer
     from infra.generate import load_config
     from infra.loop import preemption
     from infra.serve.engine import Engine, serve_mesh
+    from infra.serve.prometheus import PrometheusMetrics
     from infra.serve.scheduler import Scheduler
-    from infra.serve.server import Api, PrometheusMetrics, create_app
+    from infra.serve.server import Api, create_app
 
     flag = preemption.catch_sigterm()
     flag.grace_s = args.drain_timeout + 30  # the bound of a drain that hangs (exit 143)
+    sock = _bind(args.host, args.port)  # before the slow part: a port in use fails at once
     config = load_config(args.workdir)
+    template = chat.run_template(config, load_tokenizer(config.data.tokenizer))
+    sandbox = template_sandbox.TemplateSandbox(2, timeout_s=args.template_timeout).start()
+    sandbox.check(template)  # one that does not parse fails before the warm-up
     engine = Engine.from_workdir(args.workdir, slots=args.slots,
                                  mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len)
     start = time.perf_counter()
     compile_s = engine.warmup()
     log.info("warm-up: %.1f s (%.1f s compiling %d prefill buckets and the decode step)",
              time.perf_counter() - start, compile_s, len(engine.buckets))
-    ref: list = []
-    metrics = PrometheusMetrics(ref)
+    metrics = PrometheusMetrics()
     scheduler = Scheduler(engine, engine.tokenizer, max_queue=args.max_queue,
                           static=args.static, metrics=metrics)
-    ref.append(scheduler)
+    metrics.bind(scheduler)
     scheduler.start()
     name = args.model_name or paths.path(args.workdir).name
-    api = Api(scheduler, engine.tokenizer, name, metrics,
-              chat.run_template(engine.config, engine.tokenizer))
-    sock = _bind(args.host, args.port)
+    api = Api(scheduler, engine.tokenizer, name, metrics, template, sandbox=sandbox,
+              api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+              max_body_bytes=int(args.max_body_mb * 2**20))
+    sock.listen(2048)
+    sock.set_inheritable(True)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(api), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
@@ -122,7 +149,8 @@ def run_cli(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} on http://{shown}:{port}/v1 ({engine.slots} slots x "
           f"{engine.max_len} tokens, mesh {dict(engine.mesh.shape)}, checkpoint step "
-          f"{engine.step_restored}{', static batching' if args.static else ''})", flush=True)
+          f"{engine.step_restored}{', static batching' if args.static else ''}"
+          f"{', API key required' if api.api_key else ''})", flush=True)
     try:
         while thread.is_alive() and not flag.raised:
             time.sleep(0.05)
@@ -132,6 +160,7 @@ def run_cli(args) -> int:
         server.should_exit = True
         thread.join(10)
         scheduler.stop()
+        sandbox.close()
     return 0
 
 

@@ -3,12 +3,19 @@
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
     GET  /v1/models, /health, /metrics
 
-Requests are validated here and answered with OpenAI's error shape, ``{"error": {"message",
-"type", "param", "code"}}``: 400 for a malformed body, 404 for another model, 429 when the
-bounded queue is full, 503 while draining. Each request gets an asyncio queue that the
-scheduler's thread feeds (`loop.call_soon_threadsafe`); a client that goes away (a closed
-stream, or a dropped connection while waiting for a non-streamed answer) cancels its request,
-which frees its slot before the next decode step.
+Requests are read and validated by `infra.serve.protocol` and answered with OpenAI's error
+shape; an unexpected exception while handling one is a 500 in that shape too, and the server
+keeps serving. Nothing a request carries runs on the event loop for long: its body is bounded
+(`max_body_bytes`), the chat template renders in `infra.data.template_sandbox`'s worker
+processes (bounded in time and memory; awaited from a thread), and tokenization runs in a
+thread (the Rust tokenizer releases the GIL), after a prompt too long for any context was
+refused by its length alone. With an API key set, the `/v1` routes need `Authorization: Bearer
+<key>` (401 otherwise); `/health` and `/metrics` stay open for probes and scrapers.
+
+Each request gets an asyncio queue that the scheduler's thread feeds
+(`loop.call_soon_threadsafe`); a client that goes away (a closed stream, or a dropped
+connection while waiting for a non-streamed answer) cancels its request, which frees its slot
+before the next decode step.
 
 Not supported (400 when asked for): n > 1, best_of > 1, echo, logprobs, suffix, tools.
 `top_k` and `ignore_eos` are accepted as extensions (as vLLM does). `max_tokens` defaults to 16 for
@@ -18,11 +25,9 @@ completions (OpenAI's default) and to the rest of the context for chat.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-import math
+import logging
 import secrets
-import threading
 import time
 from typing import Any
 
@@ -30,158 +35,73 @@ import numpy as np
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves the annotations here
 
 from infra.data import chat
+from infra.data.template_sandbox import TemplateBusy, TemplateSandbox
 from infra.errors import DataError
+from infra.serve import protocol
 from infra.serve.engine import SamplingParams
-from infra.serve.scheduler import (Draining, Finished, Metrics, QueueFull, Request, Scheduler,
-                                   Token)
+from infra.serve.prometheus import PrometheusMetrics
+from infra.serve.protocol import ApiError
+from infra.serve.scheduler import Draining, Finished, QueueFull, Request, Scheduler, Token
 
+log = logging.getLogger(__name__)
 SEED_MAX = 2**63 - 1
-MAX_STOPS = 4
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-# --- metrics --------------------------------------------------------------------------------------
-class PrometheusMetrics(Metrics):
-    """TTFT, inter-token and end-to-end latency histograms, queue length, busy slots, tokens/s."""
-
-    def __init__(self, scheduler_ref: list):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = r = CollectorRegistry()
-        latency = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
-        self.h_ttft = Histogram("infra_serve_time_to_first_token_seconds",
-                                "From arrival to the first token", buckets=latency, registry=r)
-        self.h_itl = Histogram("infra_serve_inter_token_latency_seconds",
-                               "Between two tokens of one request", buckets=latency, registry=r)
-        self.h_e2e = Histogram("infra_serve_e2e_request_latency_seconds",
-                               "From arrival to the last token", buckets=latency, registry=r)
-        self.c_prompt = Counter("infra_serve_prompt_tokens", "Prompt tokens", registry=r)
-        self.c_generated = Counter("infra_serve_generation_tokens", "Generated tokens", registry=r)
-        self.c_requests = Counter("infra_serve_requests", "Finished requests", ["finish_reason"],
-                                  registry=r)
-        self.c_rejected = Counter("infra_serve_rejected_requests", "Refused requests",
-                                  ["reason"], registry=r)
-        sched = lambda: scheduler_ref[0]  # noqa: E731
-        Gauge("infra_serve_queue_length", "Requests waiting for a slot",
-              registry=r).set_function(lambda: len(sched().queue))
-        Gauge("infra_serve_busy_slots", "Slots decoding a request",
-              registry=r).set_function(lambda: sched().busy)
-        Gauge("infra_serve_slots", "Decode slots", registry=r).set_function(
-            lambda: len(sched().slots))
-        Gauge("infra_serve_tokens_per_second", "Tokens produced per second over the last 5 s",
-              registry=r).set_function(self.tokens_per_second)
-        self._times: collections.deque[float] = collections.deque(maxlen=200_000)
-        self._lock = threading.Lock()
-
-    def tokens_per_second(self, window: float = 5.0) -> float:
-        now = time.perf_counter()
-        with self._lock:
-            while self._times and self._times[0] < now - window:
-                self._times.popleft()
-            return len(self._times) / window
-
-    def ttft(self, seconds: float) -> None:
-        self.h_ttft.observe(seconds)
-        self._token()
-
-    def inter_token(self, seconds: float) -> None:
-        self.h_itl.observe(seconds)
-        self._token()
-
-    def _token(self) -> None:
-        with self._lock:
-            self._times.append(time.perf_counter())
-
-    def finished(self, request: Request) -> None:
-        self.c_requests.labels(request.finished.reason).inc()
-        self.c_prompt.inc(len(request.ids))
-        self.c_generated.inc(len(request.token_ids))
-        if request.last_token_at is not None:
-            self.h_e2e.observe(request.last_token_at - request.arrived)
-
-
-# --- request parsing --------------------------------------------------------------------------------
-def _number(body: dict, name: str, default, low: float, high: float, *, integer=False):
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (low <= value <= high) or (
-            not integer and not math.isfinite(value)):
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}",
-                       param=name)
-    return value
-
-
-def _stops(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
-            or len(stops) > MAX_STOPS:
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS}"
-                       " non-empty strings", param="stop")
-    return tuple(stops)
-
-
-def _unsupported(body: dict) -> None:
-    checks = {"n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1),
-              "echo": lambda v: v in (None, False), "logprobs": lambda v: v in (None, False),
-              "top_logprobs": lambda v: v in (None, 0), "suffix": lambda v: v is None,
-              "tools": lambda v: not v}
-    for name, ok in checks.items():
-        if not ok(body.get(name)):
-            raise ApiError(400, f"'{name}'={body[name]!r} is not supported by this server",
-                           param=name)
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# A prompt of more characters than this many times (context x longest token) cannot fit any
+# context; it is refused without tokenizing it (slack for normalizers that drop characters).
+PROMPT_CHARS_SLACK = 4
 
 
 class Api:
-    """What the endpoints share: scheduler, tokenizer, model name, metrics, drain state."""
+    """What the endpoints share: scheduler, tokenizer, template and its sandbox, model name,
+    metrics, limits, API key and drain state."""
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_name: str,
-                 metrics: PrometheusMetrics, template: str | None = None):
+                 metrics: PrometheusMetrics, template: str | None = None, *,
+                 sandbox: TemplateSandbox | None = None, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.scheduler, self.tok, self.model_name = scheduler, tokenizer, model_name
         self.metrics = metrics
         self.max_len = scheduler.engine.max_len
         self.draining = False
         self.template = chat.template_of(tokenizer, template)  # the run's (chat.run_template)
-        chat.compile_template(self.template)  # one that does not parse fails at start
+        self.sandbox = sandbox or TemplateSandbox(2)
+        self.sandbox.check(self.template)  # one that does not parse fails at start
+        self.api_key, self.max_body_bytes = api_key or None, max_body_bytes
+        self.max_prompt_chars = PROMPT_CHARS_SLACK * self.max_len * tokenizer.longest_token_chars
         self.created = int(time.time())
 
     def _sampling(self, body: dict) -> SamplingParams:
         seed = body.get("seed")
-        seed = secrets.randbelow(2**31) if seed is None else _number(body, "seed", 0, 0, SEED_MAX,
-                                                                     integer=True)
-        return SamplingParams(temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-                              top_k=_number(body, "top_k", 0, 0, 2**31 - 1, integer=True),
-                              top_p=float(_number(body, "top_p", 1.0, 1e-9, 1)), seed=seed)
+        seed = secrets.randbelow(2**31) if seed is None else protocol.number(
+            body, "seed", 0, 0, SEED_MAX, integer=True)
+        return SamplingParams(
+            temperature=float(protocol.number(body, "temperature", 1.0, 0, 2)),
+            top_k=protocol.number(body, "top_k", 0, 0, 2**31 - 1, integer=True),
+            top_p=float(protocol.number(body, "top_p", 1.0, 1e-9, 1)), seed=seed)
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves "
-                           f"'{self.model_name}'", param="model", code="model_not_found")
+            raise ApiError(404, f"The model '{str(model)[:200]}' does not exist; this server "
+                           f"serves '{self.model_name}'", param="model", code="model_not_found")
 
-    def _prompt_ids(self, body: dict) -> np.ndarray:
+    def _too_long(self, n: int, unit: str = "tokens") -> ApiError:
+        return ApiError(400, f"This model's maximum context length is {self.max_len} tokens; "
+                        f"the prompt has {n:,} {unit} (it needs at least one more for the "
+                        f"completion)", param="prompt", code="context_length_exceeded")
+
+    async def _prompt_ids(self, body: dict) -> np.ndarray:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.tok.encode(prompt)
+            if len(prompt) > self.max_prompt_chars:
+                raise self._too_long(len(prompt), "characters")
+            ids = await asyncio.to_thread(self.tok.encode, prompt)
         elif (isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            if len(prompt) >= self.max_len:
+                raise self._too_long(len(prompt))
             ids = np.asarray(prompt, np.int64)
             if ids.min() < 0 or ids.max() >= self.tok.vocab_size:
                 raise ApiError(400, f"token ids must be in [0, {self.tok.vocab_size})",
@@ -204,12 +124,10 @@ class Api:
             raise ApiError(400, "the prompt is empty and this tokenizer has no BOS token",
                            param="prompt")
         if len(ids) >= self.max_len:
-            raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens; "
-                           f"the prompt has {len(ids)} (it needs at least one more for the "
-                           f"completion)", param="prompt", code="context_length_exceeded")
+            raise self._too_long(len(ids))
         return ids
 
-    def _chat_ids(self, body: dict) -> np.ndarray:
+    def _messages(self, body: dict) -> list[dict]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -229,37 +147,44 @@ class Api:
                 raise ApiError(400, f"messages[{i}].content must be a string",
                                param=f"messages[{i}].content")
             clean.append({**m, "content": content or ""})
-        try:
-            ids = chat.prompt_ids(self.tok, clean, self.template)
+        if sum(len(m["content"]) for m in clean) > self.max_prompt_chars:
+            raise self._too_long(sum(len(m["content"]) for m in clean), "characters")
+        return clean
+
+    async def _chat_ids(self, body: dict) -> np.ndarray:
+        messages = self._messages(body)
+        try:  # rendered in the sandbox, awaited from a thread; tokenized in that thread
+            ids = await asyncio.to_thread(chat.prompt_ids, self.tok, messages, self.template,
+                                          self.sandbox)
+        except TemplateBusy as e:
+            raise ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from None
         except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
         return self._checked(ids)  # the template decides BOS, as in fine-tuning
 
-    def parse(self, body: Any, *, chat_api: bool) -> tuple[Request, bool, bool]:
+    async def parse(self, body: Any, *, chat_api: bool) -> tuple[Request, bool, bool]:
         """(request, stream, include_usage) of a JSON body, or ApiError."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         self._check_model(body)
-        _unsupported(body)
-        ids = self._chat_ids(body) if chat_api else self._prompt_ids(body)
-        room = self.max_len - len(ids)
-        if chat_api and body.get("max_completion_tokens") is not None:
-            max_tokens = _number(body, "max_completion_tokens", room, 1, 2**31 - 1, integer=True)
-        else:
-            max_tokens = _number(body, "max_tokens", room if chat_api else 16, 1, 2**31 - 1,
-                                 integer=True)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be a boolean", param="stream")
+        protocol.unsupported(body)
+        stream = protocol.flag(body, "stream")
+        ignore_eos = protocol.flag(body, "ignore_eos")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise ApiError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
-        request = Request(ids, self._sampling(body), max_tokens=int(max_tokens),
-                          stop=_stops(body), ignore_eos=ignore_eos)
-        return request, stream, bool(options.get("include_usage", False))
+        include_usage = protocol.flag(options, "include_usage")
+        stop, sampling = protocol.stops(body), self._sampling(body)
+        name = ("max_completion_tokens" if chat_api and body.get("max_completion_tokens")
+                is not None else "max_tokens")
+        max_tokens = None if body.get(name) is None else protocol.number(
+            body, name, None, 1, 2**31 - 1, integer=True)
+        ids = await (self._chat_ids(body) if chat_api else self._prompt_ids(body))
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context
+            max_tokens = self.max_len - len(ids) if chat_api else 16
+        request = Request(ids, sampling, max_tokens=int(max_tokens), stop=stop,
+                          ignore_eos=ignore_eos)
+        return request, stream, include_usage
 
 
 def _usage(f: Finished) -> dict:
@@ -276,6 +201,7 @@ def create_app(api: Api):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="infra serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -292,6 +218,12 @@ def create_app(api: Api):
     async def validation_error(request, exc):
         return error(ApiError(400, str(exc)))
 
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # a bug of ours: logged, 500, still serving
+        log.error("error handling %s %s", request.method, request.url.path, exc_info=exc)
+        return error(ApiError(500, f"internal error ({type(exc).__name__}); the server goes on "
+                              "serving", "server_error"))
+
     @app.get("/health")
     async def health():
         if api.scheduler.error is not None:
@@ -302,15 +234,17 @@ def create_app(api: Api):
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(http: HttpRequest):
+        try:
+            protocol.check_api_key(http.headers.get("authorization"), api.api_key)
+        except ApiError as e:
+            return error(e)
         return {"object": "list", "data": [{"id": api.model_name, "object": "model",
                                             "created": api.created, "owned_by": "infra",
                                             "max_model_len": api.max_len}]}
 
     @app.get("/metrics")
     async def metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return PlainTextResponse(generate_latest(api.metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
@@ -320,12 +254,12 @@ def create_app(api: Api):
             return error(ApiError(503, "the server is shutting down; retry elsewhere",
                                   "server_error", code="draining"))
         try:
-            body = json.loads(await http.body())
-        except ValueError:
-            return error(ApiError(400, "the request body is not valid JSON"))
-        try:
-            request, stream, include_usage = api.parse(body, chat_api=chat_api)
+            protocol.check_api_key(http.headers.get("authorization"), api.api_key)
+            body = await protocol.read_json(http, api.max_body_bytes)
+            request, stream, include_usage = await api.parse(body, chat_api=chat_api)
         except ApiError as e:
+            if e.status == 429:
+                api.metrics.c_rejected.labels("template_busy").inc()
             return error(e)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

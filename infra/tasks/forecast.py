@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from infra import models
-from infra.data import ArraySource, held_out_batches, shuffled_batches
+from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data import series as series_lib
 from infra.errors import ConfigError, check_positive_ints
 from infra.models import forecaster as _forecaster  # noqa: F401  (registers "forecaster")

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from infra import data, models
+from infra import models
+from infra.data import pipeline, text
 from infra.models import lora
 from infra.errors import ConfigError
 from infra.tasks.base import Batch, Metrics, Task
@@ -77,13 +78,13 @@ class LanguageModelTask(Task):
                                   f"{self.config.model.vocab_size}", key="model.vocab_size",
                                   value=index["vocab_size"])
             return arrays["train"], arrays["val"]
-        files = data.resolve_files(d.files)
+        files = text.resolve_files(d.files)
         if d.tokenizer:
             from infra.data.token_file import tokenize_in_memory
 
             return tokenize_in_memory(files, self.tokenizer, val_fraction=d.val_fraction,
                                       seed=self.config.train.seed, pattern=d.files or None)
-        return data.load_corpus(
+        return text.load_corpus(
             files, val_fraction=d.val_fraction, seed=self.config.train.seed, pattern=d.files or None
         )
 
@@ -112,7 +113,7 @@ class LanguageModelTask(Task):
         return loss, {"accuracy": accuracy}
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
-        return data.train_iterator(
+        return pipeline.train_iterator(
             self.corpus[0],
             seq_len=self.config.data.seq_len,
             global_batch_size=self.config.train.batch_size,
@@ -123,7 +124,7 @@ class LanguageModelTask(Task):
         )
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
-        return data.eval_batches(
+        return pipeline.eval_batches(
             self.corpus[1],
             seq_len=self.config.data.seq_len,
             global_batch_size=self.config.train.batch_size,

@@ -1,0 +1,140 @@
+"""The OpenAI protocol's edges: errors in OpenAI's shape, and the untrusted request body read,
+bounded and checked before anything else looks at it.
+
+Every failure a client can cause is an `ApiError`, answered as `{"error": {"message", "type",
+"param", "code"}}` with its status: 400 a malformed request, 401 a missing or wrong API key, 404
+another model, 413 a body over the size limit, 429 the server at capacity, 503 draining. A body
+is read at most `limit` bytes (a larger one is refused as it arrives, not after), parsed as JSON
+(nesting too deep for the parser is a 400, not a crash), and every string in it must be
+encodable as UTF-8 (JSON's `\\ud800` escapes can make lone surrogates, which no tokenizer takes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from typing import Any
+
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # each token is checked against every stop string's prefixes
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def check_api_key(authorization: str | None, key: str | None) -> None:
+    """ApiError 401 unless `key` is unset or `authorization` is `Bearer <key>`."""
+    if key is None:
+        return
+    if not authorization:
+        raise ApiError(401, "You didn't provide an API key; pass it as 'Authorization: Bearer "
+                       "<key>' (the openai client's api_key)", code="invalid_api_key")
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
+                                                                key.encode()):
+        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+async def read_json(http, limit: int) -> Any:
+    """The request's JSON body, read at most `limit` bytes (ApiError 413 beyond), parsed and
+    checked for lone surrogates (ApiError 400)."""
+    length = http.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply") from None
+    except ValueError:  # also invalid UTF-8
+        raise ApiError(400, "the request body is not valid JSON") from None
+    _check_strings(body)
+    return body
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit:,} bytes (the server's "
+                    f"--max_body_mb)", code="request_too_large")
+
+
+def _check_strings(body: Any) -> None:
+    """ApiError 400 naming the first top-level field that holds a string that is not valid
+    Unicode text (a lone surrogate). Iterative: the parser already bounded the depth."""
+    fields = body.items() if isinstance(body, dict) else [(None, body)]
+    for name, value in fields:
+        stack = [name, value] if isinstance(name, str) else [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    where = f"'{name}'" if name is not None else "the body"
+                    raise ApiError(400, f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800), "
+                                   "which is not text; send valid Unicode", param=name) from None
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+
+
+def number(body: dict, name: str, default, low: float, high: float, *, integer=False):
+    """`body[name]` (or `default` when absent or null) checked to be in [low, high]."""
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not (low <= value <= high) or (
+            not integer and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}",
+                       param=name)
+    return value
+
+
+def stops(body: dict) -> tuple[str, ...]:
+    """`stop`: a string or a list of at most MAX_STOPS strings of 1..MAX_STOP_CHARS characters."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or len(items) > MAX_STOPS or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings, "
+                       f"each of 1 to {MAX_STOP_CHARS} characters", param="stop")
+    return tuple(items)
+
+
+def unsupported(body: dict) -> None:
+    """ApiError 400 for a field this server does not implement (rather than ignore it)."""
+    checks = {"n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1),
+              "echo": lambda v: v in (None, False), "logprobs": lambda v: v in (None, False),
+              "top_logprobs": lambda v: v in (None, 0), "suffix": lambda v: v is None,
+              "tools": lambda v: not v}
+    for name, ok in checks.items():
+        if not ok(body.get(name)):
+            raise ApiError(400, f"'{name}'={body[name]!r} is not supported by this server",
+                           param=name)
+
+
+def flag(body: dict, name: str) -> bool:
+    """A boolean field (absent: False)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be a boolean", param=name)
+    return value
