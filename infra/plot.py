@@ -3,7 +3,9 @@
 Two panels: loss against step, and loss against data seen (tokens = step × train.batch_size ×
 data.seq_len for the LM task, examples = step × train.batch_size otherwise, from each workdir's
 `config.json`). Train loss is drawn solid, eval loss dashed with markers, one colour per run.
-Imports no JAX: matplotlib draws with its Agg canvas (no display needed).
+Imports no JAX: matplotlib draws with its Agg canvas (no display needed). Like `generate` and
+`eval`, it only reads the workdirs: the PNG goes to `--out` (default `loss.png` in the current
+directory), never into a run's workdir.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _read_run(workdir: str | Path) -> dict:
     workdir = paths.path(workdir)
     if not workdir.is_dir():
-        raise UserError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
+        raise UserError(f"workdir '{workdir}' does not exist; pass the workdir of a training run")
     if not (workdir / METRICS_FILE).is_file():
-        raise UserError(f"no {METRICS_FILE} in '{workdir}'; pass the --workdir of a training run "
+        raise UserError(f"no {METRICS_FILE} in '{workdir}'; pass the workdir of a training run "
                         f"that has logged at least one step")
     try:
         history = read_history(workdir)
@@ -76,7 +78,7 @@ def _labels(workdirs: list[Path]) -> list[str]:
 def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     """Draw the loss curves of every workdir into one PNG; returns its path.
 
-    `out` defaults to `<first workdir>/loss.png`. Raises `UserError` for a workdir without
+    `out` defaults to `loss.png` in the current directory. Raises `UserError` for a workdir without
     `metrics.jsonl` (or without any loss recorded).
     """
     import matplotlib
@@ -87,7 +89,7 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     if not workdirs:
         raise UserError("plot needs at least one workdir")
     runs = [_read_run(w) for w in workdirs]
-    out = paths.path(out) if out is not None else workdirs[0] / DEFAULT_NAME
+    out = paths.path(out if out is not None else DEFAULT_NAME)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got '{out}'")
 
@@ -131,7 +133,7 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdirs", nargs="+", metavar="workdir", help="training workdirs to overlay")
     p.add_argument("--out", default=None,
-                   help=f"PNG to write (default: <first workdir>/{DEFAULT_NAME})")
+                   help=f"PNG to write (default: {DEFAULT_NAME} in the current directory)")
 
 
 def run_cli(args) -> int:

@@ -5,7 +5,8 @@
         --config experiments/lm.py:small --workdir runs/small [--config.k=v ...] [--dry-run]
 
 Steps: create (or --reuse) the TPU VM and wait until it is ready; copy the project (the files git
-tracks or does not ignore) to every worker; install the project with jax[tpu] in a Python 3.12 venv (uv) on every worker; run
+tracks, the --config file, and what --include names: nothing else of the working tree, so exports,
+tokenizers and data under the repository stay here) to every worker; install the project with jax[tpu] in a Python 3.12 venv (uv) on every worker; run
 `python -m infra train` on all workers at once, streaming their output here; delete the TPU
 unless --keep (also after a failure or Ctrl-C). `--slices N` (N > 1) asks for N slices through a
 queued resource (multislice). `--dry-run` prints every command and runs nothing. Standard
@@ -87,6 +88,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", required=True, help="experiments/<name>.py:<variant>")
     p.add_argument("--workdir", required=True, help="gs:// or path on the workers (relative: under ~/infra)")
     p.add_argument("--keep", action="store_true", help="do not delete the TPU at the end")
+    p.add_argument("--include", action="append", default=[], metavar="PATH",
+                   help="also copy this file or directory of the repository (git tracks the rest)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     p.add_argument("--python-version", default="3.12", help="Python for the workers' venv (default 3.12)")
     p.add_argument("--wait-minutes", type=float, default=120, help="how long to wait for the TPU to be ready")
@@ -102,6 +105,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     config_file = args.config.split(":", 1)[0]
     if not (ROOT / config_file).is_file():
         p.error(f"--config file '{config_file}' not found under {ROOT}")
+    for path in args.include:
+        full = (ROOT / path).resolve()
+        if not full.exists() or not full.is_relative_to(ROOT):
+            p.error(f"--include '{path}' is not a file or directory under {ROOT}")
     try:
         args.version = args.version or default_version(args.accelerator_type)
     except LaunchError as e:
@@ -162,11 +169,16 @@ class Plan:
         field = "state.state" if self.multislice else "state"
         return self.gcloud("describe", self.args.name, f"--format=value({field})")
 
+    def extra_paths(self) -> list[str]:
+        """What travels beside the tracked files: the --config file and every --include."""
+        return sorted({self.args.config.split(":", 1)[0], *self.args.include})
+
     def pack(self) -> list[list[str]]:
-        """Tracked files plus untracked ones git does not ignore (a new, un-added module must
-        travel too); `pack_tarball` does this in Python, skipping deleted files."""
-        ls = ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
-        return [ls, ["tar", "-czf", self.tarball, "--null", "-T", "-"]]
+        """Tracked files plus `extra_paths` (a new, un-added experiment travels; an export or
+        a token directory in the working tree does not); `pack_tarball` does this in Python,
+        skipping deleted files."""
+        ls = ["git", "-C", str(ROOT), "ls-files", "-z", "--cached"]
+        return [ls, ["tar", "-czf", self.tarball, "--null", "-T", "-", *self.extra_paths()]]
 
     def scp(self) -> list[str]:
         return self.gcloud("scp", self.tarball, f"{self.args.name}:{TARBALL_REMOTE}", *self._all())
@@ -264,14 +276,18 @@ def wait_ready(plan: Plan) -> None:
 
 
 def pack_tarball(plan: Plan) -> None:
-    """Tar the working tree's files that git tracks or does not ignore into `plan.tarball`."""
+    """Tar the files git tracks and `plan.extra_paths()` into `plan.tarball`."""
     print(f"+ {shlex.join(plan.pack()[0])} | {shlex.join(plan.pack()[1])}", file=sys.stderr, flush=True)
     res = run(plan.pack()[0], capture=True)
     if res.returncode != 0:
         raise LaunchError(f"git ls-files failed in {ROOT}: {res.stderr.strip()}")
-    names = [n for n in res.stdout.split("\0") if n and (ROOT / n).exists()]
+    names = {n for n in res.stdout.split("\0") if n and (ROOT / n).is_file()}
+    for extra in plan.extra_paths():
+        path = ROOT / extra
+        found = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        names.update(str(f.relative_to(ROOT)) for f in found)
     with tarfile.open(plan.tarball, "w:gz") as tar:
-        for name in names:
+        for name in sorted(names):
             tar.add(ROOT / name, arcname=name, recursive=False)
     print(f"  {len(names)} files -> {plan.tarball}", file=sys.stderr)
 

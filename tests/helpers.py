@@ -10,13 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m infra <args>` with 8 emulated CPU devices; returns the finished process."""
+def cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path = ROOT,
+        **kwargs) -> subprocess.CompletedProcess:
+    """`python -m infra <args>` with 8 emulated CPU devices (in `cwd`, default the repository);
+    returns the finished process."""
     full_env = {**os.environ, "INFRA_CPU_DEVICES": "8", **(env or {})}
     full_env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, "-m", "infra", *args],
-        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs,
     )
 
 

@@ -81,6 +81,33 @@ def test_tpu_packs_git_tracked_files():
     assert any("git" in line and "ls-files" in line and "tar" in line for line in res.stdout.splitlines())
 
 
+def test_tpu_ships_tracked_files_the_config_and_includes_only(tmp_path, monkeypatch):
+    """Untracked files of the working tree (an export, a tokenizer, token files) stay here;
+    the experiment named by --config and what --include names travel."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import launch_tpu
+
+    repo = tmp_path / "repo"
+    for name, text in {"infra/core.py": "x = 1\n", "experiments/new.py": "c = 1\n",
+                       "out/model.safetensors": "weights", "tok.json": "{}",
+                       "data/docs/part.bin": "tokens"}.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "infra/core.py"], ["commit", "-qm", "init"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    monkeypatch.setattr(launch_tpu, "ROOT", repo)
+    args, overrides = launch_tpu.parse_args(
+        ["--name", "t1", "--zone", "z", "--accelerator-type", "v6e-8", "--config",
+         "experiments/new.py:smoke", "--workdir", "runs/x", "--include", "data"])
+    plan = launch_tpu.Plan(args, overrides)
+    plan.tarball = str(tmp_path / "ship.tar.gz")
+    launch_tpu.pack_tarball(plan)
+    with tarfile.open(plan.tarball) as tar:
+        assert sorted(tar.getnames()) == ["data/docs/part.bin", "experiments/new.py",
+                                          "infra/core.py"]
+
+
 def test_tpu_reuse_skips_create_but_waits_for_ready():
     cmds = dry_run_tpu(*BASE, "--reuse")
     assert not find(cmds, lambda c: "create" in c[:5])

@@ -61,14 +61,20 @@ def test_quickstart_notebook_runs(tmp_path):
         MPLBACKEND="module://matplotlib_inline.backend_inline",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     )
+    km = _kernel_manager(tmp_path)
     client = NotebookClient(
         nb,
-        km=_kernel_manager(tmp_path),
+        km=km,
         timeout=600,
         allow_errors=False,  # the first failing cell raises CellExecutionError with its traceback
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},  # cwd = examples/
     )
-    client.execute(env=env)
+    try:
+        client.execute(env=env)
+    finally:  # a kernel manager we pass in is ours to stop: nbclient leaves its kernel running
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    assert not km.is_alive()
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]

@@ -48,17 +48,19 @@ def assert_one_line_error(p, *needles):
 @pytest.mark.slow
 def test_plot_one_and_two_runs(runs, tmp_path):
     a, b = runs
-    p = cli("plot", str(a))
+    before = sorted(f.relative_to(a) for f in a.rglob("*"))
+    p = cli("plot", str(a), cwd=tmp_path)  # the default: loss.png here, nothing into the run
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == str(a / "loss.png")
-    assert_png(a / "loss.png")
+    assert p.stdout.strip() == "loss.png"
+    assert_png(tmp_path / "loss.png")
+    assert sorted(f.relative_to(a) for f in a.rglob("*")) == before
 
     out = tmp_path / "sub" / "both.png"
     p = cli("plot", str(a), str(b), "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(out)
     assert_png(out)
-    assert out.read_bytes() != (a / "loss.png").read_bytes()
+    assert out.read_bytes() != (tmp_path / "loss.png").read_bytes()
 
 
 @pytest.mark.slow
