@@ -20,7 +20,7 @@ from infra.config import base_config
 from infra.models import model_config
 
 VARIANTS = {
-    "synthetic": "default: one pass over 2M clicks, ~1 min on a 2-core CPU; AUC 0.005 below Bayes",
+    "synthetic": "default: one pass over 2M clicks; AUC against the Bayes-optimal AUC (docs/workloads.md)",
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
 }
 

@@ -18,9 +18,9 @@ from infra.config import base_config
 from infra.models import model_config
 
 VARIANTS = {
-    "co2": "monthly Mauna Loa CO2, 48 months -> 12; test MASE 0.27 in ~20 s on a 2-core CPU",
-    "sunspots": "yearly sunspots (309 points), 44 years -> 11; test MASE 0.86 in ~20 s",
-    "macro": "quarterly US macro (5 input, 3 target columns), 24 quarters -> 4; test MASE 0.52",
+    "co2": "monthly Mauna Loa CO2, 48 months -> 12 (results: docs/workloads.md)",
+    "sunspots": "yearly sunspots (309 points), 44 years -> 11",
+    "macro": "quarterly US macro (5 input, 3 target columns), 24 quarters -> 4",
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
 }
 

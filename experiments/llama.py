@@ -14,9 +14,9 @@ from infra.config import base_config
 
 VARIANTS = {
     "smoke": "tiny Llama-3.1-style model (llama3 RoPE, GQA, untied) on bytes; seconds on 8 CPU devices",
-    "llama3.2-1b": "Llama-3.2-1B: 1.24B params, 128,256 vocab, tied, llama3 RoPE x32",
-    "llama3.1-8b": "Llama-3.1-8B: 8.03B params, 128,256 vocab, untied, llama3 RoPE x8",
-    "qwen2.5-0.5b": "Qwen2.5-0.5B: 0.49B params, 151,936 vocab, tied, q/k/v biases",
+    "llama3.2-1b": "Llama-3.2-1B: 128,256 vocab, tied, llama3 RoPE x32",
+    "llama3.1-8b": "Llama-3.1-8B: 128,256 vocab, untied, llama3 RoPE x8",
+    "qwen2.5-0.5b": "Qwen2.5-0.5B: 151,936 vocab, tied, q/k/v biases",
 }
 
 LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0,

@@ -7,9 +7,9 @@ from infra.config import base_config
 
 VARIANTS = {
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
-    "tiny": "3.4M params, a few minutes on a laptop CPU; the loss visibly falls",
-    "125m": "GPT-2-small-sized (bf16), for one accelerator or a small slice",
-    "1b": "1.2B params (bf16, FSDP), for a GPU node or a TPU slice",
+    "tiny": "a few minutes on a laptop CPU; the loss visibly falls (docs/workloads.md)",
+    "125m": "GPT-2-small layer shapes (12 x 768) on bytes (bf16), for one accelerator or a small slice",
+    "1b": "bf16, FSDP: for a GPU node or a TPU slice",
     "8b": "8B-class: Llama-3-8B layer shapes with the byte-level vocabulary (not the released model: see experiments/llama.py:llama3.1-8b)",
 }
 

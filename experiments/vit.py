@@ -16,7 +16,7 @@ from infra.config import base_config
 from infra.models import model_config
 
 VARIANTS = {
-    "digits": "ViT on sklearn digits (default): >= 97% held-out accuracy in a few CPU minutes",
+    "digits": "ViT on sklearn digits (default), a few CPU minutes (results: docs/workloads.md)",
     "convnet": "small ResNet on sklearn digits",
     "smoke": "seconds on 8 CPU devices; what tests and `infra smoke` run",
 }

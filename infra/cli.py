@@ -132,13 +132,34 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def _human(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def parameter_count(spec: str) -> int | None:
+    """The parameters of an experiment variant's model, from its config (None when the model
+    does not declare a count, or the variant needs settings it lacks, e.g. `init.from`)."""
+    from infra import config
+    from infra.models import hyper_params
+
+    try:
+        return getattr(hyper_params(config.load(spec).model), "num_params", None)
+    except UserError:
+        return None
+
+
 def cmd_list() -> int:
     from infra import config
 
     for name, doc, variants in config.describe_experiments():
         print(f"{name}: {doc}")
         for variant, desc in variants.items():
-            print(f"  {name}:{variant:<8} {desc}")
+            count = parameter_count(f"{name}:{variant}")
+            size = f" [{_human(count)} parameters]" if count else ""
+            print(f"  {name}:{variant:<8} {desc}{size}")
     return 0
 
 

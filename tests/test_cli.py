@@ -109,6 +109,32 @@ def test_list_prints_experiments_and_variants():
     assert "experiments/lm.py:" in p.stdout
     for variant in ("smoke", "tiny", "125m", "1b", "8b"):
         assert f"experiments/lm.py:{variant}" in p.stdout
+    # sizes are the models' own counts, not figures typed into a description
+    tiny = next(line for line in p.stdout.splitlines() if "experiments/lm.py:tiny " in line)
+    assert tiny.endswith("[3.25M parameters]"), tiny
+
+
+def test_parameter_counts_are_the_models_parameters():
+    import math
+
+    import jax
+
+    from infra import config
+    from infra.cli import parameter_count
+    from infra.interop.importer import abstract_params
+
+    for spec, extra in (("experiments/lm.py:tiny", {}), ("experiments/llama.py:smoke", {}),
+                        ("experiments/lm.py:smoke", {"model.qkv_bias": True, "model.out_bias": True,
+                                                     "model.mlp_bias": True, "model.qk_norm": True,
+                                                     "model.tie_embeddings": False})):
+        leaves = jax.tree.leaves(abstract_params(config.load(spec, extra)))
+        counted = sum(math.prod(x.shape) for x in leaves)
+        if not extra:
+            assert parameter_count(spec) == counted, spec
+        from infra.models import hyper_params
+
+        assert hyper_params(config.load(spec, extra).model).num_params == counted, spec
+    assert parameter_count("experiments/vit.py:smoke") is None  # no count declared
 
 
 @pytest.mark.slow

@@ -461,6 +461,19 @@ class TransformerConfig(HyperParams):
         projection (the embedding lookup itself is a gather)."""
         return self.num_layers * self.layer_matmul_params + self.vocab_size * self.d_model
 
+    @property
+    def num_params(self) -> int:
+        """Every parameter of the model (embedding, blocks with their norms and biases, final
+        norm, the unembedding when untied): what a run prints and `infra list` shows."""
+        d, h, hd, kv = self.d_model, self.num_heads, self.head_dim, self.num_kv_heads
+        block = self.layer_matmul_params + 2 * d  # + the two RMSNorm scales
+        block += (h + 2 * kv) * hd if self.qkv_bias else 0
+        block += d if self.out_bias else 0
+        block += 2 * self.mlp_dim + d if self.mlp_bias else 0
+        block += 2 * hd if self.qk_norm else 0
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + embeddings + d
+
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of the score and value matmuls per token (the whole score matrix,
         as model-FLOPs conventions count it, although causal blocks skip part of it)."""
