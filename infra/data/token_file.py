@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from infra import paths
 from infra.data import text
 from infra.errors import DataError, output_error
 
@@ -52,7 +53,7 @@ def _tokenizer_id(tok) -> str:
 def _documents(files: Sequence[str], val_fraction: float, seed: int) -> list[tuple[str, str, int, int]]:
     """(split, file, start byte, end byte or -1) per document, in file order."""
     if len(files) == 1:
-        size = os.path.getsize(files[0])
+        size = paths.size(files[0])
         cut = size - int(size * val_fraction)
         docs = [("train", files[0], 0, cut)]
         return docs + ([("val", files[0], cut, -1)] if cut < size else [])
@@ -120,7 +121,7 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
     dtype = token_dtype(tok.vocab_size)
     plan = {"version": 1, "tokenizer": _tokenizer_id(tok), "val_fraction": val_fraction,
             "seed": seed, "dtype": dtype.name,
-            "files": [[f, os.path.getsize(f)] for f in files]}
+            "files": [[f, paths.size(f)] for f in files]}
     plan_hash = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     finished = _finished_index(out, plan_hash)
     if finished is not None:
@@ -247,7 +248,7 @@ def _chunks(docs: list[tuple[str, str, int, int]], chunk_bytes: int) -> list[lis
             chunks.append([])
             size = 0
         chunks[-1].append(d)
-        size += os.path.getsize(d[1]) if d[3] < 0 else d[3] - d[2]
+        size += paths.size(d[1]) if d[3] < 0 else d[3] - d[2]
     return chunks
 
 
@@ -284,8 +285,6 @@ def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
 def open_token_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(index, {"train": memmap, "val": memmap}) of a directory `build_token_dir` wrote (one in
     a bucket is copied to the local cache first: memory maps need a local file)."""
-    from infra import paths
-
     directory = paths.localize(directory) if paths.is_remote(directory) else Path(directory)
     try:
         index = json.loads((directory / INDEX).read_text())

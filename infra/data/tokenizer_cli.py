@@ -48,8 +48,10 @@ def train_bpe(files: list[str], vocab_size: int, out: str | Path, *, min_frequen
     Both files are written whole or not at all. The vocabulary is smaller than `vocab_size` when
     the corpus has no more pairs that occur `min_frequency` times."""
     _check_train_arguments(vocab_size, min_frequency)
+    from infra import paths
     from infra.data import text
 
+    files = [str(paths.localize(f)) for f in files]  # the trainer reads local files only
     text.check_files(files, "--files", utf8=True)
     tokenizer_json, config_json = _output_files(out, overwrite)
     with _Staged(tokenizer_json.parent) as staged:
