@@ -13,7 +13,8 @@
 An error that a config value can fix names it as a config key (`key="train.steps"`,
 `value="<positive>"`): the library's message says `set train.steps=<positive>`, which is what a
 notebook user changes; only the CLI spells it as the flag `--config.train.steps=<positive>`
-(`cli_message`).
+(`cli_message`). A command without a config (`tokenizer train`, `tokenize`) names its own option
+as the key (`key="--files"`), spelled as it is everywhere.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class UserError(Exception):
         return self._with_fix(self.key)
 
     def cli_message(self) -> str:
-        """The message with the fix spelled as a command-line override."""
-        return self._with_fix(None if self.key is None else f"--config.{self.key}")
+        """The message with the fix spelled as a command-line override (a key that is already
+        an option, `--files`, as it is)."""
+        if self.key is None or self.key.startswith("-"):
+            return self._with_fix(self.key)
+        return self._with_fix(f"--config.{self.key}")
 
 
 class ConfigError(UserError):
@@ -106,10 +110,13 @@ _WRITE_FIXES = {
     errno.EPERM: "make it writable or use another {flag}",
     errno.EROFS: "use a {flag} on a writable filesystem",
     errno.EFBIG: "raise the file-size limit (ulimit -f) or use another {flag}",
+    errno.ENOTDIR: "use another {flag}: a file stands where a directory must be",
+    errno.EISDIR: "use another {flag}: a directory stands where a file must be",
 }
 _WRITE_MESSAGES = {"No space left": errno.ENOSPC, "quota exceeded": errno.EDQUOT,
                    "Too many open files": errno.EMFILE, "Permission denied": errno.EACCES,
-                   "Read-only file system": errno.EROFS, "File too large": errno.EFBIG}
+                   "Read-only file system": errno.EROFS, "File too large": errno.EFBIG,
+                   "Not a directory": errno.ENOTDIR, "Is a directory": errno.EISDIR}
 # Out of room: the same command succeeds once space is freed (exit 3, as a full workdir).
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -136,12 +143,12 @@ def write_fix(e: BaseException | None, flag: str = "--workdir") -> str:
     return _WRITE_FIXES[number].format(flag=flag)
 
 
-def output_error(target: object, e: BaseException, flag: str) -> UserError:
+def output_error(target: object, e: BaseException, flag: str, note: str = "") -> UserError:
     """The one-line error of a command whose output `target` (named by option `flag`, e.g.
     `--out`) cannot be written: exit 3 (`CheckpointError`) when the disk or quota is full,
     exit 2 when the target itself cannot be written (read-only, no permission, not a
-    directory)."""
+    directory). `note` ends the line (what was kept, how to resume)."""
     why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
     why = why if len(why) < 240 else why[:120] + " ... " + why[-100:]
     cls = CheckpointError if _write_errno(e) in _FULL else UserError
-    return cls(f"cannot write {target}: {why}; {write_fix(e, flag)}")
+    return cls(f"cannot write {target}: {why}; {write_fix(e, flag)}{note}")

@@ -17,16 +17,20 @@ Per run segment (one process start to its last event):
   event at its death, so the time it trained after its last log point is counted here too (at
   most one logging interval);
 * `other`: what is left of a segment (logging, shutdown), so that productive + badput = wall.
+
+A record the accounting cannot use (not JSON, a field missing, of the wrong type, NaN, negative
+or absurdly large) is skipped, with one warning per file saying how many.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 
+from infra import paths
 from infra.errors import UserError
-from infra.events import EVENTS_DIR, read_events
+from infra.events import EVENTS_DIR, read_event_files, warn_skipped
+from infra.jsonout import dumps
 from infra.paths import PathLike
 
 CAUSES = ("start_up", "distributed_init", "restore", "compile", "lost_work", "checkpoint",
@@ -66,6 +70,26 @@ def _segments(events: list[dict]) -> list[_Segment]:
 
 _SETUP = ("distributed_init", "restore", "compile")
 _PAUSES = ("eval", "checkpoint_save", "checkpoint_wait")  # inside the loop, not training
+# The fields the accounting reads, by event: `True` for a count (an int), else seconds.
+_FIELDS = {"steps": {"first": True, "last": True, "seconds": False, "input_wait_s": False},
+           "restore": {"step": True, "seconds": False},
+           **{name: {"seconds": False} for name in ("distributed_init", "compile", *_PAUSES)}}
+_LARGEST = 1e12  # any real time, duration or step is below it: sums of them stay finite
+
+
+def _usable(event: dict) -> bool:
+    """Whether the accounting can use `event`: a string run id, an int process, and every field
+    it reads a number in [0, _LARGEST) (so not NaN, inf or a string), an int where it counts."""
+    if not isinstance(event.get("run", ""), str) or not _number(event.get("process", 0), True):
+        return False
+    return _number(event["time"], False) and all(
+        _number(event.get(key), count) for key, count in _FIELDS.get(event["event"], {}).items())
+
+
+def _number(value: object, count: bool) -> bool:
+    """A count (an int) or, unless `count`, seconds; in [0, _LARGEST)."""
+    kinds = int if count else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and 0 <= value < _LARGEST
 
 
 def _account(seg: _Segment, resumed_at: int | None, badput: dict[str, float]) -> tuple[float, int]:
@@ -101,11 +125,9 @@ def _account(seg: _Segment, resumed_at: int | None, badput: dict[str, float]) ->
 
 def compute(workdir: PathLike) -> dict:
     """`{"wall_s", "productive_s", "goodput", "badput_s": {cause: s}, "redone_steps",
-    "segments"}` for every run recorded in `workdir`'s event log."""
-    events = read_events(workdir)
-    if not events:
-        raise UserError(f"no event log in '{workdir}/{EVENTS_DIR}'; run `python -m infra "
-                        f"train` in that workdir first (runs record their events there)")
+    "segments"}` for every run recorded in `workdir`'s event log. Records it cannot use are
+    skipped with a warning naming their file; UserError where no record is left."""
+    events = _read(workdir)
     segments = _segments(events)
     badput = dict.fromkeys(CAUSES, 0.0)
     productive, redone = 0.0, 0
@@ -121,6 +143,28 @@ def compute(workdir: PathLike) -> dict:
     return {"wall_s": wall, "productive_s": productive,
             "goodput": productive / wall if wall > 0 else 0.0,
             "badput_s": badput, "redone_steps": redone, "segments": len(segments)}
+
+
+def _read(workdir: PathLike) -> list[dict]:
+    """The usable events of `workdir` (a warning per file with skipped records); UserError
+    where `workdir` is no workdir or has none."""
+    path = paths.path(workdir)
+    if not path.exists():
+        raise UserError(f"no workdir '{workdir}'; pass the workdir of a training run")
+    if not path.is_dir():
+        raise UserError(f"'{workdir}' is a file, not a workdir; pass the workdir of a training "
+                        "run")
+    events, skipped = read_event_files(workdir, _usable)
+    if not events and any(skipped.values()):
+        files = ", ".join(f"{n} unusable records in {f}" for f, n in skipped.items() if n)
+        raise UserError(f"the event log in '{workdir}/{EVENTS_DIR}' has no usable record "
+                        f"({files}): `python -m infra train` did not write it; pass the "
+                        "workdir of a training run")
+    if not events:
+        raise UserError(f"no event log in '{workdir}/{EVENTS_DIR}'; run `python -m infra "
+                        f"train` in that workdir first (runs record their events there)")
+    warn_skipped(skipped)
+    return events
 
 
 def format_report(report: dict) -> str:
@@ -143,5 +187,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args) -> int:
     report = compute(args.workdir)
-    print(json.dumps(report) if args.json else format_report(report))
+    print(dumps(report) if args.json else format_report(report))
     return 0

@@ -97,6 +97,13 @@ def _require_gcsfs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def size(location: PathLike) -> int:
+    """The size in bytes of a local or remote file (epath's remote `stat()` has no `st_size`)."""
+    if not is_remote(location):
+        return os.path.getsize(location)
+    return path(location).stat().length
+
+
 def localize(location: PathLike) -> pathlib.Path:
     """A local path with the content of `location`: itself when local; for a remote file or
     directory, a copy in `~/.cache/infra/remote/` (refreshed when a file's size changed)."""
@@ -110,7 +117,7 @@ def localize(location: PathLike) -> pathlib.Path:
         raise UserError(f"'{source}' does not exist or is empty")
     for remote in remotes:
         local = target if remote == source else target / remote.relative_to(source)
-        if local.exists() and local.stat().st_size == remote.stat().st_size:
+        if local.exists() and local.stat().st_size == size(remote):
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(local.name + ".partial")

@@ -139,20 +139,24 @@ def run(config, workdir: PathLike) -> tuple[State, list[dict]]:
     started = mesh_lib.initialize_distributed(config.distributed)
     init_s = time.perf_counter() - t0
     claim = _claim(workdir)
-    events = EventLog(claim.path, jax.process_index())
+    events = EventLog(claim.path, jax.process_index(), defer=True)  # until the run is accepted
     events.record("start", at=process.start_time(), pid=os.getpid(),
                   host=socket.gethostname(), process_count=jax.process_count())
     if started:
         events.record("distributed_init", seconds=init_s)
-    reason = "finished"
+    reason, refused = "finished", False
     try:
         return _run(config, claim.path, events)
     except BaseException as e:
         reason = type(e).__name__
+        # bad input (exit 2) found before the run was accepted: it leaves no trace
+        refused = isinstance(e, UserError) and e.exit_code == 2 and not events.accepted
         raise
     finally:
-        with contextlib.suppress(UserError):  # a full disk must not mask the original error
-            events.record("exit", reason=reason)
+        if not refused:
+            with contextlib.suppress(UserError):  # a full disk must not mask the original error
+                events.record("exit", reason=reason)
+                events.accept()
         events.close()
         claim.release()
 
@@ -200,7 +204,7 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
     clean = False
     try:
         with peers.failures_reported():
-            result = _train(config, workdir, trainer, ckpt, evaluator, main_events)
+            result = _train(config, workdir, trainer, ckpt, evaluator, events)
         clean = True
         return result
     except Preempted:
@@ -245,11 +249,15 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
 
 
 def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
-           events: EventLog | None) -> tuple[State, list[dict]]:
+           event_log: EventLog) -> tuple[State, list[dict]]:
     tc, task = config.train, trainer.task
+    events = event_log if is_main_process() else None  # process 0's timeline is the run's
     state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir, events)
     step, end = int(state["step"]), min(tc.steps, tc.stop_at or tc.steps)
-    if is_main_process():  # only now that config, data and checkpoint are known to be good
+    # Only now that config, data and checkpoint are known to be good does the run write into
+    # the workdir: a refusal before this point leaves it as it was.
+    event_log.accept()
+    if is_main_process():
         config_lib.save(config, workdir)
     meta = {"config": config.to_dict(), "experiment": config.experiment}
     meter = ThroughputMeter(units_per_step=tc.batch_size * task.units_per_example(),

@@ -174,7 +174,7 @@ def bench_tokenize(args) -> dict:
     files = default_corpus_files()
     with tempfile.TemporaryDirectory(prefix="bench-tok-", dir=args.tmp) as tmp:
         start = time.perf_counter()
-        tok = train_bpe(files, 16384, Path(tmp) / "tok.json")
+        tok = train_bpe(files, 16384, Path(tmp) / "tok.json").path
         out["bpe_train_seconds"] = time.perf_counter() - start
         out["corpus_bytes"] = sum(os.path.getsize(f) for f in files)
         for workers in (1, 2):

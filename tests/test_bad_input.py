@@ -23,13 +23,13 @@ QUIET = "--config.sharding.print_table=false"
 
 
 def fingerprint(workdir: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file in the workdir (checkpoints, metrics, config, …),
-    except the run's bookkeeping that every attempt updates: the lock file (who holds the
-    workdir) and the append-only event log (infra/events.py)."""
+    """Relative path -> sha256 of every file in the workdir (checkpoints, metrics, config, the
+    event log, …), except the lock file, which every attempt takes (it names the holder). A
+    refused run appends nothing to the event log either (infra/events.py)."""
     return {
         str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(workdir.rglob("*"))
-        if p.is_file() and p.name != ".lock" and p.relative_to(workdir).parts[0] != "events"
+        if p.is_file() and p.name != ".lock"
     }
 
 
@@ -44,6 +44,7 @@ def trained(tmp_path_factory):
     assert (wd / "metrics.jsonl").is_file() and (wd / "config.json").is_file()
     prints = fingerprint(wd)
     assert any(k.startswith("checkpoints/") for k in prints)
+    assert any(k.startswith("events/") for k in prints)
     return wd, prints
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from infra import paths  # every bucket path through it: it configures gcsfs first
+from infra.errors import UserError
 from tests.gcs_emulator import Emulator
 from tests.helpers import ROOT, Position, cli, popen
 
@@ -181,3 +182,31 @@ def test_a_second_trainer_on_a_bucket_workdir_is_refused(emulator):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=180)
     assert first.returncode == 75
+
+
+def test_tokenizer_tools_and_goodput_read_bucket_files(emulator, tmp_path):
+    """Files in a bucket: `tokenizer train` trains on a local copy and `tokenize` sizes them in
+    the bucket (both used to stat them as local paths: a traceback); goodput reads the log."""
+    from infra import goodput
+    from infra.data import token_file
+    from infra.data.text import default_corpus_files, resolve_files
+    from infra.data.tokenizer_cli import train_bpe
+
+    for f in default_corpus_files()[:3]:
+        (paths.path("gs://bkt/corpus") / os.path.basename(f)).write_bytes(open(f, "rb").read())
+    files = resolve_files("gs://bkt/corpus/*.py", "--files")
+    assert len(files) == 3
+    trained = train_bpe(files, 300, tmp_path / "tok.json")
+    assert trained.vocab_size == 300
+    index = token_file.build_token_dir(files, str(trained.path), tmp_path / "tokens", workers=1,
+                                       progress=False)
+    local = token_file.build_token_dir(default_corpus_files()[:3], str(trained.path),
+                                       tmp_path / "local", workers=1, progress=False)
+    assert index["splits"]["train"]["tokens"] + index["splits"]["val"]["tokens"] == \
+        local["splits"]["train"]["tokens"] + local["splits"]["val"]["tokens"]
+    events = paths.path("gs://bkt/gp/events/process_0.jsonl")
+    events.parent.mkdir(parents=True, exist_ok=True)
+    events.write_text('{"time": 0, "event": "start"}\n{"time": 2, "event": "exit"}\nnot json\n')
+    assert goodput.compute("gs://bkt/gp")["wall_s"] == 2
+    with pytest.raises(UserError, match="no workdir"):
+        goodput.compute("gs://bkt/nothing-here")

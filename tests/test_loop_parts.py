@@ -105,6 +105,8 @@ def test_nonfinite_guard_stops_naming_the_step_or_warns(caplog):
     assert message.startswith("non-finite loss, gradients or update at step 6 (loss=nan, grad_norm=inf)")
     assert "latest: step 4" in message and "train.nonfinite=skip" in message
     assert "--config" not in message and "--config.train.nonfinite=skip" in info.value.cli_message()
+    with pytest.raises(NumericalError, match=r"no checkpoint holds it \(no checkpoint yet\)"):
+        NonFiniteGuard("stop", lambda: None).check(records)  # it said "latest: step None"
     with caplog.at_level("WARNING"):
         NonFiniteGuard("skip", lambda: 4).check(records)
     assert "non-finite loss, gradients or update at step 6" in caplog.text and "update skipped" in caplog.text

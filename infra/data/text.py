@@ -1,6 +1,7 @@
 """Byte-level tokenizer and a packed text corpus read from local files."""
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import os
@@ -35,11 +36,12 @@ def default_corpus_files() -> list[str]:
     return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
 
 
-def resolve_files(pattern: str) -> list[str]:
+def resolve_files(pattern: str, option: str = "data.files") -> list[str]:
     """`""` → default corpus; else comma-separated globs (`**` recursive), sorted.
 
     Directories matched by a wildcard are skipped; a directory named literally is kept
-    (so reading it reports the problem).
+    (so reading it reports the problem). `option` is what names the pattern in the error: the
+    config key, or a command's own flag (`--files`).
     """
     if not pattern.strip():
         return default_corpus_files()
@@ -48,21 +50,21 @@ def resolve_files(pattern: str) -> list[str]:
         if not part:
             continue
         if paths.is_remote(part):  # gs://bucket/dir/*.txt (one level per `*`: no `**`)
-            files.update(_remote_glob(part))
+            files.update(_remote_glob(part, option))
             continue
         literal = glob.escape(part) == part
         files.update(m for m in glob.glob(os.path.expanduser(part), recursive=True)
                      if literal or not os.path.isdir(m))
     if not files:
-        raise DataError(f"data.files matched no files: {pattern!r}; pass an existing glob",
-                        key="data.files", value="'docs/**/*.txt'", verb="e.g.")
+        raise DataError(f"{option} matched no files: {pattern!r}; pass an existing glob",
+                        key=option, value="'docs/**/*.txt'", verb="e.g.")
     return sorted(files)
 
 
-def _remote_glob(pattern: str) -> list[str]:
+def _remote_glob(pattern: str, option: str) -> list[str]:
     """Files in a bucket matching `pattern` (the file itself when it names one)."""
     if "**" in pattern:
-        raise DataError(f"data.files {pattern!r}: a bucket glob takes `*`, not `**`; list the "
+        raise DataError(f"{option} {pattern!r}: a bucket glob takes `*`, not `**`; list the "
                         "levels, e.g. gs://bucket/corpus/*/*.txt")
     if not glob.has_magic(pattern):
         return [pattern] if paths.path(pattern).exists() else []
@@ -71,25 +73,60 @@ def _remote_glob(pattern: str) -> list[str]:
     return [str(m) for m in root.glob(pattern[len(str(root)) + 1:]) if not m.is_dir()]
 
 
-def _read(path: str) -> bytes:
-    if paths.is_remote(path):
-        try:
-            return paths.path(path).read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read data file {path!r}: {e}; check data.files") from None
+def _unreadable(path: str, e: OSError, option: str) -> DataError:
+    return DataError(f"cannot read data file {path!r}: {e.strerror or e}; check {option} points "
+                     "at readable text files")
+
+
+def _open_local(path: str, option: str):
+    """`path` opened for reading, or the DataError (naming `option`) that says why it cannot be."""
     try:
         mode = os.stat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device blocks or never ends
-            raise DataError(f"data file {path!r} is not a regular file; point data.files at "
+            raise DataError(f"data file {path!r} is not a regular file; point {option} at "
                             "text files")
-        with open(path, "rb") as f:
+        return open(path, "rb")
+    except OSError as e:
+        raise _unreadable(path, e, option) from None
+
+
+def read_file(path: str, option: str = "data.files") -> bytes:
+    """The bytes of data file `path` (local or in a bucket); DataError naming `option` if it
+    cannot be read."""
+    try:
+        if paths.is_remote(path):
+            return paths.path(path).read_bytes()
+        with _open_local(path, option) as f:
             return f.read()
     except OSError as e:
-        raise DataError(f"cannot read data file {path!r}: {e.strerror or e}; "
-                        "check data.files points at readable text files") from None
+        raise _unreadable(path, e, option) from None
 
 
-def _val_files(files: Sequence[str], val_fraction: float, seed: int) -> set[str]:
+def check_files(files: Sequence[str], option: str = "data.files", *, utf8: bool = False) -> None:
+    """DataError naming the first of the local `files` that cannot be read (or, with `utf8`, is
+    not UTF-8 text): checked before a long job starts rather than half-way through it. The
+    UTF-8 check reads each file once, in bounded chunks."""
+    for path in (f for f in files if not paths.is_remote(f)):
+        with _open_local(path, option) as f:
+            if utf8 and not _is_utf8(f, path, option):
+                raise DataError(f"data file {path!r} is not UTF-8 text (a binary file?); point "
+                                f"{option} at text files")
+
+
+def _is_utf8(f, path: str, option: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        while chunk := f.read(1 << 20):
+            decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    except OSError as e:
+        raise _unreadable(path, e, option) from None
+    return True
+
+
+def held_out_files(files: Sequence[str], val_fraction: float, seed: int) -> set[str]:
     """Deterministic held-out subset: files ranked by a hash of (seed, basename)."""
     if len(files) < 2 or val_fraction <= 0:
         return set()
@@ -117,7 +154,7 @@ def load_corpus(files: Sequence[str], *, val_fraction: float, seed: int,
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    texts = {f: _read(f) for f in files}
+    texts = {f: read_file(f) for f in files}
     if not any(texts.values()):
         name = pattern if pattern is not None else ",".join(files[:3]) + (
             f",… ({len(files)} files)" if len(files) > 3 else "")
@@ -127,7 +164,7 @@ def load_corpus(files: Sequence[str], *, val_fraction: float, seed: int,
         data = texts[files[0]]
         cut = len(data) - int(len(data) * val_fraction)
         return _pack([data[:cut]]), _pack([data[cut:]] if cut < len(data) else [])
-    val = _val_files(files, val_fraction, seed)
+    val = held_out_files(files, val_fraction, seed)
     train_docs = [t for f, t in texts.items() if f not in val and t]
     val_docs = [t for f, t in texts.items() if f in val and t]
     return _pack(train_docs), _pack(val_docs)

@@ -19,6 +19,7 @@ loaded up front); windows are cut and shuffled by the same grain pipeline as in-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from infra import paths
 from infra.data import text
-from infra.errors import DataError
+from infra.errors import DataError, output_error
 
 INDEX = "index.json"
 SPLITS = ("train", "val")
@@ -41,11 +43,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _tokenizer_id(spec: str) -> str:
-    """What identifies the tokenizer's behaviour: a hash of its tokenizer.json (or "bytes")."""
-    from infra.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(spec)
+def _tokenizer_id(tok) -> str:
+    """What identifies a loaded tokenizer's behaviour: a hash of its tokenizer.json (or "bytes")."""
     if not getattr(tok, "spec", ""):
         return "bytes"
     return hashlib.sha256(Path(tok.file).read_bytes()).hexdigest()[:16]
@@ -54,11 +53,11 @@ def _tokenizer_id(spec: str) -> str:
 def _documents(files: Sequence[str], val_fraction: float, seed: int) -> list[tuple[str, str, int, int]]:
     """(split, file, start byte, end byte or -1) per document, in file order."""
     if len(files) == 1:
-        size = os.path.getsize(files[0])
+        size = paths.size(files[0])
         cut = size - int(size * val_fraction)
         docs = [("train", files[0], 0, cut)]
         return docs + ([("val", files[0], cut, -1)] if cut < size else [])
-    val = text._val_files(files, val_fraction, seed)
+    val = text.held_out_files(files, val_fraction, seed)
     return [("val" if f in val else "train", f, 0, -1) for f in files]
 
 
@@ -71,7 +70,7 @@ def _encode_chunk(args) -> tuple[int, dict[str, int]]:
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     texts: dict[str, list] = {s: [] for s in SPLITS}
     for split, path, start, end in docs:
-        data = text._read(path)[start:(None if end < 0 else end)]
+        data = text.read_file(path, "--files")[start:(None if end < 0 else end)]
         if data:
             texts[split].append(data)
     for split in SPLITS:
@@ -90,7 +89,8 @@ def _encode_chunk(args) -> tuple[int, dict[str, int]]:
     for split in SPLITS:
         joined = (np.concatenate(out[split]) if out[split] else np.zeros(0)).astype(dtype)
         tmp = parts / f"{chunk:06d}.{split}.bin.tmp"
-        joined.tofile(tmp)
+        with open(tmp, "wb") as f:  # not ndarray.tofile: its short-write error has no errno
+            f.write(joined.data)
         os.replace(tmp, parts / f"{chunk:06d}.{split}.bin")
         counts[split] = int(joined.size)
         counts[f"{split}_documents"] = len(out[split])
@@ -105,32 +105,142 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
                     progress: bool = True) -> dict:
     """Tokenise `files` with `tokenizer` (a `data.tokenizer` spec) into `out` (see module doc).
     `workers` 0 = one per CPU. Returns the index (also written as `out/index.json`); a finished
-    directory with the same plan is returned as it is."""
+    directory with the same plan is returned as it is.
+
+    Bad input (unreadable files, a tokenizer that does not load, an `out` that is a file or holds
+    another tokenization) is refused before anything is written. An output that cannot be written
+    is one error (`errors.output_error`); its half-written files are removed, finished chunks are
+    kept for the next run to resume from (or the whole directory, if this run created it and
+    finished none)."""
     from infra.data.tokenizer import load_tokenizer
 
     out = Path(out)
     files = sorted(files)
-    tok = load_tokenizer(tokenizer)
+    text.check_files(files, "--files")
+    tok = load_tokenizer(tokenizer, "--tokenizer")
     dtype = token_dtype(tok.vocab_size)
-    plan = {"version": 1, "tokenizer": _tokenizer_id(tokenizer), "val_fraction": val_fraction,
+    plan = {"version": 1, "tokenizer": _tokenizer_id(tok), "val_fraction": val_fraction,
             "seed": seed, "dtype": dtype.name,
-            "files": [[f, os.path.getsize(f)] for f in files]}
+            "files": [[f, paths.size(f)] for f in files]}
     plan_hash = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-    if (out / INDEX).is_file():
-        index = json.loads((out / INDEX).read_text())
-        if index.get("plan") == plan_hash:
-            return index
-        raise DataError(f"{out} holds another tokenization (other files, tokenizer or split); "
-                        "pass a new --out")
+    finished = _finished_index(out, plan_hash)
+    if finished is not None:
+        return finished
+    created = not out.exists()
+    try:
+        return _build(files, tokenizer, tok, out, plan, plan_hash, workers, chunk_bytes, progress)
+    except BaseException as e:
+        kept = _abandon(out, created)
+        if isinstance(e, OSError):
+            note = (f" ({kept} finished chunk{'s' if kept != 1 else ''} kept in {out / 'parts'}: "
+                    "run the same command to resume)") if kept else ""
+            raise output_error(out, e, "--out", note) from None
+        raise
+
+
+def _finished_index(out: Path, plan_hash: str) -> dict | None:
+    """The index of a finished `out` made with this plan; None where there is none yet;
+    DataError where `out` cannot be a token directory (a file, a directory of other files: none
+    of them is overwritten) or holds another tokenization."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out '{out}' is a file; tokenize writes a directory: pass a new --out")
+    if not (out / INDEX).exists():
+        if out.is_dir() and not (out / "parts").is_dir() and any(out.iterdir()):
+            raise DataError(f"--out '{out}' holds files that tokenize did not write; pass a new "
+                            "or empty directory as --out")
+        return None
+    index = _read_json(out / INDEX)
+    if not isinstance(index, dict):
+        raise DataError(f"{out / INDEX} is not an index `tokenize` wrote; pass a new --out or "
+                        "delete it")
+    if index.get("plan") == plan_hash:
+        return index
+    raise DataError(f"{out} holds another tokenization (other files, tokenizer or split); "
+                    "pass a new --out")
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None where it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value) -> None:
+    """Write `path` whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _abandon(out: Path, created: bool) -> int:
+    """After a failed or interrupted build: remove half-written files, and `out` itself if this
+    run created it and finished no chunk. Returns the number of finished chunks kept."""
+    parts = out / "parts"
+    for tmp in [*out.glob("*.tmp"), *parts.glob("*.tmp")]:
+        with contextlib.suppress(OSError):  # must not mask why the build stopped
+            tmp.unlink(missing_ok=True)
+    kept = len([p for p in parts.glob("*.json") if p.name != "plan.json"])
+    if created and not kept:
+        shutil.rmtree(out, ignore_errors=True)
+    return kept
+
+
+def _chunk_counts(parts: Path, chunk: int, dtype: np.dtype) -> dict | None:
+    """The counts of a finished chunk; None where its marker or files are missing or do not
+    match (such a chunk is tokenised again, never trusted)."""
+    counts = _read_json(parts / f"{chunk:06d}.json")
+    if not isinstance(counts, dict):
+        return None
+    for split in SPLITS:
+        n, path = counts.get(split), parts / f"{chunk:06d}.{split}.bin"
+        size = path.stat().st_size if path.is_file() else -1
+        if not isinstance(n, int) or size != n * dtype.itemsize:
+            return None
+    return counts
+
+
+def _build(files: list[str], tokenizer: str, tok, out: Path, plan: dict, plan_hash: str,
+           workers: int, chunk_bytes: int, progress: bool) -> dict:
+    dtype = np.dtype(plan["dtype"])
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     plan_file = parts / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()).get("plan") != plan_hash:
-        raise DataError(f"{out} holds an unfinished tokenization of other files or another "
-                        "tokenizer; pass a new --out or delete it")
-    plan_file.write_text(json.dumps({"plan": plan_hash, **plan}))
+    if plan_file.exists():
+        previous = _read_json(plan_file)
+        if not isinstance(previous, dict) or previous.get("plan") != plan_hash:
+            raise DataError(f"{out} holds an unfinished tokenization of other files or another "
+                            "tokenizer; pass a new --out or delete it")
+    _write_json(plan_file, {"plan": plan_hash, **plan})
 
-    docs = _documents(files, val_fraction, seed)
+    chunks = _chunks(_documents(files, plan["val_fraction"], plan["seed"]), chunk_bytes)
+    todo = [i for i in range(len(chunks)) if _chunk_counts(parts, i, dtype) is None]
+    start = time.perf_counter()
+    _encode_all([(i, chunks[i], tokenizer, parts, dtype) for i in todo], workers,
+                len(chunks) if progress else 0)
+    index = {"version": 1, "plan": plan_hash, "dtype": dtype.name, "tokenizer": tokenizer,
+             "tokenizer_id": plan["tokenizer"],
+             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+             "files": len(files), "splits": {}}
+    counts = [_chunk_counts(parts, i, dtype) for i in range(len(chunks))]
+    for split in SPLITS:  # assemble in chunk order: independent of the workers' timing
+        tmp = out / f"{split}.bin.tmp"
+        with open(tmp, "wb") as dst:
+            for i in range(len(chunks)):
+                with open(parts / f"{i:06d}.{split}.bin", "rb") as src:
+                    shutil.copyfileobj(src, dst, 16 * 2**20)
+        os.replace(tmp, out / f"{split}.bin")
+        index["splits"][split] = {"file": f"{split}.bin", "tokens": sum(c[split] for c in counts),
+                                  "documents": sum(c[f"{split}_documents"] for c in counts)}
+    index["seconds"] = round(time.perf_counter() - start, 3)
+    _write_json(out / INDEX, index)
+    shutil.rmtree(parts)
+    return index
+
+
+def _chunks(docs: list[tuple[str, str, int, int]], chunk_bytes: int) -> list[list]:
+    """`docs` cut into consecutive chunks of about `chunk_bytes` of text each."""
     chunks: list[list] = [[]]
     size = 0
     for d in docs:
@@ -138,53 +248,34 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
             chunks.append([])
             size = 0
         chunks[-1].append(d)
-        size += os.path.getsize(d[1]) if d[3] < 0 else d[3] - d[2]
-    todo = [i for i in range(len(chunks)) if not (parts / f"{i:06d}.json").is_file()]
+        size += paths.size(d[1]) if d[3] < 0 else d[3] - d[2]
+    return chunks
+
+
+def _encode_all(jobs: list[tuple], workers: int, progress_total: int) -> None:
+    """Run `_encode_chunk` on every job, on `workers` processes (0 = one per CPU); a progress
+    bar over `progress_total` chunks unless it is 0 (closed however this ends, so that an error
+    is the last line)."""
     workers = workers or os.cpu_count() or 1
-    start = time.perf_counter()
-    jobs = [(i, chunks[i], tokenizer, parts, dtype) for i in todo]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), unit="chunk",
-                   desc="tokenizing", dynamic_ncols=True)
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for _ in pool.imap_unordered(_encode_chunk, jobs):
-                bar and bar.update(1)
-    else:
-        for job in jobs:
-            _encode_chunk(job)
-            bar and bar.update(1)
-    bar and bar.close()
-
-    index = {"version": 1, "plan": plan_hash, "dtype": dtype.name, "tokenizer": tokenizer,
-             "tokenizer_id": plan["tokenizer"],
-             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-             "files": len(files), "splits": {}}
-    for split in SPLITS:  # assemble in chunk order: independent of the workers' timing
-        tmp = out / f"{split}.bin.tmp"
-        total = documents = 0
-        with open(tmp, "wb") as dst:
-            for i in range(len(chunks)):
-                counts = json.loads((parts / f"{i:06d}.json").read_text())
-                with open(parts / f"{i:06d}.{split}.bin", "rb") as src:
-                    shutil.copyfileobj(src, dst, 16 * 2**20)
-                total += counts[split]
-                documents += counts[f"{split}_documents"]
-        os.replace(tmp, out / f"{split}.bin")
-        index["splits"][split] = {"file": f"{split}.bin", "tokens": total, "documents": documents}
-    index["seconds"] = round(time.perf_counter() - start, 3)
-    (out / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(out / (INDEX + ".tmp"), out / INDEX)
-    shutil.rmtree(parts)
-    return index
+    with tqdm(total=progress_total, initial=progress_total - len(jobs), unit="chunk",
+              desc="tokenizing", dynamic_ncols=True, disable=not progress_total) as bar:
+        if workers > 1 and len(jobs) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for _ in pool.imap_unordered(_encode_chunk, jobs):
+                    bar.update(1)
+        else:
+            for job in jobs:
+                _encode_chunk(job)
+                bar.update(1)
 
 
 def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
     """DataError unless `tokenizer` (a `data.tokenizer` spec) is the one the files were made with."""
-    if index.get("tokenizer_id") != _tokenizer_id(tokenizer):
+    from infra.data.tokenizer import load_tokenizer
+
+    if index.get("tokenizer_id") != _tokenizer_id(load_tokenizer(tokenizer)):
         raise DataError(f"data.token_dir {str(directory)!r} was tokenised with "
                         f"{index.get('tokenizer') or 'bytes'!r}, not data.tokenizer "
                         f"{tokenizer or 'bytes'!r}", key="data.tokenizer",
@@ -194,8 +285,6 @@ def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
 def open_token_dir(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(index, {"train": memmap, "val": memmap}) of a directory `build_token_dir` wrote (one in
     a bucket is copied to the local cache first: memory maps need a local file)."""
-    from infra import paths
-
     directory = paths.localize(directory) if paths.is_remote(directory) else Path(directory)
     try:
         index = json.loads((directory / INDEX).read_text())
@@ -223,7 +312,7 @@ def tokenize_in_memory(files: Sequence[str], tok, *, val_fraction: float, seed: 
     dtype = token_dtype(tok.vocab_size)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     docs = _documents(files, val_fraction, seed)
-    texts = {s: [text._read(f)[a:(None if b < 0 else b)] for s2, f, a, b in docs if s2 == s]
+    texts = {s: [text.read_file(f)[a:(None if b < 0 else b)] for s2, f, a, b in docs if s2 == s]
              for s in SPLITS}
     for split in SPLITS:
         strs = [t.decode("utf-8", errors="replace") for t in texts[split] if t]

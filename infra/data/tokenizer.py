@@ -114,20 +114,21 @@ def _read_json(path: Path) -> dict:
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`) with its special tokens."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, option: str = "data.tokenizer"):
+        """`option`: what names the tokenizer in errors (the config key, or a command's flag)."""
         from tokenizers import Tokenizer as RustTokenizer
 
         path = Path(path).expanduser()
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise ConfigError(f"data.tokenizer {str(path)!r} has no tokenizer.json; pass a "
+            raise ConfigError(f"{option} {str(path)!r} has no tokenizer.json; pass a "
                               "tokenizer.json or a Hugging Face model directory (\"\" = bytes)",
-                              key="data.tokenizer", value="<dir with tokenizer.json>")
+                              key=option, value="<dir with tokenizer.json>")
         try:
             self._tok = RustTokenizer.from_file(str(file))
         except Exception as e:  # noqa: BLE001 - the Rust library raises plain Exceptions
             raise ConfigError(f"cannot load tokenizer {file}: {str(e).splitlines()[0][:200]}",
-                              key="data.tokenizer", value="<dir with tokenizer.json>") from None
+                              key=option, value="<dir with tokenizer.json>") from None
         self.spec = str(path)
         self.file, self.directory = file, file.parent
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -215,13 +216,14 @@ def _chat_template(directory: Path, cfg: dict) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """`data.tokenizer`: "" (or "bytes") = byte-level; else a tokenizer.json or a directory."""
+def load_tokenizer(spec: str, option: str = "data.tokenizer") -> ByteTokenizer | HFTokenizer:
+    """`data.tokenizer`: "" (or "bytes") = byte-level; else a tokenizer.json or a directory.
+    `option` names it in errors (`--tokenizer` for `tokenize`)."""
     if not spec or spec == "bytes":
         return ByteTokenizer()
     from infra import paths
 
-    return HFTokenizer(paths.localize(spec) if paths.is_remote(spec) else spec)
+    return HFTokenizer(paths.localize(spec) if paths.is_remote(spec) else spec, option)
 
 
 def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:

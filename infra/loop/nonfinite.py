@@ -25,11 +25,12 @@ class NonFiniteGuard:
             return
         if self.mode == "stop":
             s, m = bad[0]
+            latest = self._latest_checkpoint()
+            latest = "no checkpoint yet" if latest is None else f"latest: step {latest}"
             raise NumericalError(
                 f"non-finite loss, gradients or update at step {s} ({self._describe(m)}); it was "
-                f"not applied and no checkpoint holds it (latest: step {self._latest_checkpoint()})"
-                f"; lower optim.lr or raise optim.grad_clip", key="train.nonfinite", value="skip",
-                verb="or set")
+                f"not applied and no checkpoint holds it ({latest}); lower optim.lr or raise "
+                "optim.grad_clip", key="train.nonfinite", value="skip", verb="or set")
         for s, m in bad:
             log.warning("warning: non-finite loss, gradients or update at step %d (%s); update "
                         "skipped",

@@ -3,10 +3,14 @@ bar, and the run's history (every record so far, as returned by `infra.train.run
 
 from __future__ import annotations
 
+import logging
 
+from infra.errors import UserError
 from infra.metrics import MetricWriter, truncate_history
 from infra.paths import PathLike
 from infra.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 class Reporter:
@@ -49,7 +53,11 @@ class Reporter:
             return
         from infra.goodput import compute
 
-        report = compute(workdir)
+        try:
+            report = compute(workdir)
+        except UserError as e:  # an event log edited by hand must not fail a finished run
+            log.warning("warning: no goodput for TensorBoard: %s", e)
+            return
         self.writer.write_tensorboard(step, {
             "goodput/goodput": report["goodput"], "goodput/productive_s": report["productive_s"],
             "goodput/wall_s": report["wall_s"],
