@@ -279,6 +279,7 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
             step += 1
             profiler.after(step, metrics)
             pending.append(step, metrics)
+            pending.wait_for_previous()  # at most one step in flight: SIGTERM is seen in time
             last = step == end
             preempted = sigterm.raised or ckpt.reached_preemption(step)
             log_now = last or step % tc.log_every == 0

@@ -429,3 +429,31 @@ def test_random_signals_at_random_moments_never_change_the_result(tmp_path):
 
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# 11. SIGTERM between log points: acted on within a step, not at the next sync ---------------------
+
+def test_sigterm_between_log_points_stops_within_a_step(tmp_path):
+    """Issue 27: JAX dispatch let the loop run dozens of steps ahead of the devices between
+    log points, so a SIGTERM was acted on only once the devices had caught up (43 s and 30 steps
+    late on a slow model here). With at most one step in flight, the run stops, checkpoints and
+    exits within about one step time plus the save."""
+    workdir = tmp_path / "w"
+    proc = popen("train", "--config", SMOKE, "--workdir", str(workdir), QUIET,
+                 "--config.train.steps=300", "--config.train.log_every=1000",
+                 "--config.train.eval_every=1000", "--config.train.eval_at_start=false",
+                 "--config.checkpoint.every=1000", "--config.model.d_model=256",
+                 "--config.model.mlp_dim=1024", "--config.model.num_layers=4",
+                 "--config.train.batch_size=32", env={"INFRA_CPU_DEVICES": "1"})
+    events = workdir / "events" / "process_0.jsonl"
+    wait_for(lambda: events.exists() and '"compile"' in events.read_text(), proc)
+    time.sleep(3)  # a few (slow) steps into training, far from any log point
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    elapsed = time.time() - signalled
+    assert proc.returncode == 75, err[-2000:]
+    (steps,) = [e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "steps"]
+    step_s = steps["seconds"] / (steps["last"] - steps["first"] + 1)
+    assert committed(workdir) == [steps["last"]] and steps["last"] < 300
+    assert elapsed < 3 * step_s + 10, (elapsed, step_s, steps)

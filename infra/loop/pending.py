@@ -1,7 +1,9 @@
 """Per-step metrics stay on the devices until the loop needs them.
 
 Reading a metric forces the host to wait for that step; the loop only does so at sync points
-(logging, saving), then fetches every step since the last one in a single transfer.
+(logging, saving), then fetches every step since the last one in a single transfer. Between
+them it waits for each step's predecessor only (`wait_for_previous`), which bounds how far
+dispatch runs ahead without ever leaving the devices without queued work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ class PendingMetrics:
 
     def append(self, step: int, metrics: dict) -> None:
         self._records.append((step, metrics))
+
+    def wait_for_previous(self) -> None:
+        """Block until the step before the newest one has finished. The host then runs at most
+        one step ahead of the devices (the newest is already queued, so they never idle), and
+        what it reads between steps, a SIGTERM above all, is acted on a step later at most
+        instead of after every step it had dispatched ahead."""
+        if len(self._records) - self._fetched >= 2:
+            jax.block_until_ready(self._records[-2][1])
 
     def fetch(self) -> list[tuple[int, dict]]:
         """The records not fetched before, now on the host (one device-to-host transfer)."""
