@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -81,14 +80,8 @@ def _ignore_closed_loop_callbacks() -> None:
 
 
 def start_time() -> float:
-    """When this process started (unix seconds, to ~10 ms): from the kernel on Linux (its start
-    in clock ticks since boot, against the seconds since boot now), else when `infra.process`
-    was first imported. Goodput counts a run's start-up from here."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return _IMPORTED_AT
+    """When goodput's `start_up` begins (unix seconds): for the CLI, when this program's code
+    started (infra was first imported: the interpreter's own start, tens of ms, is not counted,
+    and neither is what the process ran before it `exec`ed Python, a shell or a `pip install`);
+    for a library caller (a notebook, which may call `train.run` hours after importing), now."""
+    return _IMPORTED_AT if "cli" in _done else time.time()

@@ -292,6 +292,7 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
                 report.log_eval(step, evaluator(state["params"]))
             if save_now:
                 ckpt.save(step, state, train_iter, meta)
+            ckpt.poll_commits()
             if preempted and not last:
                 meter.lap(step)  # the steps since the last log point, for goodput
                 raise preemption.stopped(ckpt, step)

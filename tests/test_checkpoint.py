@@ -122,3 +122,29 @@ def test_restore_params_refuses_other_models_and_missing_steps(tmp_path):
     fewer = {"w": abstract["w"]}  # e.g. a config.json edited to fewer layers
     with pytest.raises(UserError, match="holds parameter 'params/b'"):
         restore_params(tmp_path, fewer)
+
+
+def test_a_commit_is_recorded_when_it_commits_not_at_the_next_save(tmp_path):
+    """Goodput's timeline: the `checkpoint_committed` event comes from the loop's per-step poll
+    while a save commits in the background, not from the next save minutes later."""
+    import time
+
+    from infra.events import EventLog, read_events
+
+    mesh = jax.make_mesh((8,), ("data",))
+    state = {"w": jax.device_put(jnp.ones((64, 8)), NamedSharding(mesh, P("data"))),
+             "step": jnp.int32(1)}
+    events = EventLog(tmp_path)
+    ckpt = Checkpointer(tmp_path, every=1, keep=2, events=events)
+    ckpt.COMMIT_POLL_S = 0.05
+    ckpt.save(1, state, Position(1), {})
+    seen = lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint_committed"]  # noqa: E731
+    deadline = time.monotonic() + 60
+    while not seen() and time.monotonic() < deadline:
+        ckpt.poll_commits()  # what the loop calls every step
+        time.sleep(0.02)
+    (event,) = seen()
+    marker_time = max(f.stat().st_mtime for f in (tmp_path / "checkpoints" / "1").rglob("*"))
+    assert event["step"] == 1 and event["time"] - marker_time < 1.0, (event, marker_time)
+    ckpt.close()
+    events.close()

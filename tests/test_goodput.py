@@ -109,6 +109,32 @@ def test_a_killed_and_a_preempted_run_are_accounted_exactly(tmp_path):
     assert acc.Scalars("goodput/goodput")[-1].value == pytest.approx(report["goodput"], rel=0.05)
 
 
+@pytest.mark.slow
+def test_start_up_counts_from_the_program_not_from_what_ran_before_exec(tmp_path):
+    """A launcher's shell that `exec`s Python passes on its process (and its start time): the
+    3 s it spent before (a `pip install`, here a sleep) are not the run's start-up."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    workdir = tmp_path / "w"
+    train = shlex.join([sys.executable, "-m", "infra", "train", "--config", SMOKE, "--workdir",
+                        str(workdir), "--config.sharding.print_table=false",
+                        "--config.train.steps=2", "--config.checkpoint.every=2"])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"INFRA_CPU_DEVICES": "1"}
+    launched = time.time()
+    p = subprocess.run(["bash", "-c", f"sleep 3 && exec {train}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (start,) = [e for e in read_events(workdir) if e["event"] == "start"]
+    assert start["time"] >= launched + 3, (start["time"] - launched)
+    assert _goodput(workdir)["badput_s"]["start_up"] < time.time() - launched - 3
+
+
 def test_a_workdir_without_events_is_one_line(tmp_path):
     p = cli("goodput", str(tmp_path))
     assert p.returncode == 2 and "no event log" in p.stderr

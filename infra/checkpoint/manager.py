@@ -83,6 +83,7 @@ class Checkpointer:
         # `infra.events.EventLog` (process 0 only): commits are recorded as they are seen.
         self._events = events
         self._noted = set(layout.committed_steps(self.directory.parent)) if events else set()
+        self._polled = 0.0  # when poll_commits last listed the directory
         # Async saves copy the state on its devices (one more state of device memory until the
         # background transfer has read it) and hand the copy to Orbax from a worker thread;
         # without the copy, `save` waits for Orbax's device-to-host transfer of the live state.
@@ -233,6 +234,20 @@ class Checkpointer:
         self._note_commits()
         if self._events is not None:
             self._events.record("checkpoint_wait", seconds=time.perf_counter() - t0)
+
+    COMMIT_POLL_S = 1.0
+
+    def poll_commits(self) -> None:
+        """While a save is committing in the background, look (a listing of the checkpoint
+        directory, at most every `COMMIT_POLL_S`) for steps that committed since, so their
+        `checkpoint_committed` events carry when they committed, not when the next save came.
+        The loop calls it every step; with no save pending it costs nothing."""
+        if self._events is None or self._in_flight is None or self._in_flight in self._noted:
+            return
+        now = time.monotonic()
+        if now - self._polled >= self.COMMIT_POLL_S:
+            self._polled = now
+            self._note_commits()
 
     def _note_commits(self) -> None:
         """Record in the event log every step newly committed (renamed into place) on disk."""
