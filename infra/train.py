@@ -185,13 +185,6 @@ def _claim(workdir: PathLike) -> workdir_lib.Claim:
 
 def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]]:
     trainer = build(config)
-    if is_main_process() and config.sharding.print_table:
-        print(mesh_lib.describe(trainer.mesh))
-        print(sharding.sharding_table(
-            trainer.state.abstract["params"], trainer.state.shardings["params"],
-            config.sharding.warn_replicated_mb,
-        ))
-        print(trained_summary(trainer.state), flush=True)
     main_events = events if is_main_process() else None  # process 0's timeline is the run's
     evaluator = trainer.evaluator(main_events)
     cc = config.checkpoint
@@ -215,6 +208,15 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
             ckpt.close()
         finally:
             peers.close(clean)
+
+
+def _print_layout(config, trainer: Trainer) -> None:
+    """The mesh, every parameter's sharding and what trains (stdout)."""
+    print(mesh_lib.describe(trainer.mesh))
+    print(sharding.sharding_table(trainer.state.abstract["params"],
+                                  trainer.state.shardings["params"],
+                                  config.sharding.warn_replicated_mb))
+    print(trained_summary(trainer.state), flush=True)
 
 
 def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
@@ -259,6 +261,8 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
     event_log.accept()
     if is_main_process():
         config_lib.save(config, workdir)
+        if config.sharding.print_table:  # after what can refuse the run: its one line is last
+            _print_layout(config, trainer)
     meta = {"config": config.to_dict(), "experiment": config.experiment}
     meter = ThroughputMeter(units_per_step=tc.batch_size * task.units_per_example(),
                             unit=task.unit, start_step=step, events=events)

@@ -164,3 +164,15 @@ def test_bad_input_at_resume_leaves_checkpoints_alone(trained, tmp_path, args, e
                      if prints.get(k) != fingerprint(wd).get(k))
     assert not changed, f"the failed run changed files in the workdir: {changed}"
     assert_one_error_line(p, expected)
+
+
+@pytest.mark.parametrize("extra", [["--config.model.d_model=128"],  # incompatible checkpoint
+                                   ["--config.data.files={bad}/tiny.txt"]])  # too little data
+def test_a_refused_run_prints_no_layout_table_before_its_error(trained, bad_paths, extra):
+    """Errors found before training are the run's only output: the parameter table comes once
+    the run is accepted, not as 40 lines above the one that matters."""
+    wd, _ = trained
+    args = [a.format(bad=bad_paths["dir"]) for a in extra]
+    p = cli("train", "--config", SMOKE, "--workdir", str(wd), *args, timeout=180)
+    assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr
+    assert "param " not in p.stdout and "MiB/dev" not in p.stdout, p.stdout
