@@ -210,3 +210,18 @@ def test_sigterm_drains_running_requests_then_exits_0(workdir):
     out, err = s.proc.communicate(timeout=60)
     assert s.proc.returncode == 0, err[-3000:]
     assert "draining 1 request" in err and "drained; exiting" in err
+
+
+@pytest.mark.slow
+def test_the_readme_client_snippet_runs_as_shown(server, capsys):
+    """The README's `openai` example, run against a real server: text, then the usage; no stray
+    `None` from the final chunk's empty delta."""
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(block for block in readme.split("```python\n")[1:]
+                   if "from openai import OpenAI" in block).split("```")[0]
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", server.base + "/v1")
+    exec(compile(snippet.replace('model="tiny"', 'model="smoke"'), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "None" not in out and out.count(" tokens]") == 2, out
