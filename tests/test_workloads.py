@@ -34,6 +34,23 @@ def test_readme_workloads_are_all_listed():
         assert f"| `{w.experiment}`" in readme, w.experiment
 
 
+def test_readme_quotes_the_generated_table():
+    """Every result and wall time the README gives is the row scripts/workloads.py wrote into
+    docs/workloads.md (its tolerance: none; rerun the script, then copy the row)."""
+    readme = (ROOT / "README.md").read_text()
+    rows = workloads.read_rows(ROOT / "docs" / "workloads.md")
+    assert set(rows) == {f"`{w.experiment}`" for w in workloads.WORKLOADS}
+    for experiment, cells in rows.items():
+        (line,) = [l for l in readme.splitlines() if l.startswith(f"| {experiment}")]
+        result, throughput, wall = cells[2], cells[3], cells[4]
+        assert f"| {result} | {wall} |" in line, (line, result, wall)
+    tiny = rows["`lm.py:tiny`"]
+    intro = readme[readme.index("What the tiny run did"):readme.index("## Workloads")]
+    first, last = tiny[2].replace("**", "").split(" → ")
+    assert f"**{first} → {last}**" in intro and f"**{tiny[3]}**" in intro, intro
+    assert tiny[4] in intro and tiny[5] in intro, intro
+
+
 def test_language_model_row_shows_first_and_last_eval_loss(tmp_path):
     cells = row(tmp_path, "lm.py:tiny",
                 {"step": 0, "eval/loss": 5.9621},
