@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 _ENGINES: dict = {}  # (model, tokenizer, devices) -> Engine with compiled steps
 
 
-def load_config(workdir: PathLike):
-    """The resolved config of a language-model run in `workdir`."""
+def load_config(workdir: PathLike, command: str = "generate"):
+    """The resolved config of a language-model run in `workdir` (UserError naming `command`
+    otherwise)."""
     from infra import config as config_lib
 
     raw = config_lib.read_saved(workdir)
     if raw.get("task") not in ("lm", "sft"):
-        raise UserError(f"generate needs a language-model run (task 'lm' or 'sft'); "
+        raise UserError(f"{command} needs a language-model run (task 'lm' or 'sft'); "
                         f"{workdir}/{config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
     return config_lib.load_saved(workdir, raw)
 

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -102,6 +103,18 @@ def size(location: PathLike) -> int:
     if not is_remote(location):
         return os.path.getsize(location)
     return path(location).stat().length
+
+
+def special_file(location: PathLike) -> bool:
+    """`location` is a local FIFO, device or socket: reading it blocks or never ends, so a file
+    someone handed us (data, a checkpoint, a tokenizer) must be checked before it is opened."""
+    if is_remote(location):
+        return False
+    try:
+        mode = os.stat(location).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def localize(location: PathLike) -> pathlib.Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infra import config as config_lib
 from infra import paths
-from infra.errors import UserError
+from infra.errors import UserError, output_error
 from infra.metrics import METRICS_FILE, read_history
 
 DEFAULT_NAME = "loss.png"
@@ -125,8 +125,8 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
         image = io.BytesIO()
         fig.savefig(image, format="png", dpi=110)
         out.write_bytes(image.getvalue())  # a local file or an object in a bucket
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror or e}); pass another --out") from None
+    except OSError as e:  # a full disk exits 3, like every command's output
+        raise output_error(out, e, "--out") from None
     return out
 
 

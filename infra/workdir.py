@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from infra import paths
 from infra.errors import UserError
@@ -67,11 +68,12 @@ def _in_use(path, who: str) -> UserError:
                      f"to finish or choose another --workdir")
 
 
-class _FileLock:
-    """`flock` on `<workdir>/.lock`: the kernel drops it when the holder dies."""
+class FileLock:
+    """`flock` on `file`, which records the holder (pid, host, since); the kernel drops the lock
+    when the holder dies. `busy(holder)` is the UserError when another process holds it."""
 
-    def __init__(self, path: Path):
-        self._handle = open(path / LOCK_FILE, "a+")
+    def __init__(self, file: Path, busy: Callable[[str], UserError]):
+        self._handle = open(file, "a+")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -79,9 +81,9 @@ class _FileLock:
             owner = self._handle.read().strip()
             self._handle.close()
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"cannot lock workdir '{path}' ({e.strerror}); choose a "
-                                f"--workdir on a filesystem that supports file locks") from None
-            raise _in_use(path, _describe(owner)) from None
+                raise UserError(f"cannot lock '{file}' ({e.strerror}); use a filesystem that "
+                                "supports file locks") from None
+            raise busy(_describe(owner)) from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(json.dumps(_owner()))
@@ -180,7 +182,8 @@ def claim(workdir: PathLike, *, lock: bool = True) -> Claim:
         raise UserError(f"workdir '{path}' is not writable ({why}); {fix}") from None
     if not lock:
         return Claim(path, created, None)
-    return Claim(path, created, _Lease(path) if paths.is_remote(path) else _FileLock(path))
+    return Claim(path, created, _Lease(path) if paths.is_remote(path)
+                 else FileLock(path / LOCK_FILE, lambda who: _in_use(path, who)))
 
 
 def check_fresh_start(workdir: PathLike) -> None:

@@ -1,4 +1,5 @@
-"""Give JAX 8 emulated CPU devices before any backend initialises."""
+"""Give JAX 8 emulated CPU devices before any backend initialises; fixtures several test files
+share."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -6,3 +7,43 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """`mount(name, options)`: a tmpfs at tmp_path/name (skips where mounting is not permitted)."""
+    mounted = []
+
+    def make(name: str, options: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        try:
+            ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if not ok:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny untied Llama with biases and a 300-token BPE tokenizer, saved by transformers."""
+    from tests import hf_models
+
+    root = tmp_path_factory.mktemp("hfcli")
+    tok = root / "tok"
+    tok.mkdir()
+    hf_models.train_tokenizer(tok)
+    return hf_models.save(hf_models.build("llama_untied"), root / "llama", tok)

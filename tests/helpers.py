@@ -65,3 +65,13 @@ class Position:
 
     def start_prefetch(self) -> None:
         pass
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Fill the filesystem of `directory` but `leave` bytes; returns the filler file."""
+    import os
+
+    st = os.statvfs(directory)
+    filler = directory / "filler"
+    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler

@@ -91,8 +91,9 @@ def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(em
     assert g.returncode == 0 and json.loads(g.stdout.strip().splitlines()[-1])["token_ids"], g.stderr
     e = gcli(emulator, "eval", "--workdir", workdir)
     assert e.returncode == 0 and json.loads(e.stdout.strip().splitlines()[-1])["step"] == 20, e.stderr
-    pl = gcli(emulator, "plot", workdir)
-    assert pl.returncode == 0 and (paths.path(workdir) / "loss.png").exists(), pl.stderr
+    pl = gcli(emulator, "plot", workdir, cwd=tmp_path)
+    assert pl.returncode == 0 and (tmp_path / "loss.png").stat().st_size > 0, pl.stderr
+    assert not (paths.path(workdir) / "loss.png").exists()  # plot never writes into a run
     x = gcli(emulator, "hf", "export", "--workdir", workdir, "--out", "gs://bkt/exported")
     assert x.returncode == 0, x.stderr
     assert {p.name for p in paths.path("gs://bkt/exported").iterdir()} >= {"config.json", "model.safetensors"}

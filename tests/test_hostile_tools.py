@@ -25,7 +25,7 @@ from infra.data.text import default_corpus_files
 from infra.data.tokenizer_cli import run_tokenize_cli, run_train_cli
 from infra.errors import UserError
 from infra.events import EventLog
-from tests.helpers import cli
+from tests.helpers import cli, fill
 
 FILES = default_corpus_files()[:40]
 SOME = ",".join(FILES[:5])
@@ -64,39 +64,6 @@ def one_error_line(p: subprocess.CompletedProcess, code: int, *needles: str) -> 
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def mount(tmp_path):
-    """`mount(name, options)`: a tmpfs at tmp_path/name (skips where mounting is not permitted)."""
-    mounted = []
-
-    def make(name: str, options: str) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        try:
-            ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
-        if not ok:
-            pytest.skip("mounting a tmpfs is not permitted here")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run(["umount", str(path)], capture_output=True)
-
-
-def fill(directory: Path, leave: int) -> Path:
-    """Fill the filesystem of `directory` but `leave` bytes; returns the filler file."""
-    import os
-
-    st = os.statvfs(directory)
-    filler = directory / "filler"
-    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
-    return filler
 
 
 # tokenizer train --------------------------------------------------------------------------------

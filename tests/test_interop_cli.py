@@ -95,16 +95,6 @@ def test_refused_configs_name_the_problem():
         config_lib.load("experiments/lm.py:smoke", {"init.from": "/nonexistent"})
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    """A tiny untied Llama with biases and a 300-token BPE tokenizer, saved by transformers."""
-    root = tmp_path_factory.mktemp("hfcli")
-    tok = root / "tok"
-    tok.mkdir()
-    hf_models.train_tokenizer(tok)
-    return hf_models.save(hf_models.build("llama_untied"), root / "llama", tok)
-
-
 def _broken_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

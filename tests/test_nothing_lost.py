@@ -85,29 +85,16 @@ def test_a_workdir_with_glob_characters_is_refused_before_anything(tmp_path):
 
 # 2. a full disk stops the run: the TensorBoard writer no longer hangs it --------------------------
 
-def _tmpfs(path, size):
-    path.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
-    if not ok:
-        pytest.skip("mounting a tmpfs is not permitted here")
-    return path
-
-
-def test_full_disk_during_metrics_writes_stops_with_one_line(tmp_path):
-    mount = _tmpfs(tmp_path / "small", "1M")
-    try:
-        filler = mount / "filler"
-        with open(filler, "wb") as f:  # leave ~40 KiB: metrics fill it within a few dozen steps
-            f.write(b"\0" * (1024 * 1024 - 40 * 1024))
-        workdir = mount / "w"
-        p = cli("train", "--config", SMOKE, "--workdir", str(workdir), QUIET,
-                "--config.train.steps=2000", "--config.train.log_every=1",
-                "--config.train.eval_every=1000", "--config.checkpoint.every=100000", timeout=300)
-        assert p.returncode == 3, p.stderr
-        one_error_line(p, "cannot write", "free disk space")
-    finally:
-        subprocess.run(["umount", str(mount)])
+def test_full_disk_during_metrics_writes_stops_with_one_line(mount):
+    small = mount("small", "size=1M")
+    with open(small / "filler", "wb") as f:  # leave ~40 KiB: metrics fill it within a few dozen steps
+        f.write(b"\0" * (1024 * 1024 - 40 * 1024))
+    workdir = small / "w"
+    p = cli("train", "--config", SMOKE, "--workdir", str(workdir), QUIET,
+            "--config.train.steps=2000", "--config.train.log_every=1",
+            "--config.train.eval_every=1000", "--config.checkpoint.every=100000", timeout=300)
+    assert p.returncode == 3, p.stderr
+    one_error_line(p, "cannot write", "free disk space")
 
 
 def test_sigterm_ends_a_stuck_run_within_its_grace_period():

@@ -253,7 +253,11 @@ class Checkpointer:
         """Record in the event log every step newly committed (renamed into place) on disk."""
         if self._events is None:
             return
-        for step in layout.committed_steps(self.directory.parent):
+        try:
+            committed = layout.committed_steps(self.directory.parent)
+        except Exception:  # noqa: BLE001 - a look, not a write: a storage outage is reported once,
+            return  # as the CheckpointError of the save it breaks; these steps are noted later
+        for step in committed:
             if step not in self._noted:
                 self._events.record("checkpoint_committed", step=step)
                 self._noted.add(step)

@@ -5,7 +5,6 @@ import codecs
 import glob
 import hashlib
 import os
-import stat
 import sysconfig
 from collections.abc import Sequence
 
@@ -81,8 +80,7 @@ def _unreadable(path: str, e: OSError, option: str) -> DataError:
 def _open_local(path: str, option: str):
     """`path` opened for reading, or the DataError (naming `option`) that says why it cannot be."""
     try:
-        mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device blocks or never ends
+        if paths.special_file(path):  # a FIFO or device blocks or never ends
             raise DataError(f"data file {path!r} is not a regular file; point {option} at "
                             "text files")
         return open(path, "rb")

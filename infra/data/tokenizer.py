@@ -104,6 +104,8 @@ def _token_name(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    if not path.is_file():  # absent, or a FIFO or device that would block the read
+        return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -28,13 +28,14 @@ template of `infra.data.chat`, or `data.chat_template`) in the exported `tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from infra.errors import UserError
+from infra.errors import UserError, output_error
+from infra.interop.staging import Staging
 
 
 def _mesh(config):
@@ -62,6 +63,18 @@ def _source_hf_config(workdir: Path, config) -> dict:
     return {}
 
 
+def _within(inner, outer) -> bool:
+    """`inner` is `outer` or lies below it (local paths compared resolved, so `a/../a` and
+    symlinks count)."""
+    from infra import paths
+
+    def full(p) -> str:
+        return str(p) if paths.is_remote(p) else str(Path(p).expanduser().resolve())
+
+    a, b = full(inner), full(outer).rstrip("/")
+    return a == b or a.startswith(b + "/")
+
+
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
               dtype: str = "auto", max_shard_size: int = 5 * 10**9, merge_lora: bool = False,
               peft: bool = False):
@@ -69,10 +82,17 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
     (LoRA runs: `merge_lora` or `peft`, see the module docstring). Either may be in a bucket:
     `out` is written locally, then uploaded."""
     from infra import paths
+    from infra.interop.importer import check_new_dir
 
-    target = paths.path(out)
-    if paths.is_remote(target) and target.exists() and any(target.iterdir()):
-        raise UserError(f"--out {target} exists and is not an empty directory; pass a new one")
+    target, source = paths.path(out), paths.path(workdir)
+    if _within(target, source):
+        raise UserError(f"--out {target} is inside the run's workdir {source}; export to a "
+                        "directory outside it (the run's own files, checkpoints included, "
+                        "must not mix with the export)")
+    check_new_dir(target, "--out", "pass a new directory")
+    if max_shard_size <= 0:
+        raise UserError(f"--max_shard_size must be positive, got {max_shard_size} bytes; write "
+                        "e.g. 5GB or 500MB")
     with paths.staged(target) as local:
         written = _export(paths.path(workdir), local, step=step, dtype=dtype,
                           max_shard_size=max_shard_size, merge_lora=merge_lora, peft=peft)
@@ -91,16 +111,15 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
     from infra.generate import load_config
     from infra.interop.hf_config import architecture_for, to_hf
     from infra.interop.hf_weights import tensor_maps
-    from infra.interop.importer import abstract_params
+    from infra.interop.importer import abstract_params, check_new_dir
     from infra.interop.safetensors_io import NAMES, write_safetensors
 
     process.setup()
     out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty directory; pass a new one")
-    config = load_config(workdir)
+    check_new_dir(out, "--out", "pass a new directory")
+    config = load_config(workdir, command="hf export")
     if config.model.name != "transformer":
-        raise UserError(f"export needs a transformer language model; {workdir} trains "
+        raise UserError(f"hf export needs a transformer language-model run; {workdir} trains "
                         f"{config.model.name!r}")
     from infra.models import lora
 
@@ -153,33 +172,39 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
         return m.to_hf(np.asarray(jax.device_get(array)))
 
     main = jax.process_index() == 0
-    tmp = out.with_name(out.name + ".exporting")
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    try:
-        write_safetensors(tmp, entries, produce, max_shard_bytes=max_shard_size, write=main)
-        if main:
-            eos = tok.eos_id
-            hf = to_hf(model, architecture=architecture, bos_token_id=tok.bos_id,
-                       eos_token_id=source.get("eos_token_id", eos) if source else eos,
-                       dtype=storage)
-            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-            generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
-            if tok.pad_id is not None:
-                generation["pad_token_id"] = tok.pad_id
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-            if config.data.tokenizer:
-                copy_tokenizer_files(paths.localize(config.data.tokenizer), tmp)
-                _add_chat_template(config, tok, tmp)
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with Staging(out, ".exporting", flag="--out", command="hf export", main=main) as staging:
+        tmp = staging.path
+        with _write_errors(out):
+            write_safetensors(tmp, entries, produce, max_shard_bytes=max_shard_size, write=main)
+            if main:
+                eos = tok.eos_id
+                hf = to_hf(model, architecture=architecture, bos_token_id=tok.bos_id,
+                           eos_token_id=source.get("eos_token_id", eos) if source else eos,
+                           dtype=storage)
+                (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+                generation = {"bos_token_id": hf["bos_token_id"],
+                              "eos_token_id": hf["eos_token_id"]}
+                if tok.pad_id is not None:
+                    generation["pad_token_id"] = tok.pad_id
+                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2)
+                                                             + "\n")
+                if config.data.tokenizer:
+                    copy_tokenizer_files(paths.localize(config.data.tokenizer), tmp)
+                    _add_chat_template(config, tok, tmp)
+        staging.commit()
     return out
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path):
+    """A failed write of the export (full disk: exit 3; read-only: exit 2) as one line naming
+    --out; `Staging` removes what was written."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+        raise output_error(out, e, "--out", " (nothing was exported)") from None
 
 
 def _add_chat_template(config, tok, directory: Path) -> None:
@@ -264,25 +289,18 @@ def _export_peft(params, config, out: Path, st_dtype: str, tok, workdir: Path) -
     }
     if source and not is_hf_dir(source):
         adapter_config["base_model_name_or_path"] = None  # export the base with `hf export`
-    main = jax.process_index() == 0
-    tmp = out.with_name(out.name + ".exporting")
-    if not main:
+    if jax.process_index() != 0:
         return out
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        entries = [(n, st_dtype, t.shape) for n, t in tensors.items()]
-        write_safetensors(tmp, entries, lambda n: tensors[n].astype(DTYPES[st_dtype]),
-                          max_shard_bytes=1 << 62)
-        (tmp / SINGLE).rename(tmp / "adapter_model.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if config.data.tokenizer:
-            copy_tokenizer_files(config.data.tokenizer, tmp)
-            _add_chat_template(config, tok, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with Staging(out, ".exporting", flag="--out", command="hf export") as staging:
+        tmp = staging.path
+        with _write_errors(out):
+            entries = [(n, st_dtype, t.shape) for n, t in tensors.items()]
+            write_safetensors(tmp, entries, lambda n: tensors[n].astype(DTYPES[st_dtype]),
+                              max_shard_bytes=1 << 62)
+            (tmp / SINGLE).rename(tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+            if config.data.tokenizer:
+                copy_tokenizer_files(config.data.tokenizer, tmp)
+                _add_chat_template(config, tok, tmp)
+        staging.commit()
     return out

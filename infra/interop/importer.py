@@ -10,28 +10,65 @@ optimizer state that would triple its size. `restore_params` reads it like any c
 `train` in that workdir (or any run with `init.from=<workdir>`) starts from these parameters at
 step 0 with a fresh optimizer.
 
-Nothing is written unless everything is valid: the config, tokenizer and every safetensors
-header are checked first, and the workdir is assembled in `<workdir>.importing` and renamed at
-the end.
+Downloaded files are untrusted. Nothing is written unless everything is valid: the config, the
+tokenizer (its chat template compiled in the template sandbox), every safetensors header (byte
+ranges that tile the file exactly, shards that are regular files inside the model directory) and
+every tensor's values (no NaN or Inf). The workdir is assembled in `<workdir>.importing`
+(`infra.interop.staging`: locked, so two imports into one workdir cannot interleave) and renamed
+at the end; a failed write (full disk, read-only) is one line and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from infra.errors import UserError
+from infra.errors import UserError, output_error
+from infra.interop.staging import Staging
 
 HF_CONFIG = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
+log = logging.getLogger(__name__)
+
+
+def check_new_dir(target: Path, flag: str, fix: str) -> None:
+    """UserError unless `target` (a command's output directory) is absent or an empty
+    directory."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {target} is a file, not a directory; {fix}")
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"{flag} {target} exists and is not empty; {fix}")
+
+
+def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
+    """The checkpoint's tokenizer loads, fits the model's vocabulary, and its chat template (code
+    that came with the download) compiles in the template sandbox."""
+    from infra.data import template_sandbox
+    from infra.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(hf_dir)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
+                        f"model.vocab_size is {vocab_size}; the checkpoint does not match its "
+                        "tokenizer")
+    if tok.chat_template:
+        try:
+            template_sandbox.shared().check(tok.chat_template)
+        except UserError as e:
+            raise UserError(f"{hf_dir}: {e.message.split('; fix')[0]}; fix or remove the "
+                            "chat_template of its tokenizer_config.json (or chat_template.jinja) "
+                            "and import again") from None
 
 
 def read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file; pass a Hugging Face model directory")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -47,8 +84,11 @@ def is_hf_dir(path: str | Path) -> bool:
     """A directory whose config.json is a transformers config (not one of our runs')."""
     from infra import paths
 
+    config = paths.path(path) / "config.json"
+    if paths.special_file(config):
+        return False
     try:
-        raw = json.loads((paths.path(path) / "config.json").read_text())
+        raw = json.loads(config.read_text())
     except (OSError, ValueError, UserError):
         return False
     return isinstance(raw, dict) and "architectures" in raw and "task" not in raw
@@ -116,12 +156,13 @@ def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
     `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
     from infra import paths
     from infra.interop.hf_weights import tensor_maps
-    from infra.interop.safetensors_io import SafetensorsDir, load_params
+    from infra.interop.safetensors_io import SafetensorsDir, check_finite, load_params
 
     ckpt = SafetensorsDir(paths.localize(hf_dir))  # positioned reads need a local file
     maps = tensor_maps(abstract, config.model.num_layers)
     ckpt.check(maps, tied=config.model.tie_embeddings)
     params = load_params(ckpt, maps, abstract, on_tensor=on_tensor)
+    check_finite(ckpt, maps, params)
     if stats is not None:
         stats.update(bytes_read=ckpt.bytes_read, bytes_total=ckpt.nbytes)
     return params
@@ -164,8 +205,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
     from infra import paths
 
     target = paths.path(workdir)
-    if paths.is_remote(target) and target.exists() and any(target.iterdir()):
-        raise UserError(f"workdir {target} exists and is not empty; import into a new --workdir")
+    check_new_dir(target, "--workdir", "import into a new --workdir")
     with paths.staged(target) as local:
         _import(paths.localize(hf_dir), local, recorded=target, spec=spec, overrides=overrides,
                 stats=stats)
@@ -182,17 +222,15 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     from infra import mesh as mesh_lib
     from infra import paths
     from infra import process
-    from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
+    from infra.data.text import VOCAB_SIZE as byte_vocab
+    from infra.data.tokenizer import copy_tokenizer_files
     from infra.interop.hf_config import from_hf
-    from infra.interop.hf_weights import tensor_maps
-    from infra.interop.safetensors_io import SafetensorsDir
 
     process.setup()
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()
     if not paths.is_remote(recorded):
         recorded = workdir
-    if workdir.exists() and any(workdir.iterdir()):
-        raise UserError(f"workdir {workdir} exists and is not empty; import into a new --workdir")
+    check_new_dir(workdir, "--workdir", "import into a new --workdir")
     hf = read_hf_config(hf_dir)
     model = from_hf(hf, str(hf_dir / "config.json"))
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()
@@ -200,45 +238,40 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     config = run_config(hf_dir, model, spec=spec, overrides=overrides,
                         tokenizer=str(hf_dir) if has_tokenizer else "")
     if has_tokenizer:
-        tok = HFTokenizer(hf_dir)
-        if tok.vocab_size > config.model.vocab_size:
-            raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
-                            f"model.vocab_size is {config.model.vocab_size}; the checkpoint "
-                            "does not match its tokenizer")
+        check_tokenizer(hf_dir, config.model.vocab_size)
+    elif config.model.vocab_size > byte_vocab:
+        log.warning("warning: %s has no tokenizer.json, so this import tokenizes as UTF-8 bytes "
+                    "(ids 0-%d) although the model has %d tokens: its text will be garbage; put "
+                    "the model's tokenizer.json and tokenizer_config.json in %s and import again",
+                    hf_dir, byte_vocab - 1, config.model.vocab_size, hf_dir)
     mesh_lib.initialize_distributed(config.distributed)  # a multi-process import
-    ckpt = SafetensorsDir(hf_dir)  # every header checked before anything is written
     abstract = abstract_params(config)
-    ckpt.check(tensor_maps(abstract, config.model.num_layers), tied=config.model.tie_embeddings)
-
-    tmp = workdir.with_name(workdir.name + ".importing")
-    main = jax.process_index() == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier("infra_import_start")
     saved = config.to_dict()  # with the workdir's own copy of the tokenizer
     saved["data"]["tokenizer"] = str(tok_dir) if has_tokenizer else ""
-    try:
+    main = jax.process_index() == 0
+    with Staging(workdir, ".importing", flag="--workdir", command="hf import",
+                 main=main) as staging:  # a second import into the same workdir stops here
+        tmp = staging.path
+        _barrier("infra_import_start")
+        # every header checked, then every tensor read, placed and checked finite
         params = load_hf_params(hf_dir, config, abstract, stats=stats)
-        write_params_checkpoint(tmp, params, {"config": saved, "experiment": config.experiment,
-                                              "source": str(hf_dir)})
-        if main:
-            config_lib.save(ConfigDict(saved), tmp)
-            (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-            if has_tokenizer:
-                copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-                for extra in ("generation_config.json",):
-                    if (hf_dir / extra).is_file():
-                        shutil.copyfile(hf_dir / extra, tmp / TOKENIZER_DIR / extra)
+        try:
+            write_params_checkpoint(tmp, params, {"config": saved, "experiment": config.experiment,
+                                                  "source": str(hf_dir)})
+            if main:
+                config_lib.save(ConfigDict(saved), tmp)
+                (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+                if has_tokenizer:
+                    copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+                    for extra in ("generation_config.json",):
+                        if (hf_dir / extra).is_file():
+                            shutil.copyfile(hf_dir / extra, tmp / TOKENIZER_DIR / extra)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed write: one line, nothing left behind
+            raise output_error(workdir, e, "--workdir", " (nothing was imported)") from None
         _barrier("infra_import_written")
-        if main:
-            if workdir.exists():
-                workdir.rmdir()  # empty (checked above)
-            tmp.rename(workdir)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
     _barrier("infra_import_done")
     return workdir
 

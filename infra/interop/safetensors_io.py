@@ -56,6 +56,11 @@ class CheckpointFileError(UserError):
 def read_header(path: Path, with_offset: bool = False):
     """The tensor entries of one safetensors file's header, checked against the file's size
     (with `with_offset`: and the absolute offset where the data begins)."""
+    from infra import paths
+
+    if paths.special_file(path):
+        raise CheckpointFileError(f"{path} is not a regular file (a FIFO or device); the "
+                                  "checkpoint directory must hold the downloaded files")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -86,9 +91,14 @@ def read_header(path: Path, with_offset: bool = False):
         except (KeyError, TypeError, ValueError):
             raise CheckpointFileError(f"{path}: the header entry of {name!r} is malformed; is "
                                       "it a safetensors file?") from None
+        entry["data_offsets"] = [start, end]
         if entry["dtype"] not in DTYPES:
             raise CheckpointFileError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, "
                                       f"which is not supported ({', '.join(DTYPES)})")
+        if start < 0 or end < start or min(entry["shape"], default=0) < 0:
+            raise CheckpointFileError(f"{path}: tensor {name!r} has byte range [{start}, {end}) "
+                                      f"and shape {entry['shape']}, which no safetensors file "
+                                      "holds; the file is corrupt: download or copy it again")
         if end > data:
             raise CheckpointFileError(f"{path} is truncated: tensor {name!r} ends at byte {end} "
                                       f"of the data but the file holds {data}; download or copy "
@@ -96,7 +106,53 @@ def read_header(path: Path, with_offset: bool = False):
         if end - start != math.prod(entry["shape"]) * np.dtype(DTYPES[entry["dtype"]]).itemsize:
             raise CheckpointFileError(f"{path}: tensor {name!r} has {end - start} bytes, not "
                                       f"what its shape {entry['shape']} needs")
+    _check_contiguous(path, header, data)
     return (header, 8 + n) if with_offset else header
+
+
+def _check_contiguous(path: Path, header: dict, data: int) -> None:
+    """The format's layout: the tensors' byte ranges tile the data exactly, in some order, with
+    no overlap (two tensors sharing bytes) and no hole; the data ends where the last one does."""
+    at, previous = 0, None
+    for name, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        start, end = entry["data_offsets"]
+        if start < at:
+            raise CheckpointFileError(f"{path}: tensors {previous!r} and {name!r} share bytes "
+                                      f"(byte {start} < {at}); the file is corrupt: download or "
+                                      "copy it again")
+        if start > at:
+            raise CheckpointFileError(f"{path}: bytes {at}-{start} of the data belong to no "
+                                      f"tensor (before {name!r}); the file is corrupt: download "
+                                      "or copy it again")
+        at, previous = end, name
+    if at != data:
+        raise CheckpointFileError(f"{path} holds {data - at} bytes after its last tensor; the "
+                                  "file is corrupt: download or copy it again")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of `model.safetensors.index.json`: tensor name -> shard file, each shard
+    a plain file name inside the model directory (not `../x`, not an absolute path)."""
+    from infra import paths
+
+    if paths.special_file(index):
+        raise CheckpointFileError(f"{index} is not a regular file (a FIFO or device)")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointFileError(f"cannot read {index} ({type(e).__name__}: no JSON object "
+                                  "with a weight_map); download it again") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFileError(f"{index}: weight_map is not an object of tensor names to "
+                                  "shard files; download it again")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointFileError(f"{index}: tensor {name!r} maps to {file!r}, not a shard "
+                                      "file name; download it again")
+        if Path(file).is_absolute() or ".." in Path(file).parts or "\\" in file:
+            raise CheckpointFileError(f"{index}: tensor {name!r} is in {file!r}, outside the "
+                                      "model directory; shards must be files inside it")
+    return weight_map
 
 
 class SafetensorsDir:
@@ -105,13 +161,10 @@ class SafetensorsDir:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointFileError(f"cannot read {index} ({type(e).__name__})") from None
+        if index.exists():
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
-        elif (self.directory / SINGLE).is_file():
+        elif (self.directory / SINGLE).exists():
             weight_map, files = None, [SINGLE]
         else:
             raise CheckpointFileError(f"no {SINGLE} or {INDEX} in {self.directory}; pass a "
@@ -331,6 +384,32 @@ def load_params(ckpt: SafetensorsDir, maps: list[TensorMap], abstract_params: An
     return jax.tree.unflatten(treedef, out)
 
 
+def check_finite(ckpt: SafetensorsDir, maps: list[TensorMap], params: Any) -> None:
+    """CheckpointFileError naming the checkpoint's tensors that hold NaN or Inf: a run started
+    from them fails many steps later as a "non-finite loss", far from the cause. Checked on the
+    devices (one reduction per parameter, per layer when stacked), without a host copy."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        return
+
+    def finite(xs):
+        return [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) if m.stacked
+                else jnp.isfinite(x).all() for x, m in zip(xs, maps)]
+
+    replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())
+    flags = jax.device_get(jax.jit(finite, out_shardings=replicated)(leaves))
+    bad = [name for m, ok in zip(maps, flags)
+           for name, fine in zip(m.names, np.atleast_1d(ok)) if not fine]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointFileError(f"tensor {bad[0]!r}{more} in {ckpt.directory} holds NaN or Inf "
+                                  "values; the checkpoint is corrupt or was saved after training "
+                                  "diverged: download it again or use another checkpoint")
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stacked: jax.Array, layer_array: jax.Array, index) -> jax.Array:
     """`stacked[index] = layer_array`, in place (the stacked buffer is donated)."""
@@ -414,7 +493,7 @@ def parse_size(text: str | int) -> int:
         if s.endswith(unit):
             try:
                 return int(float(s[: -len(unit)]) * factor)
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: "infGB"
                 break
     try:
         return int(s)

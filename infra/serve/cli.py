@@ -115,7 +115,7 @@ def run_cli(args) -> int:
     flag = preemption.catch_sigterm()
     flag.grace_s = args.drain_timeout + 30  # the bound of a drain that hangs (exit 143)
     sock = _bind(args.host, args.port)  # before the slow part: a port in use fails at once
-    config = load_config(args.workdir)
+    config = load_config(args.workdir, command="serve")
     template = chat.run_template(config, load_tokenizer(config.data.tokenizer))
     sandbox = template_sandbox.TemplateSandbox(2, timeout_s=args.template_timeout).start()
     sandbox.check(template)  # one that does not parse fails before the warm-up
