@@ -1,8 +1,12 @@
 """Model registry: ``model.name`` in the config selects a class, the other ``model.*`` keys are
-its typed hyper-parameters (the class's ``Config``, a `HyperParams` dataclass)."""
+its typed hyper-parameters (the class's ``Config``, a `HyperParams` dataclass).
+
+The built-in models are listed by name in `BUILTIN_MODELS` and imported when first asked for;
+a model defined elsewhere (an experiment file) adds itself with `register`."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -12,6 +16,14 @@ from ml_collections import ConfigDict
 from infra.errors import ConfigError
 from infra.models.hparams import HyperParams
 
+# config name -> (module, class) of the models this package ships
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "transformer": ("infra.models.transformer", "Transformer"),
+    "vit": ("infra.models.vision", "ViT"),
+    "convnet": ("infra.models.vision", "ConvNet"),
+    "dlrm": ("infra.models.dlrm", "DLRM"),
+    "forecaster": ("infra.models.forecaster", "Forecaster"),
+}
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T", bound=type)
 
@@ -36,12 +48,15 @@ def register(name: str) -> Callable[[T], T]:
 
 
 def available_models() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    """Model names (built-in and registered), sorted."""
+    return sorted(set(_REGISTRY) | set(BUILTIN_MODELS))
 
 
 def get_model_class(name: str) -> type:
     """The class registered as ``name``; ConfigError if there is none."""
+    if isinstance(name, str) and name not in _REGISTRY and name in BUILTIN_MODELS:
+        module, attr = BUILTIN_MODELS[name]
+        register(name)(getattr(importlib.import_module(module), attr))
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -88,9 +103,6 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs, **inputs: Any) 
     """
     return get_model_class(_name(model_cfg))(hyper_params(model_cfg), rngs=rngs, **inputs)
 
-
-# Importing a model module registers its classes (after `register` exists, above).
-from infra.models import dlrm, forecaster, transformer, vision  # noqa: E402,F401
 
 __all__ = ["HyperParams", "register", "get_model_class", "available_models", "build_model",
            "hyper_params", "model_config", "complete_model_config"]

@@ -34,9 +34,8 @@ import numpy as np
 from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
-from infra.models import register
 from infra.models.hparams import HyperParams
-from infra.models.transformer import _param
+from infra.models.transformer import param
 from infra.sharding import constrain
 
 
@@ -62,8 +61,8 @@ class MLP(nnx.Module):
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             axes = ("features", "mlp") if i % 2 == 0 else ("mlp", "features")
             init = jax.nn.initializers.normal(stddev=np.sqrt(2.0 / n_in))  # He
-            self.kernels.append(_param(rngs, init, (n_in, n_out), param_dtype, axes))
-            self.biases.append(_param(rngs, jax.nn.initializers.zeros, (n_out,), param_dtype,
+            self.kernels.append(param(rngs, init, (n_in, n_out), param_dtype, axes))
+            self.biases.append(param(rngs, jax.nn.initializers.zeros, (n_out,), param_dtype,
                                       axes[1:]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,7 +97,6 @@ class DLRMConfig(HyperParams):
                               key="model.embed_init_std", value=0.05, verb="e.g.")
 
 
-@register("dlrm")
 class DLRM(nnx.Module):
     """Click logit from dense features (B, num_dense) and per-feature ids (B, F)."""
 
@@ -113,7 +111,7 @@ class DLRM(nnx.Module):
         self.vocab_sizes = vocab_sizes
         self.offsets = tuple(int(o) for o in np.cumsum((0,) + vocab_sizes[:-1]))
         rows = -(-sum(vocab_sizes) // c.row_multiple) * c.row_multiple
-        self.table = _param(rngs, jax.nn.initializers.normal(stddev=c.embed_init_std),
+        self.table = param(rngs, jax.nn.initializers.normal(stddev=c.embed_init_std),
                             (rows, c.embed_dim), pdtype, ("table_rows", "table_dim"))
         self.bottom = MLP((num_dense, *c.bottom_mlp, c.embed_dim), dtype=self.dtype,
                           param_dtype=pdtype, rngs=rngs)

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
-from infra.models import register
 from infra.models.hparams import HyperParams
-from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _normal, _param
+from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, normal, param
 from infra.sharding import constrain
 
 CENTERS = ("last", "mean")
@@ -63,7 +62,6 @@ class ForecasterConfig(HyperParams):
             raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
 
 
-@register("forecaster")
 class Forecaster(nnx.Module):
     """(batch, window, features) float -> (batch, horizon, len(target_channels)) float32."""
 
@@ -90,10 +88,10 @@ class Forecaster(nnx.Module):
         self.dtype = compute
         k = len(target_channels)
         fan_in = patch_len * features
-        self.patch_embed = _param(rngs, _normal(1.0 / math.sqrt(fan_in)),
+        self.patch_embed = param(rngs, normal(1.0 / math.sqrt(fan_in)),
                                   (patch_len, features, d_model), storage,
                                   ("window", "features", "embed"))
-        self.patch_bias = _param(rngs, jax.nn.initializers.zeros, (d_model,), storage, ("embed",))
+        self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d_model,), storage, ("embed",))
         out_scale = 1.0 / math.sqrt(2 * c.num_layers)
         self.blocks = nnx.List([
             Block(d_model=d_model, num_heads=c.num_heads, num_kv_heads=c.num_heads,
@@ -105,14 +103,14 @@ class Forecaster(nnx.Module):
         self.final_norm = RMSNorm(d_model, eps=c.norm_eps, dtype=compute,
                                   param_dtype=storage, rngs=rngs)
         head_fan_in = self.num_patches * d_model
-        self.head = _param(rngs, _normal(0.1 / math.sqrt(head_fan_in)),
+        self.head = param(rngs, normal(0.1 / math.sqrt(head_fan_in)),
                            (self.num_patches, d_model, horizon, k), storage,
                            ("window", "embed", "horizon", "features"))
-        self.head_bias = _param(rngs, jax.nn.initializers.zeros, (horizon, k), storage,
+        self.head_bias = param(rngs, jax.nn.initializers.zeros, (horizon, k), storage,
                                 ("horizon", "features"))
         self.linear_skip = c.linear_skip
         if self.linear_skip:
-            self.linear = _param(rngs, jax.nn.initializers.zeros, (window, horizon, k), storage,
+            self.linear = param(rngs, jax.nn.initializers.zeros, (window, horizon, k), storage,
                                  ("window", "horizon", "features"))
 
     def window_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

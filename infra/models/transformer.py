@@ -17,7 +17,9 @@ Two switches trade compute for memory / compile time:
   ``num_layers`` copies. The weights are the loop layout's, stacked: the same seed gives the same
   initial model in both layouts. Remat, when on, is applied inside the scanned body.
 
-Causal attention is computed in ``causal_blocks`` query blocks (default 4): block i attends to
+The attention itself is `infra.models.attention.attend`, the one implementation training, packed
+fine-tuning, encoders and serving (`Attention(..., kv_cache=...)`, `infra/serve/forward.py`)
+share. Causal attention is computed in ``causal_blocks`` query blocks (default 4): block i attends to
 the keys up to its own end only, skipping the upper triangle the mask would zero (5/8 of the
 score work with 4 blocks; 1 = the whole matrix). The result equals the full computation.
 
@@ -39,13 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
-from infra.models import register
+from infra.models.attention import Mask, attend
 from infra.models.hparams import HyperParams
 from infra.sharding import activation_shards, constrain
 
@@ -58,14 +61,16 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 RESIDUAL_AXES = ("batch", "length", "act_embed")
+# A layer's KV cache (serving): stores (k, v) of the new tokens, returns (keys, values, allowed)
+KVUpdate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 LAYERS = "layers"  # logical name of the stacked-layers dimension in scan mode
 
 
-def _normal(stddev: float) -> jax.nn.initializers.Initializer:
+def normal(stddev: float) -> jax.nn.initializers.Initializer:
     return jax.nn.initializers.normal(stddev=stddev)
 
 
-def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
     """A Param initialised with ``init`` and annotated with logical axis names."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
 
@@ -137,7 +142,7 @@ class RMSNorm(nnx.Module):
                  axes: tuple[str, ...] = ("norm",)):
         self.eps = eps
         self.dtype = dtype
-        self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, axes)
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -170,26 +175,26 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
         self.dtype = dtype
-        in_init = _normal(1.0 / math.sqrt(d_model))
-        out_init = _normal(out_scale / math.sqrt(num_heads * head_dim))
-        self.q = _param(rngs, in_init, (d_model, num_heads, head_dim), param_dtype,
+        in_init = normal(1.0 / math.sqrt(d_model))
+        out_init = normal(out_scale / math.sqrt(num_heads * head_dim))
+        self.q = param(rngs, in_init, (d_model, num_heads, head_dim), param_dtype,
                         ("embed", "heads", "head_dim"))
-        self.k = _param(rngs, in_init, (d_model, num_kv_heads, head_dim), param_dtype,
+        self.k = param(rngs, in_init, (d_model, num_kv_heads, head_dim), param_dtype,
                         ("embed", "kv_heads", "head_dim"))
-        self.v = _param(rngs, in_init, (d_model, num_kv_heads, head_dim), param_dtype,
+        self.v = param(rngs, in_init, (d_model, num_kv_heads, head_dim), param_dtype,
                         ("embed", "kv_heads", "head_dim"))
-        self.o = _param(rngs, out_init, (num_heads, head_dim, d_model), param_dtype,
+        self.o = param(rngs, out_init, (num_heads, head_dim, d_model), param_dtype,
                         ("heads", "head_dim", "embed"))
         zeros = jax.nn.initializers.zeros
         if qkv_bias:
-            self.q_bias = _param(rngs, zeros, (num_heads, head_dim), param_dtype,
+            self.q_bias = param(rngs, zeros, (num_heads, head_dim), param_dtype,
                                  ("heads", "head_dim"))
-            self.k_bias = _param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
+            self.k_bias = param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
                                  ("kv_heads", "head_dim"))
-            self.v_bias = _param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
+            self.v_bias = param(rngs, zeros, (num_kv_heads, head_dim), param_dtype,
                                  ("kv_heads", "head_dim"))
         if out_bias:
-            self.o_bias = _param(rngs, zeros, (d_model,), param_dtype, ("embed",))
+            self.o_bias = param(rngs, zeros, (d_model,), param_dtype, ("embed",))
         if qk_norm:
             common = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           axes=("head_dim",))
@@ -208,78 +213,34 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, kv_cache: KVUpdate | None = None
+                 ) -> jax.Array:
         """``positions``: (length,), or (batch, length) with ``segment_ids`` (batch, length): a
-        packed row's examples, each with positions from 0, attend only within their segment."""
-        dt = self.dtype
-        b, t, _ = x.shape
-        x = x.astype(dt)
-        q = self._project(x, "q")
-        k = self._project(x, "k")
-        v = self._project(x, "v")
-        q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
-        k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        q = rope(q, positions, self.rope_theta, self.rope_scaling)
-        k = rope(k, positions, self.rope_theta, self.rope_scaling)
-        # Head-major layout for the two attention matmuls: (batch, kv_heads, rows, head_dim),
-        # where query rows are (position, group member) pairs, position-major; query head n
-        # uses kv head n // group. On XLA:CPU this layout with an additive mask halves the
-        # attention's forward + backward time vs einsums in (batch, length, heads) order.
-        group = self.num_heads // self.num_kv_heads
-        q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
-        q = q.reshape(b, t, self.num_kv_heads, group, self.head_dim).transpose(0, 2, 1, 3, 4)
-        q = q.reshape(b, self.num_kv_heads, t * group, self.head_dim)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (batch, kv_heads, length, hd)
-        outs = []
-        for start, end in self._query_blocks(t):
-            keys = end if self.causal else t  # causal: later keys are all masked for this block
-            rows = slice(start * group, end * group)
-            scores = jnp.einsum("bkqh,bksh->bkqs", q[:, :, rows], k[:, :, :keys],
-                                preferred_element_type=jnp.float32)
-            if segment_ids is not None:
-                scores = scores + self._segment_bias(segment_ids, start, end, keys, group)
-            elif self.causal:
-                allowed = positions[start:end, None] >= positions[None, :keys]  # global positions
-                bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-                scores = scores + jnp.repeat(bias, group, axis=0)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            outs.append(jnp.einsum("bkqs,bksh->bkqh", probs, v[:, :, :keys]))
-        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-        out = out.reshape(b, self.num_kv_heads, t, group, self.head_dim).transpose(0, 2, 1, 3, 4)
-        out = out.reshape(b, t, self.num_heads, self.head_dim)
+        packed row's examples, each with positions from 0, attend only within their segment.
+        ``kv_cache(k, v) -> (keys, values, allowed)`` (serving): stores this call's keys and
+        values in a cache and returns what the queries attend to (``allowed``: (batch, length,
+        keys) bool); ``positions`` are then (batch, length), each row at its own position."""
+        q, k, v = self.project_qkv(x, positions)
+        if kv_cache is None:
+            mask = Mask(causal=self.causal, positions=positions, segment_ids=segment_ids)
+            blocks = self._query_blocks(x.shape[1])
+        else:
+            k, v, allowed = kv_cache(k, v)
+            mask, blocks = Mask(allowed=allowed), None
+        out = attend(q, k, v, mask, dtype=self.dtype, query_blocks=blocks)
         return self.project_out(out)
 
-    def _segment_bias(self, segment_ids: jax.Array, start: int, end: int, keys: int,
-                      group: int) -> jax.Array:
-        """Additive mask (batch, 1, rows, keys) of query positions [start, end): a query sees
-        the keys of its own segment only (and, when causal, none after it: by index, since
-        positions restart in every segment)."""
-        allowed = segment_ids[:, start:end, None] == segment_ids[:, None, :keys]
-        if self.causal:
-            index = jnp.arange(keys)
-            allowed = allowed & (index[start:end, None] >= index[None, :])
-        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        return jnp.repeat(bias, group, axis=1)[:, None]
-
-    # KV-cache decoding (infra/serve/forward.py): the projections of `__call__`, with RoPE at
-    # per-row positions, and its output projection. `__call__` is left as it is; the serving
-    # parity test (tests/test_serve_engine.py) checks that both give the same logits.
     def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array,
                                                                         jax.Array]:
         """q (batch, length, heads, head_dim), k and v (batch, length, kv_heads, head_dim) of
-        ``x`` (batch, length, d_model): biases, q/k norm, then RoPE at ``positions`` (batch,
-        length), one row of positions per sequence (each decode slot is at its own position)."""
+        ``x`` (batch, length, d_model): biases, q/k norm, then RoPE at ``positions``."""
         x = x.astype(self.dtype)
         q = constrain(self._project(x, "q"), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(self._project(x, "k"), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(self._project(x, "v"), ("batch", "length", "act_kv_heads", "head_dim"))
-
-        def rotate(y: jax.Array) -> jax.Array:
-            one = lambda row, pos: rope(row[None], pos, self.rope_theta, self.rope_scaling)[0]  # noqa: E731
-            return jax.vmap(one)(y, positions)
-
-        return rotate(q), rotate(k), v
+        q = rope(q, positions, self.rope_theta, self.rope_scaling)
+        k = rope(k, positions, self.rope_theta, self.rope_scaling)
+        return q, k, v
 
     def project_out(self, out: jax.Array) -> jax.Array:
         """Attention output (batch, length, heads, head_dim) -> (batch, length, d_model)."""
@@ -311,16 +272,16 @@ class MLP(nnx.Module):
     def __init__(self, *, d_model: int, mlp_dim: int, out_scale: float, dtype, param_dtype,
                  rngs: nnx.Rngs, bias: bool = False):
         self.dtype = dtype
-        in_init = _normal(1.0 / math.sqrt(d_model))
-        self.gate = _param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
-        self.up = _param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
-        self.down = _param(rngs, _normal(out_scale / math.sqrt(mlp_dim)), (mlp_dim, d_model),
+        in_init = normal(1.0 / math.sqrt(d_model))
+        self.gate = param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
+        self.up = param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
+        self.down = param(rngs, normal(out_scale / math.sqrt(mlp_dim)), (mlp_dim, d_model),
                            param_dtype, ("mlp", "embed"))
         if bias:
             zeros = jax.nn.initializers.zeros
-            self.gate_bias = _param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
-            self.up_bias = _param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
-            self.down_bias = _param(rngs, zeros, (d_model,), param_dtype, ("embed",))
+            self.gate_bias = param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
+            self.up_bias = param(rngs, zeros, (mlp_dim,), param_dtype, ("mlp",))
+            self.down_bias = param(rngs, zeros, (d_model,), param_dtype, ("embed",))
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         y = dense(x, getattr(self, name)[...].astype(self.dtype))
@@ -357,8 +318,9 @@ class Block(nnx.Module):
                        **common)
 
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+                 segment_ids: jax.Array | None = None, kv_cache: KVUpdate | None = None
+                 ) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, kv_cache)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, RESIDUAL_AXES)
 
@@ -485,7 +447,6 @@ class TransformerConfig(HyperParams):
         return 6.0 * self.matmul_params + 3.0 * self.attention_flops_per_token(seq_len)
 
 
-@register("transformer")
 class Transformer(nnx.Module):
     """Decoder-only language model: tokens (batch, length) int32 -> logits (batch, length, vocab) float32."""
 
@@ -505,7 +466,7 @@ class Transformer(nnx.Module):
         self.scan_layers = c.scan_layers
         out_scale = 1.0 / math.sqrt(2 * c.num_layers)  # GPT-2 residual-projection scaling
 
-        self.embedding = _param(rngs, _normal(0.02), (c.vocab_size, c.d_model), storage_dtype,
+        self.embedding = param(rngs, normal(0.02), (c.vocab_size, c.d_model), storage_dtype,
                                 ("vocab", "embed"))
         block_kwargs = dict(d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                             head_dim=c.head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
@@ -521,7 +482,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=compute_dtype,
                                   param_dtype=storage_dtype, rngs=rngs)
         if not c.tie_embeddings:
-            self.unembedding = _param(rngs, _normal(1.0 / math.sqrt(c.d_model)),
+            self.unembedding = param(rngs, normal(1.0 / math.sqrt(c.d_model)),
                                       (c.d_model, c.vocab_size), storage_dtype, ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
@@ -534,14 +495,9 @@ class Transformer(nnx.Module):
         if length > self.max_seq_len:
             raise ConfigError(f"sequence length {length} exceeds model.max_seq_len "
                               f"{self.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
-        dt = self.dtype
         if positions is None:
             positions = jnp.arange(length)
-        # FSDP-style: gather the table's embed dim before the lookup (vocab may stay sharded);
-        # a lookup into an embed-sharded table cannot be resharded to batch/length efficiently.
-        table = constrain(self.embedding[...], ("vocab", "act_embed"))
-        x = jnp.take(table, tokens, axis=0).astype(dt)
-        x = constrain(x, RESIDUAL_AXES)
+        x = self.embed(tokens)
         policy = REMAT_POLICIES[self.remat]
         if self.scan_layers:
             body = _apply_block
@@ -562,11 +518,31 @@ class Transformer(nnx.Module):
                 body = nnx.remat(body, policy=policy)
             for block in self.blocks:
                 x = body(block, x, positions, segment_ids)
+        return constrain(self.logits(x), ("batch", "length", "act_vocab"))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token ids (batch, length) -> the residual stream (batch, length, d_model)."""
+        # FSDP-style: gather the table's embed dim before the lookup (vocab may stay sharded);
+        # a lookup into an embed-sharded table cannot be resharded to batch/length efficiently.
+        table = constrain(self.embedding[...], ("vocab", "act_embed"))
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), RESIDUAL_AXES)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The residual stream -> float32 logits: final norm, then the (tied) output projection."""
         x = self.final_norm(x)
         if self.tie_embeddings:
-            logits = dense(x, self.embedding[...].astype(dt), transpose_w=True,
-                           preferred_element_type=jnp.float32)
-        else:
-            logits = dense(x, self.unembedding[...].astype(dt),
-                           preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "act_vocab"))
+            return dense(x, self.embedding[...].astype(self.dtype), transpose_w=True,
+                         preferred_element_type=jnp.float32)
+        return dense(x, self.unembedding[...].astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+
+    def cached_layers(self, x: jax.Array, positions: jax.Array,
+                      kv_cache: Callable[[int], KVUpdate]) -> jax.Array:
+        """The blocks over the residual stream ``x`` with a KV cache (serving, loop layout):
+        ``kv_cache(i)`` is layer i's `KVUpdate`; ``positions`` (batch, length)."""
+        if self.scan_layers:
+            raise ValueError("a KV cache needs the loop layout; convert scan_layers parameters "
+                             "first (infra.serve.engine.load_model does)")
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, kv_cache=kv_cache(i))
+        return x

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infra.errors import ConfigError, check_positive_ints
-from infra.models import register
 from infra.models.hparams import HyperParams
-from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, _normal, _param
+from infra.models.transformer import RESIDUAL_AXES, Block, RMSNorm, normal, param
 from infra.sharding import constrain
 
 _zeros = jax.nn.initializers.zeros
@@ -85,7 +84,6 @@ class ViTConfig(HyperParams):
         return self.head_dim or self.d_model // self.num_heads
 
 
-@register("vit")
 class ViT(nnx.Module):
     """Vision Transformer: patches -> linear embedding + learned positions -> non-causal pre-norm
     encoder blocks -> final norm -> mean over patches (or the CLS token) -> linear head."""
@@ -101,12 +99,12 @@ class ViT(nnx.Module):
         patch_dim = patch_size * patch_size * c.channels
         tokens = (c.image_size // patch_size) ** 2 + (c.pool == "cls")
 
-        self.patch_embed = _param(rngs, _normal(1.0 / math.sqrt(patch_dim)), (patch_dim, d_model),
+        self.patch_embed = param(rngs, normal(1.0 / math.sqrt(patch_dim)), (patch_dim, d_model),
                                   storage, ("patch", "embed"))
-        self.patch_bias = _param(rngs, _zeros, (d_model,), storage, ("embed",))
-        self.positions = _param(rngs, _normal(0.02), (tokens, d_model), storage, ("length", "embed"))
+        self.patch_bias = param(rngs, _zeros, (d_model,), storage, ("embed",))
+        self.positions = param(rngs, normal(0.02), (tokens, d_model), storage, ("length", "embed"))
         if c.pool == "cls":
-            self.cls = _param(rngs, _zeros, (d_model,), storage, ("embed",))
+            self.cls = param(rngs, _zeros, (d_model,), storage, ("embed",))
         self.blocks = nnx.List([
             Block(d_model=d_model, num_heads=c.num_heads, num_kv_heads=c.num_heads,
                   head_dim=c.resolved_head_dim, mlp_dim=c.mlp_dim, rope_theta=c.rope_theta,
@@ -116,8 +114,8 @@ class ViT(nnx.Module):
         ])
         self.final_norm = RMSNorm(d_model, eps=c.norm_eps, dtype=compute, param_dtype=storage,
                                   rngs=rngs)
-        self.head = _param(rngs, _normal(0.02), (d_model, c.num_classes), storage, ("embed", "classes"))
-        self.head_bias = _param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
+        self.head = param(rngs, normal(0.02), (d_model, c.num_classes), storage, ("embed", "classes"))
+        self.head_bias = param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         _check_images(images, self.image_size, self.channels)
@@ -145,9 +143,9 @@ class Conv(nnx.Module):
                  rngs: nnx.Rngs):
         self.stride, self.dtype = stride, dtype
         fan_in = kernel * kernel * c_in
-        self.kernel = _param(rngs, _normal(math.sqrt(2.0 / fan_in)), (kernel, kernel, c_in, c_out),
+        self.kernel = param(rngs, normal(math.sqrt(2.0 / fan_in)), (kernel, kernel, c_in, c_out),
                              param_dtype, ("kernel", "kernel", "conv_in", "conv_out"))
-        self.bias = _param(rngs, _zeros, (c_out,), param_dtype, ("conv_out",))
+        self.bias = param(rngs, _zeros, (c_out,), param_dtype, ("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
@@ -199,7 +197,6 @@ class ConvNetConfig(HyperParams):
                               verb="e.g.")
 
 
-@register("convnet")
 class ConvNet(nnx.Module):
     """Small ResNet: 3x3 stem conv, then per stage `blocks_per_stage` residual blocks of
     `widths[i]` channels (every stage after the first starts with stride 2), norm, ReLU, global
@@ -221,8 +218,8 @@ class ConvNet(nnx.Module):
                 c_in = width
         self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(c_in, eps=c.norm_eps, **common)
-        self.head = _param(rngs, _normal(0.02), (c_in, c.num_classes), storage, ("conv_in", "classes"))
-        self.head_bias = _param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
+        self.head = param(rngs, normal(0.02), (c_in, c.num_classes), storage, ("conv_in", "classes"))
+        self.head_bias = param(rngs, _zeros, (c.num_classes,), storage, ("classes",))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         _check_images(images, self.image_size, self.channels)

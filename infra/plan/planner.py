@@ -275,21 +275,12 @@ def _build_mesh(cfg, devices: int):
 
 
 def _abstract_batch(task, config, shardings: dict) -> dict:
-    """ShapeDtypeStructs of one global batch: int32 [batch, units_per_example] per key (an LM's
-    `inputs` / `targets`), or a task's own `abstract_batch(batch_size)` when it defines one."""
+    """The task's `abstract_batch` of one global batch, with the batch shardings."""
     import jax
-    import jax.numpy as jnp
 
-    b = config.train.batch_size
-    if hasattr(task, "abstract_batch"):
-        shapes = task.abstract_batch(b)
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                for k, v in shapes.items()}
-    out = {}
-    for key, names in task.batch_axes().items():
-        shape = (b, task.units_per_example()) if len(names) >= 2 else (b,)
-        out[key] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shardings[key])
-    return out
+    shapes = task.abstract_batch(config.train.batch_size)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+            for k, v in shapes.items()}
 
 
 def _leaf_bytes(leaves) -> tuple[int, int]:

@@ -10,9 +10,8 @@ server turns that into an asyncio queue per request.
 `static=True` is the baseline the benchmark compares against: a batch is admitted only when
 every slot is free and runs until its last request finishes.
 
-Text is streamed safely: a delta never ends inside a multi-byte character (decoding the ids so
-far ends in U+FFFD until the rest arrives) or with what may be the start of a stop string, and
-the stop string itself is never sent.
+What each token adds to the text, and where a stop string ends it, is `infra.serve.output`'s
+(incremental detokenization, stop strings never sent, no partial character).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from infra.serve.engine import Engine, SamplingParams
+from infra.serve.output import Detokenizer, find_stop, sendable_end
 
 _ids = itertools.count()
 
@@ -69,10 +69,14 @@ class Request:
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
-    token_ids: list[int] = dataclasses.field(default_factory=list)
+    detokenizer: Detokenizer | None = None  # the completion's token ids and text
     sent: int = 0  # characters of the decoded text already emitted
     finished: Finished | None = None
     cancelled: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.detokenizer.ids if self.detokenizer is not None else []
 
 
 class Metrics:
@@ -92,7 +96,6 @@ class Scheduler:
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * engine.slots
         self.accepting = True
-        self.tokens_out = 0  # every token produced, for tokens/s
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -199,22 +202,23 @@ class Scheduler:
         else:
             self.metrics.inter_token(now - r.last_token_at)
         r.last_token_at = now
-        r.token_ids.append(token)
-        self.tokens_out += 1
+        if r.detokenizer is None:
+            r.detokenizer = Detokenizer(self.tok)
+        out = r.detokenizer
         if token == self.tok.eos_id and not r.ignore_eos:
-            self._free(s, "stop", self.tok.decode(r.token_ids[:-1]))
+            out.ids.append(token)
+            self._free(s, "stop", out.full_text(-1))
             return
-        text = self.tok.decode(r.token_ids)
-        for stop in r.stop:
-            at = text.find(stop, max(0, r.sent - len(stop)))
-            if at >= 0:
-                self._free(s, "stop", text[:at])
-                return
-        position = len(r.ids) + len(r.token_ids) - 1  # of this token
-        if len(r.token_ids) >= r.max_tokens or position >= self.engine.max_len - 1:
-            self._free(s, "length", text)
+        out.add(token)
+        at = find_stop(out.text, r.stop, r.sent)
+        if at >= 0:
+            self._free(s, "stop", out.text[:at])
             return
-        self._send(r, text[:_safe_end(text, r.stop)])
+        position = len(r.ids) + len(out.ids) - 1  # of this token
+        if len(out.ids) >= r.max_tokens or position >= self.engine.max_len - 1:
+            self._free(s, "length", out.full_text())
+            return
+        self._send(r, out.text[:sendable_end(out.text, r.stop)])
 
     def _send(self, r: Request, text: str) -> None:
         delta = text[r.sent:]
@@ -231,21 +235,8 @@ class Scheduler:
         """Send what was held back of the final `text` (None: nothing more), then Finished."""
         if text is not None and len(text) > r.sent:
             self._send(r, text)
+        sent = r.detokenizer.full_text()[: r.sent] if r.detokenizer is not None else ""
         r.finished = Finished(reason, len(r.ids), len(r.token_ids),
-                              text if text is not None else self.tok.decode(r.token_ids)[: r.sent])
+                              text if text is not None else sent)
         self.metrics.finished(r)
         r.emit(r.finished)
-
-
-def _safe_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of `text` can be sent: not a trailing partial character (U+FFFD), nor a tail
-    that may grow into a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in stops:
-        for n in range(min(len(stop) - 1, end), 0, -1):
-            if text[end - n:end] == stop[:n]:
-                end -= n
-                break
-    return end

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -95,3 +96,13 @@ class Task(abc.ABC):
     def units_per_example(self) -> int:
         """How many `unit`s one example holds (sequence length for an LM)."""
         return 1
+
+    def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of one global batch (what `plan` compiles the step for, without
+        data). Default: int32 (batch, units_per_example) for every key with two or more
+        logical dims, (batch,) otherwise (an LM's `inputs` / `targets`); tasks whose batches
+        hold other dtypes or shapes override it."""
+        return {key: jax.ShapeDtypeStruct(
+                    (batch_size, self.units_per_example()) if len(names) >= 2 else (batch_size,),
+                    jnp.int32)
+                for key, names in self.batch_axes().items()}

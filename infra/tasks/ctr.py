@@ -24,7 +24,6 @@ from infra import models
 from infra.data import clicks
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.errors import ConfigError
-from infra.models import dlrm  # noqa: F401  (registers "dlrm")
 from infra.tasks.base import Batch, Metrics, Task
 
 _SPEC_KEYS = ("seed", "num_train", "num_eval", "max_vocab", "zipf", "hidden_dim", "target_ctr")

@@ -30,7 +30,6 @@ from infra import models
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data import series as series_lib
 from infra.errors import ConfigError, check_positive_ints
-from infra.models import forecaster as _forecaster  # noqa: F401  (registers "forecaster")
 from infra.tasks.base import Batch, Metrics, Task
 
 LOSSES = ("mae", "mse")

@@ -15,7 +15,6 @@ from infra import models
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data.images import ImageSplits, load_splits, shift_and_noise
 from infra.errors import ConfigError, DataError
-from infra.models import vision  # noqa: F401  (registers "vit" and "convnet")
 from infra.tasks.base import Batch, Metrics, Task
 
 
