@@ -92,7 +92,6 @@ class Scheduler:
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * engine.slots
         self.accepting = True
-        self.tokens_out = 0  # every token produced, for tokens/s
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -200,7 +199,6 @@ class Scheduler:
             self.metrics.inter_token(now - r.last_token_at)
         r.last_token_at = now
         r.token_ids.append(token)
-        self.tokens_out += 1
         if token == self.tok.eos_id and not r.ignore_eos:
             self._free(s, "stop", self.tok.decode(r.token_ids[:-1]))
             return
