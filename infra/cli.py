@@ -218,10 +218,8 @@ def _say_last(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     process.setup(cli=True)  # first: the malloc settings must precede JAX's threads
-    from infra.loop import preemption
-
-    preemption.catch_sigterm()  # from now on SIGTERM only asks the run to stop: never a kill
-    preemption.catch_sigint()
+    process.catch_sigterm()  # from now on SIGTERM only asks the run to stop: never a kill
+    process.catch_sigint()
     try:
         return _run(argv)
     except UserError as e:

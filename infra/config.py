@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,8 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from infra.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
@@ -154,7 +157,7 @@ def base_config(task: str = "lm") -> ConfigDict:
 
     # Start from another model's parameters (fresh optimizer, step 0): a workdir of ours or a
     # Hugging Face model directory; the run then takes its architecture and tokenizer
-    # (infra/interop/init_from.py).
+    # (`apply_init_from` below; the parameters: infra/interop/init_from.py).
     c.init = ConfigDict({"from": ""})
 
     # LoRA (infra/models/lora.py; transformer LM tasks): with `rank` set, every weight whose
@@ -274,12 +277,52 @@ def load(spec: str, overrides: Mapping[str, Any] | Iterable[str] | None = None) 
         overrides = parse_override_args(list(overrides))
     apply_overrides(config, overrides)
     apply_preset(config, explicit=set(overrides))
-    from infra.interop.init_from import apply_source_architecture
-
-    apply_source_architecture(config)
+    apply_init_from(config)
     validate(config)
     config.lock()
     return config
+
+
+def _init_source(source: str) -> tuple[dict[str, Any], str]:
+    """(model.* values, tokenizer spec) of an `init.from` source."""
+    from infra import paths
+    from infra.interop.hf_config import from_hf, is_hf_dir, read_hf_config
+
+    path = paths.path(source)
+    if is_hf_dir(path):
+        model = from_hf(read_hf_config(path), str(path / "config.json"))
+        return model, str(path) if (path / "tokenizer.json").is_file() else ""
+    if (path / CONFIG_FILE).is_file():
+        raw = read_saved(path)
+        return dict(raw.get("model") or {}), (raw.get("data") or {}).get("tokenizer", "")
+    raise ConfigError(f"init.from {source!r} is neither a workdir of ours nor a Hugging Face "
+                      "model directory (no config.json)", key="init.from",
+                      value="<workdir or HF model dir>")
+
+
+def apply_init_from(config: ConfigDict) -> None:
+    """Give the (unlocked) config the architecture (`ARCHITECTURE_KEYS`: shapes, vocabulary,
+    RoPE, biases, norms, tying) and, when it has none of its own, the tokenizer of its
+    `init.from` source; run choices stay the run's. Done at load, so the saved config, `plan`
+    and the sharding table describe the model actually trained."""
+    source = config.init["from"] if "init" in config else ""  # an experiment may build its own
+    if not source:
+        return
+    from infra.interop.hf_config import ARCHITECTURE_KEYS
+
+    model, tokenizer = _init_source(source)
+    if model.get("name", "transformer") != config.model.name:
+        raise ConfigError(f"init.from {source!r} holds a {model.get('name')!r} model but the run "
+                          f"trains {config.model.name!r}", key="init.from", value="''")
+    if config.model.name == "transformer":
+        changed = {k: model[k] for k in ARCHITECTURE_KEYS if k in model and config.model[k] != model[k]}
+        with config.model.unlocked():
+            config.model.update(changed)
+        if changed:
+            log.info("init.from %s: model %s from the source", source,
+                     ", ".join(f"{k}={v}" for k, v in changed.items()))
+    if tokenizer and "tokenizer" in config.data and not config.data.tokenizer:
+        config.data.tokenizer = tokenizer
 
 
 def complete(config: ConfigDict) -> None:

@@ -28,35 +28,6 @@ log = logging.getLogger(__name__)
 _ENGINES: dict = {}  # (model, tokenizer, devices) -> Engine with compiled steps
 
 
-def load_config(workdir: PathLike, command: str = "generate"):
-    """The resolved config of a language-model run in `workdir` (UserError naming `command`
-    otherwise)."""
-    from infra import config as config_lib
-
-    raw = config_lib.read_saved(workdir)
-    if raw.get("task") not in ("lm", "sft"):
-        raise UserError(f"{command} needs a language-model run (task 'lm' or 'sft'); "
-                        f"{workdir}/{config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
-    return config_lib.load_saved(workdir, raw)
-
-
-def _mesh(config):
-    """Parameters sharded FSDP-style over every local device (tensor-parallel as trained where
-    the device count allows). Not used by `generate` any more (it runs on the serving mesh,
-    `infra.serve.engine.serve_mesh`); `hf export` reads checkpoints onto it."""
-    import jax
-    from ml_collections import ConfigDict
-
-    from infra import mesh as mesh_lib
-
-    n = len(jax.devices())
-    tensor = int(config.mesh.tensor)
-    tensor = tensor if tensor > 0 and n % tensor == 0 else 1
-    sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
-    sizes |= {"fsdp": -1, "tensor": tensor}
-    return mesh_lib.make_mesh(ConfigDict(sizes))
-
-
 INT32_MAX, SEED_MAX = 2**31 - 1, 2**63 - 1
 
 
@@ -92,8 +63,8 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
     (with the EOS that stopped it, which `text` leaves out)."""
     import numpy as np
 
-    from infra.checkpoint import committed_steps
     from infra.data.tokenizer import load_tokenizer
+    from infra.run import load_config, require_checkpoint
     from infra.serve.engine import SamplingParams
     from infra.serve.scheduler import Request, Scheduler
 
@@ -105,9 +76,7 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
 
     workdir = paths.path(workdir)
     config = load_config(workdir)
-    if not committed_steps(workdir):  # before building anything: the common mistake
-        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
-                        f"(python -m infra train --config ... --workdir {workdir})")
+    require_checkpoint(workdir)  # before building anything: the common mistake
     tok = load_tokenizer(config.data.tokenizer)
     body = tok.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, np.int32)
     ids = np.concatenate([[tok.bos_id] if tok.bos_id is not None else [], body]).astype(np.int32)
@@ -137,10 +106,11 @@ def _engine(workdir: PathLike, config, tok):
     calls from a notebook compile nothing); the parameters are read anew every call."""
     import jax
 
-    from infra.serve.engine import Engine, allowed_ids, load_model, serve_mesh
+    from infra.mesh import serve_mesh
+    from infra.serve.engine import Engine, allowed_ids, load_model
 
     key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
-           json.dumps(config.finetune.to_dict() if "finetune" in config else {}, sort_keys=True),
+           json.dumps(config.finetune.to_dict(), sort_keys=True),
            tok.spec,
            tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tuple(d.id for d in jax.devices()))
     engine = _ENGINES.get(key)

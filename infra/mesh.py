@@ -2,6 +2,9 @@
 
 Mesh axes are `data`, `fsdp`, `sequence`, `tensor` (innermost: the fastest links). Each has an ICI size (`mesh.<axis>`, within a slice or
 host) and a DCN size (`mesh.dcn_<axis>`, across slices); -1 fills the remaining devices.
+
+Every mesh is made here: a run's own (`make_mesh(config.mesh)`), serving's (`serve_mesh`) and
+the one `hf export` reads a checkpoint onto (`fsdp_mesh`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import logging
 import math
 import os
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, UserError
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 distributed_started = False  # whether `initialize_distributed` started jax.distributed here
@@ -147,6 +150,40 @@ def make_mesh(cfg, devices=None):
         return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
     shape = [ici[a] * dcn[a] for a in AXES]
     return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+
+
+def _single_axis_sizes(**sizes: int):
+    """A `config.mesh`-like section: every ICI and DCN axis 1 but `sizes`."""
+    from ml_collections import ConfigDict
+
+    return ConfigDict({a: 1 for a in AXES} | {f"dcn_{a}": 1 for a in AXES} | sizes)
+
+
+def serve_mesh(config, devices=None, tensor: int | None = None):
+    """The serving mesh, `data` x `tensor` over `devices`: kv heads over `tensor` (default: the
+    largest divisor of the device count that divides the kv heads), slots over `data` (the
+    rest)."""
+    import jax
+
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    kv = int(config.model.num_kv_heads)
+    if tensor is None:
+        tensor = max(t for t in range(1, n + 1) if n % t == 0 and kv % t == 0)
+    elif tensor < 1 or n % tensor:
+        raise UserError(f"--tensor {tensor} must divide the {n} devices")
+    return make_mesh(_single_axis_sizes(data=n // tensor, tensor=tensor), devices=devices)
+
+
+def fsdp_mesh(config):
+    """Parameters sharded FSDP-style over every device (tensor-parallel as trained where the
+    device count allows): what `hf export` reads a checkpoint onto."""
+    import jax
+
+    n = len(jax.devices())
+    tensor = int(config.mesh.tensor)
+    tensor = tensor if tensor > 0 and n % tensor == 0 else 1
+    return make_mesh(_single_axis_sizes(fsdp=-1, tensor=tensor))
 
 
 def describe(mesh) -> str:

@@ -12,14 +12,31 @@
   silenced (it logs its background failures with tracebacks);
 * drops the "Event loop is closed" tracebacks that tensorstore's C++ threads print through
   `sys.excepthook` / `sys.unraisablehook` after a failed async save, and the traceback of a
-  Ctrl-C that Python discarded (raised again by the loop: `infra.loop.preemption`).
+  Ctrl-C that Python discarded (raised again by the loop: `raise_if_interrupted`).
+
+Signals, also the process owner's (the CLI catches both first thing; `train` and `serve` read
+them): SIGTERM (what TPU VMs and Kubernetes send) only raises a flag (`catch_sigterm`,
+`SigtermFlag`): raising from a signal handler lands wherever the main thread happens to be, and
+code there that handles exceptions can swallow it. Whoever owns the work reads the flag at a
+safe point (the training loop between steps: `infra.loop.preemption`; `serve` drains). The stop
+is bounded: `grace_s` after the first SIGTERM, or at a second one, the process exits at once
+with code 143 and one line (checkpoints committed before are intact).
+
+Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as usual; but an exception raised while the
+main thread runs a garbage-collector callback (JAX registers one) is discarded by Python, so
+the handler also leaves a mark that the loop checks between steps (`raise_if_interrupted`):
+an interrupt is never lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from infra import host_malloc
 
@@ -71,7 +88,7 @@ def _ignore_closed_loop_callbacks() -> None:
 
     def unraisable(info):
         # A Ctrl-C that landed in a garbage-collector callback is discarded by Python with a
-        # traceback; `infra.loop.preemption` remembers it and raises it again between steps.
+        # traceback; `catch_sigint` remembers it and the loop raises it again between steps.
         if not (_is_closed_loop(info.exc_value) or isinstance(info.exc_value, KeyboardInterrupt)):
             default_unraisable(info)
 
@@ -85,3 +102,87 @@ def start_time() -> float:
     and neither is what the process ran before it `exec`ed Python, a shell or a `pip install`);
     for a library caller (a notebook, which may call `train.run` hours after importing), now."""
     return _IMPORTED_AT if "cli" in _done else time.time()
+
+
+# --------------------------------------------------------------------------- signals
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class SigtermFlag:
+    """`raised` once SIGTERM arrived (after `install`)."""
+
+    def __init__(self, grace_s: float = 120.0, exit: Callable[[int], None] = os._exit):
+        self.raised = False
+        self.grace_s = grace_s
+        self._exit = exit
+        self._previous = None
+        self._timer: threading.Timer | None = None
+
+    def install(self) -> "SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:
+            self._give_up("a second SIGTERM arrived")
+            return
+        self.raised = True
+        self._timer = threading.Timer(self.grace_s, self._give_up,
+                                      (f"still running {self.grace_s:g} s after SIGTERM",))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _give_up(self, why: str) -> None:
+        print(f"error: {why}; exiting without a final checkpoint (the last committed one is "
+              f"intact; run the same command to resume)", file=sys.stderr, flush=True)
+        self._exit(EXIT_TERMINATED)
+
+    # the context-manager form: installed for a block only
+    def __enter__(self) -> "SigtermFlag":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+_sigterm: SigtermFlag | None = None
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def catch_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt and is remembered (the CLI does this first thing)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a Ctrl-C arrived whose exception Python discarded."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+def catch_sigterm(grace_s: float = 120.0) -> SigtermFlag:
+    """Handle SIGTERM for the whole life of the process (the CLI does this first thing)."""
+    global _sigterm
+    if _sigterm is None:
+        _sigterm = SigtermFlag(grace_s).install()
+    return _sigterm
+
+
+def sigterm_caught() -> SigtermFlag | None:
+    """The process's own SIGTERM flag, if `catch_sigterm` installed one."""
+    return _sigterm

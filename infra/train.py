@@ -275,7 +275,7 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
         if step == 0 and tc.eval_at_start and not report.has_eval(0):
             report.log_eval(0, evaluator(state["params"]))
         while step < end:
-            preemption.raise_if_interrupted()
+            process.raise_if_interrupted()
             batch = meter.next_batch(train_iter, trainer.to_global)
             train_step = meter.compiled(trainer.train_step, state, batch)
             profiler.before(step)

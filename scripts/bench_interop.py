@@ -108,9 +108,10 @@ def measure_load(hf_dir: Path, *, devices: int, mesh: dict[str, int], cold: bool
 
     from infra import config as config_lib
     from infra import mesh as mesh_lib
-    from infra.interop.hf_config import from_hf
-    from infra.interop.importer import abstract_params, load_hf_params, read_hf_config
+    from infra.interop.hf_config import from_hf, read_hf_config
+    from infra.interop.importer import load_hf_params
     from infra.interop.safetensors_io import SafetensorsDir
+    from infra.run import abstract_params
 
     config = config_lib.base_config("lm")
     config.model.update(from_hf(read_hf_config(hf_dir)))

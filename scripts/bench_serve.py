@@ -98,9 +98,7 @@ def decode_vs_slots(workdir: Path, slot_counts: list[int], bw: float, steps: int
     rows = []
     for slots in slot_counts:
         engine = Engine.from_workdir(workdir, slots=slots)
-        engine._decode_fn()
-        engine._prefill_fn(16)
-        engine._release_fn()
+        engine.compile(buckets=[16])
         for s in range(slots):
             engine.insert(s, np.arange(1, 9, dtype=np.int32), SamplingParams())
         for _ in range(5):
@@ -168,9 +166,7 @@ def cache_vs_no_cache(workdir: Path, new_tokens: int = 256, prompt_len: int = 16
     from infra.serve.scheduler import Request, Scheduler
 
     engine = Engine.from_workdir(workdir, slots=1)
-    engine._prefill_fn(16)
-    engine._decode_fn()
-    engine._release_fn()
+    engine.compile(buckets=[16])
     ids = np.arange(1, prompt_len + 1, dtype=np.int32)
 
     def run_engine():

@@ -121,7 +121,7 @@ def test_parameter_counts_are_the_models_parameters():
 
     from infra import config
     from infra.cli import parameter_count
-    from infra.interop.importer import abstract_params
+    from infra.run import abstract_params
 
     for spec, extra in (("experiments/lm.py:tiny", {}), ("experiments/llama.py:smoke", {}),
                         ("experiments/lm.py:smoke", {"model.qkv_bias": True, "model.out_bias": True,

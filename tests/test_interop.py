@@ -168,7 +168,8 @@ def test_sharded_checkpoint_imports_like_a_single_file(root, tok_dir):
 
     from infra.checkpoint import restore_params
     from infra.interop.exporter import export_hf
-    from infra.interop.importer import abstract_params, import_hf
+    from infra.interop.importer import import_hf
+    from infra.run import abstract_params
     from infra import config as config_lib
 
     model, directory, workdir = hf_model("llama_untied", root, tok_dir)

@@ -239,7 +239,8 @@ def test_two_processes_each_read_only_their_slices(llama_dir, tmp_path):
 
     from helpers import ROOT
     from infra.checkpoint import restore_params
-    from infra.interop.importer import abstract_params, import_hf
+    from infra.interop.importer import import_hf
+    from infra.run import abstract_params
 
     mp = tmp_path / "two"
     p = subprocess.run(

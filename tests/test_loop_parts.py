@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from infra import process
 from infra.errors import NumericalError, Preempted
 from infra.loop import preemption
 from infra.loop.evaluator import Evaluator
@@ -175,7 +176,7 @@ def test_reporter_writes_records_and_keeps_the_history(tmp_path):
 
 
 def test_sigterm_sets_the_flag_between_steps_and_stopping_waits_for_the_checkpoint():
-    with preemption.SigtermFlag() as flag:
+    with process.SigtermFlag() as flag:
         assert not flag.raised
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.raised

@@ -98,7 +98,7 @@ def test_full_disk_during_metrics_writes_stops_with_one_line(mount):
 
 
 def test_sigterm_ends_a_stuck_run_within_its_grace_period():
-    from infra.loop.preemption import SigtermFlag
+    from infra.process import SigtermFlag
 
     exits = []
     with SigtermFlag(grace_s=0.2, exit=exits.append) as flag:

@@ -18,8 +18,9 @@ import pytest
 
 from infra import config as config_lib
 from infra import sharding
+from infra.mesh import serve_mesh
 from infra.serve import forward
-from infra.serve.engine import Engine, SamplingParams, buckets, serve_mesh
+from infra.serve.engine import Engine, SamplingParams, buckets
 from infra.serve.scheduler import Request, Scheduler, Token
 from infra.state import shard_state
 from infra.tasks import get_task, logical_rules

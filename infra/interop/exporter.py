@@ -38,18 +38,13 @@ from infra.errors import UserError, output_error
 from infra.interop.staging import Staging
 
 
-def _mesh(config):
-    from infra.generate import _mesh as generate_mesh
-
-    return generate_mesh(config)
-
-
 def _source_hf_config(workdir: Path, config) -> dict:
     """The transformers config the run's weights came from, if any (import or init.from)."""
-    from infra.interop.importer import HF_CONFIG, is_hf_dir
+    from infra.interop.hf_config import is_hf_dir
+    from infra.interop.importer import HF_CONFIG
 
     candidates = [workdir / HF_CONFIG]
-    source = config.get("init", {}).get("from", "") if "init" in config else ""
+    source = config.init["from"]
     if source:
         from infra import paths
 
@@ -108,11 +103,11 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
     from infra import paths, process
     from infra.checkpoint import restore_params
     from infra.data.tokenizer import copy_tokenizer_files, load_tokenizer
-    from infra.generate import load_config
     from infra.interop.hf_config import architecture_for, to_hf
     from infra.interop.hf_weights import tensor_maps
-    from infra.interop.importer import abstract_params, check_new_dir
+    from infra.interop.importer import check_new_dir
     from infra.interop.safetensors_io import NAMES, write_safetensors
+    from infra.run import abstract_params, load_config
 
     process.setup()
     out = Path(out).expanduser().resolve()
@@ -143,7 +138,7 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
 
     mesh_lib.initialize_distributed(config.distributed)
 
-    abstract = abstract_params(config, _mesh(config))
+    abstract = abstract_params(config, mesh_lib.fsdp_mesh(config))
     params, step = restore_params(workdir, abstract, step=step)
     if peft:
         return _export_peft(params, config, out, st_dtype, tok, workdir)
@@ -214,7 +209,7 @@ def _add_chat_template(config, tok, directory: Path) -> None:
         return
     from infra.data.chat import run_template
 
-    if not config.data.get("chat_template", "") and tok.chat_template:
+    if not config.data.chat_template and tok.chat_template:
         return  # the tokenizer files copied already carry it
     template = run_template(config, tok)
     (directory / "chat_template.jinja").unlink(missing_ok=True)
@@ -230,7 +225,7 @@ def peft_modules(config, params) -> list[tuple[str, np.ndarray, np.ndarray]]:
     import jax
     from jax.experimental import multihost_utils
 
-    from infra.interop.hf_weights import _BLOCK
+    from infra.interop.hf_weights import BLOCK_NAMES
     from infra.models import lora
 
     def host(x):
@@ -247,7 +242,7 @@ def peft_modules(config, params) -> list[tuple[str, np.ndarray, np.ndarray]]:
             layers, inner = [(int(path[1]), a, b)], "/".join(map(str, path[2:]))
         else:
             layers, inner = [(i, a[i], b[i]) for i in range(a.shape[0])], "/".join(map(str, path[1:]))
-        module = _BLOCK[inner].removesuffix(".weight")
+        module = BLOCK_NAMES[inner].removesuffix(".weight")
         out += [(f"model.layers.{i}.{module}", x, y) for i, x, y in layers]
     return sorted(out, key=lambda m: (int(m[0].split(".")[2]), m[0]))
 
@@ -257,7 +252,7 @@ def _export_peft(params, config, out: Path, st_dtype: str, tok, workdir: Path) -
     import jax
 
     from infra.data.tokenizer import copy_tokenizer_files
-    from infra.interop.importer import is_hf_dir
+    from infra.interop.hf_config import is_hf_dir
     from infra.interop.safetensors_io import DTYPES, SINGLE, write_safetensors
 
     modules = peft_modules(config, params)
@@ -279,7 +274,7 @@ def _export_peft(params, config, out: Path, st_dtype: str, tok, workdir: Path) -
         targets = "(" + "|".join(name.replace(".", r"\.") for name, _, _ in modules) + ")"
         layers = None
     lc = config.finetune.lora
-    source = config.init["from"] if "init" in config else ""
+    source = config.init["from"]
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lc.rank),
         "lora_alpha": float(lc.alpha), "target_modules": targets, "layers_to_transform": layers,

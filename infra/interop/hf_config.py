@@ -11,6 +11,9 @@ sequences of at most W tokens is exactly full causal attention. So a sliding win
 `model.max_seq_len` at W (the model refuses longer sequences) instead of being refused: Mistral
 7B v0.1 (window 4096) imports and runs exactly, up to 4096 tokens.
 
+`read_hf_config` reads a model directory's `config.json` (`is_hf_dir`: a transformers config,
+not one of our runs').
+
 Both spellings of RoPE settings are read: released checkpoints' `rope_theta` + `rope_scaling`,
 and transformers 5's `rope_parameters`. Export writes the released spelling (which transformers
 5, vLLM and older readers all accept).
@@ -18,6 +21,8 @@ and transformers 5's `rope_parameters`. Export writes the released spelling (whi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from infra.errors import UserError
@@ -40,6 +45,39 @@ ARCHITECTURE_KEYS = (
 
 class HFConfigError(UserError):
     """A Hugging Face config that we cannot run exactly."""
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    """The `config.json` of the Hugging Face model directory `hf_dir` (UserError naming what is
+    wrong otherwise)."""
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file; pass a Hugging Face model directory")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no config.json in {hf_dir}; pass a Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a model config")
+    return raw
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory whose config.json is a transformers config (not one of our runs')."""
+    from infra import paths
+
+    config = paths.path(path) / "config.json"
+    if paths.special_file(config):
+        return False
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError, UserError):
+        return False
+    return isinstance(raw, dict) and "architectures" in raw and "task" not in raw
 
 
 def _rope(hf: dict, where: str) -> dict[str, Any]:

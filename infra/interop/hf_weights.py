@@ -26,7 +26,7 @@ import numpy as np
 from infra.checkpoint.verify import path_name
 
 # Our name inside a block -> HF name inside `model.layers.<i>.`
-_BLOCK = {
+BLOCK_NAMES = {
     "attn_norm/scale": "input_layernorm.weight",
     "mlp_norm/scale": "post_attention_layernorm.weight",
     "attn/q": "self_attn.q_proj.weight",
@@ -149,10 +149,10 @@ def tensor_maps(abstract_params: Any, num_layers: int) -> list[TensorMap]:
         parts = name.split("/")
         if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
             inner = "/".join(parts[2:])
-            names, stacked = (f"model.layers.{parts[1]}.{_BLOCK[inner]}",), False
+            names, stacked = (f"model.layers.{parts[1]}.{BLOCK_NAMES[inner]}",), False
         elif parts[0] == "blocks":
             inner = "/".join(parts[1:])
-            names = tuple(f"model.layers.{i}.{_BLOCK[inner]}" for i in range(num_layers))
+            names = tuple(f"model.layers.{i}.{BLOCK_NAMES[inner]}" for i in range(num_layers))
             stacked, shape = True, shape[1:]
         else:
             inner, names, stacked = name, (_TOP[name],), False

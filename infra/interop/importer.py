@@ -63,37 +63,6 @@ def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
                             "and import again") from None
 
 
-def read_hf_config(hf_dir: Path) -> dict:
-    path = hf_dir / "config.json"
-    if not hf_dir.is_dir():
-        raise UserError(f"{hf_dir} is not a directory; pass a Hugging Face model directory")
-    if path.exists() and not path.is_file():
-        raise UserError(f"{path} is not a regular file; pass a Hugging Face model directory")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no config.json in {hf_dir}; pass a Hugging Face model directory") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a model config")
-    return raw
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """A directory whose config.json is a transformers config (not one of our runs')."""
-    from infra import paths
-
-    config = paths.path(path) / "config.json"
-    if paths.special_file(config):
-        return False
-    try:
-        raw = json.loads(config.read_text())
-    except (OSError, ValueError, UserError):
-        return False
-    return isinstance(raw, dict) and "architectures" in raw and "task" not in raw
-
-
 def check_architecture(config, model: dict[str, Any], source: str) -> None:
     """UserError naming the first architecture key where the run's config and the source differ."""
     from infra.interop.hf_config import ARCHITECTURE_KEYS
@@ -132,22 +101,6 @@ def run_config(hf_dir: Path, model: dict[str, Any], *, spec: str | None,
     config_lib.validate(config)
     config.lock()
     return config
-
-
-def abstract_params(config, mesh=None):
-    """The parameter tree of `config`'s model as ShapeDtypeStructs with their shardings on
-    `mesh` (default: the config's mesh)."""
-    import optax
-
-    from infra import mesh as mesh_lib
-    from infra import sharding
-    from infra.state import shard_state
-    from infra.tasks import get_task, logical_rules
-
-    mesh = mesh or mesh_lib.make_mesh(config.mesh)
-    rules = sharding.normalize_rules(logical_rules(config), mesh)
-    sharded = shard_state(get_task(config).build_model, optax.identity(), mesh, rules)
-    return sharded.abstract["params"]
 
 
 def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
@@ -224,7 +177,8 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     from infra import process
     from infra.data.text import VOCAB_SIZE as byte_vocab
     from infra.data.tokenizer import copy_tokenizer_files
-    from infra.interop.hf_config import from_hf
+    from infra.interop.hf_config import from_hf, read_hf_config
+    from infra.run import abstract_params
 
     process.setup()
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()

@@ -11,7 +11,7 @@ picks a free port (the line names it).
 `--api_key` (or the environment variable `INFRA_SERVE_API_KEY`, which keeps the key out of the
 process list) makes the `/v1` routes require `Authorization: Bearer <key>`.
 
-SIGTERM drains. The CLI's process-wide handler (`infra.loop.preemption.catch_sigterm`) only
+SIGTERM drains. The CLI's process-wide handler (`infra.process.catch_sigterm`) only
 raises a flag; uvicorn runs outside the main thread, so it installs no handlers of its own and
 the main thread, which watches the flag, decides: new requests get 503 (and /health 503),
 running and queued ones finish, at most `--drain_timeout` seconds (then they are cancelled),
@@ -104,15 +104,16 @@ def run_cli(args) -> int:
     _check_arguments(args)
     import uvicorn
 
+    from infra import process
     from infra.data.tokenizer import load_tokenizer
-    from infra.generate import load_config
-    from infra.loop import preemption
-    from infra.serve.engine import Engine, serve_mesh
+    from infra.mesh import serve_mesh
+    from infra.run import load_config
+    from infra.serve.engine import Engine
     from infra.serve.prometheus import PrometheusMetrics
     from infra.serve.scheduler import Scheduler
     from infra.serve.server import Api, create_app
 
-    flag = preemption.catch_sigterm()
+    flag = process.catch_sigterm()
     flag.grace_s = args.drain_timeout + 30  # the bound of a drain that hangs (exit 143)
     sock = _bind(args.host, args.port)  # before the slow part: a port in use fails at once
     config = load_config(args.workdir, command="serve")

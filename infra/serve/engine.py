@@ -18,8 +18,8 @@ strings, max_tokens) are the scheduler's (`infra/serve/scheduler.py`).
 Layout: the cache is ``[layers, slots, max_len, kv_heads, head_dim]`` (keys and values), placed
 by the run's logical-axis rules: slots are the decode batch (``batch`` -> data axes), kv heads
 go on ``tensor`` like the k / v weights, so each device reads only its heads' cache. Parameters
-are restored with `restore_params` onto the serving mesh (`serve_mesh`) in their training
-layout; a `scan_layers` checkpoint is unstacked to the loop layout at load.
+are restored onto the serving mesh (`infra.mesh.serve_mesh`) by `infra.run.load_params`: a
+`scan_layers` checkpoint is read in its layout and unstacked to the loop layout at load.
 """
 
 from __future__ import annotations
@@ -62,55 +62,20 @@ def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
     return out + [max_len]
 
 
-def serve_mesh(config, devices=None, tensor: int | None = None) -> Mesh:
-    """`data` x `tensor` over `devices`: kv heads over `tensor` (default: the largest divisor of
-    the device count that divides the kv heads), slots over `data` (the rest)."""
-    from ml_collections import ConfigDict
-
-    from infra import mesh as mesh_lib
-
-    devices = list(devices if devices is not None else jax.devices())
-    n = len(devices)
-    kv = int(config.model.num_kv_heads)
-    if tensor is None:
-        tensor = max(t for t in range(1, n + 1) if n % t == 0 and kv % t == 0)
-    elif tensor < 1 or n % tensor:
-        raise UserError(f"--tensor {tensor} must divide the {n} devices")
-    sizes = {a: 1 for a in mesh_lib.AXES} | {f"dcn_{a}": 1 for a in mesh_lib.AXES}
-    sizes |= {"data": n // tensor, "tensor": tensor}
-    return mesh_lib.make_mesh(ConfigDict(sizes), devices=devices)
-
-
 def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
     `mesh`, in the loop layer layout (compute path of `forward`)."""
-    import optax
-
     from infra import config as config_lib
-    from infra.checkpoint import committed_steps, restore_params
-    from infra.generate import load_config
-    from infra.state import shard_state
-    from infra.tasks import get_task, logical_rules
+    from infra import run
 
     workdir = paths.path(workdir)
-    config = load_config(workdir)
-    if not committed_steps(workdir):
-        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
-                        f"(python -m infra train --config ... --workdir {workdir})")
+    config = run.load_config(workdir)
+    run.require_checkpoint(workdir)
     serving = config_lib.ConfigDict(config.to_dict())
     serving.model.scan_layers = False
     serving.model.remat = "none"
-    rules = sharding.normalize_rules(logical_rules(serving), mesh)
-    sharded = shard_state(get_task(serving).build_model, optax.identity(), mesh, rules)
-    abstract = sharded.abstract["params"]
-    if config.model.scan_layers:
-        from infra.interop.importer import abstract_params
-        from infra.interop.init_from import convert_layers
-
-        params, step = restore_params(workdir, abstract_params(config, mesh), step=step)
-        params = convert_layers(params, int(config.model.num_layers), abstract)
-    else:
-        params, step = restore_params(workdir, abstract, step=step)
+    sharded, rules = run.sharded_model(serving, mesh)
+    params, step = run.load_params(workdir, serving, sharded.abstract["params"], step=step)
     return serving, sharded.model, params, step, rules
 
 
@@ -150,7 +115,8 @@ class Engine:
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
         with the run's tokenizer (`engine.tokenizer`)."""
         from infra.data.tokenizer import load_tokenizer
-        from infra.generate import load_config
+        from infra.mesh import serve_mesh
+        from infra.run import load_config
 
         if slots < 1:
             raise UserError(f"--slots must be >= 1, got {slots}")
@@ -271,13 +237,20 @@ class Engine:
                                           self._state_shardings(), donate=(0,))
         return self._release
 
-    def warmup(self) -> float:
-        """Compile every prefill bucket, the decode step and release; run each once. Returns
-        the seconds spent compiling (all of it: nothing compiles later)."""
-        for b in self.buckets:
+    def compile(self, buckets=None) -> float:
+        """Compile the prefill of each of `buckets` (default: every bucket), the decode step
+        and release (each once: a second call compiles nothing). Returns the seconds spent
+        compiling so far."""
+        for b in self.buckets if buckets is None else buckets:
             self._prefill_fn(b)
         self._decode_fn()
         self._release_fn()
+        return self.compile_seconds
+
+    def warmup(self) -> float:
+        """Compile every prefill bucket, the decode step and release; run each once. Returns
+        the seconds spent compiling (all of it: nothing compiles later)."""
+        self.compile()
         self.insert(0, np.zeros(1, np.int32), SamplingParams(temperature=1.0, top_k=5, top_p=0.9))
         self.step()
         self.release(0)
