@@ -39,12 +39,9 @@ def require_checkpoint(workdir: PathLike) -> None:
     """UserError unless `workdir` holds a committed checkpoint (the common mistake: checked
     before anything is built)."""
     from infra import paths
-    from infra.checkpoint import committed_steps
+    from infra.checkpoint import layout
 
-    workdir = paths.path(workdir)
-    if not committed_steps(workdir):
-        raise UserError(f"no checkpoint in '{workdir / 'checkpoints'}'; train first "
-                        f"(python -m infra train --config ... --workdir {workdir})")
+    layout.require_committed(paths.path(workdir))
 
 
 def sharded_model(config, mesh=None):

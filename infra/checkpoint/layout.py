@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from infra import paths
+from infra.errors import UserError
 from infra.paths import Path, PathLike
 
 CHECKPOINTS = "checkpoints"
@@ -45,6 +46,16 @@ def committed_steps(workdir: PathLike) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and is_committed(p))
+
+
+def require_committed(workdir: PathLike) -> list[int]:
+    """`committed_steps(workdir)`, or the UserError of a workdir without a checkpoint (the
+    common mistake of a command that reads a run)."""
+    steps = committed_steps(workdir)
+    if not steps:
+        raise UserError(f"no checkpoint in '{checkpoints_dir(workdir)}'; train first "
+                        f"(python -m infra train --config ... --workdir {workdir})")
+    return steps
 
 
 def uncommitted_steps(workdir: PathLike) -> list[Path]:

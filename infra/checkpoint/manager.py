@@ -33,8 +33,8 @@ from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, I
                                              IteratorSnapshot, StateRestore, StateSave,
                                              set_storage_retries)
 from infra.checkpoint.verify import (META_DIGEST, Corrupt, Unreadable, check_fingerprint,
-                                     check_meta, diagnose, fingerprint_async, meta_digest,
-                                     saved_specs, specs)
+                                     check_meta, diagnose, first_mismatch, fingerprint_async,
+                                     meta_digest, saved_specs, specs)
 from infra.errors import CheckpointError, UserError, write_fix
 
 log = logging.getLogger(__name__)
@@ -305,19 +305,15 @@ class Checkpointer:
         """UserError when the checkpoint's arrays do not have this model's shapes and dtypes."""
         saved = saved_specs(self.directory / str(step) / layout.STATE)
         here = specs(abstract_state)
-        fix = "train in a new --workdir, or restore the config that wrote it"
-        for name in sorted(here.keys() | saved.keys()):
-            if name not in saved or name not in here:
-                where = "this model" if name in here else "the checkpoint"
-                raise UserError(
-                    f"checkpoint step {step} in {self.directory} is from an incompatible model: "
-                    f"'{name}' exists only in {where}; {fix}"
-                )
-            if saved[name] != here[name]:
-                raise UserError(
-                    f"checkpoint step {step} in {self.directory} is from an incompatible model: "
-                    f"'{name}' is {saved[name]} there but {here[name]} here; {fix}"
-                )
+        mismatch = first_mismatch(saved, here)
+        if mismatch is None:
+            return
+        name, kind = mismatch
+        what = (f"'{name}' is {saved[name]} there but {here[name]} here" if kind == "spec" else
+                f"'{name}' exists only in {'this model' if kind == 'missing' else 'the checkpoint'}")
+        raise UserError(f"checkpoint step {step} in {self.directory} is from an incompatible "
+                        f"model: {what}; train in a new --workdir, or restore the config that "
+                        "wrote it")
 
     def _restore(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
         """Restore one step. Raises `Corrupt` only when the files are proven damaged and

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from infra import paths
 from infra.checkpoint import layout
 from infra.checkpoint.verify import (Corrupt, Unreadable, check_fingerprint, diagnose,
-                                     saved_specs, specs)
+                                     first_mismatch, saved_specs, specs)
 from infra.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ def restore_params(workdir: paths.PathLike, abstract_params: Any, *,
     if not paths.is_remote(workdir):
         workdir = workdir.absolute()  # Orbax reads no array metadata through a relative path
     directory = layout.checkpoints_dir(workdir)
-    steps = layout.committed_steps(workdir)
-    if not steps:
-        raise UserError(f"no checkpoint in '{directory}'; train first "
-                        f"(python -m infra train --config ... --workdir {workdir})")
+    steps = layout.require_committed(workdir)
     if step is not None and step not in steps:
         raise UserError(f"no checkpoint of step {step} in '{directory}'; committed steps: "
                         f"{', '.join(map(str, steps))}")
@@ -77,23 +74,20 @@ def restore_params(workdir: paths.PathLike, abstract_params: Any, *,
 def _restore_step(path: paths.Path, abstract_params: Any) -> Any:
     """The verified `params` of the checkpoint in step directory `path`."""
     target = {"params": abstract_params}
-    saved = saved_specs(path / layout.STATE)
+    saved = {name: spec for name, spec in saved_specs(path / layout.STATE).items()
+             if name.startswith("params/")}  # the optimizer state is not read
     here = specs(target)
-    missing = sorted(here.keys() - saved.keys())
-    if missing:  # damaged index files read back as a partial (often empty) tree
-        if not any(name.startswith("params/") for name in saved):
-            raise Corrupt(f"no array metadata for '{missing[0]}'")
-        raise UserError(f"checkpoint {path} does not hold this model's parameter '{missing[0]}'; "
-                        f"pass the workdir the checkpoint was trained in")
-    extra = sorted(n for n in saved.keys() - here.keys() if n.startswith("params/"))
-    if extra:
-        raise UserError(f"checkpoint {path} holds parameter '{extra[0]}', which this model does "
-                        f"not have; pass the workdir the checkpoint was trained in")
-    for name, spec in here.items():
-        if saved[name] != spec:
-            raise UserError(f"checkpoint {path} does not match the model: '{name}' is "
-                            f"{saved[name]} there but {spec} here; pass the workdir the "
-                            f"checkpoint was trained in")
+    if not saved:  # damaged index files read back as a partial (often empty) tree
+        raise Corrupt(f"no array metadata for '{min(here)}'")
+    mismatch = first_mismatch(saved, here)
+    if mismatch is not None:
+        name, kind = mismatch
+        what = {"missing": f"does not hold this model's parameter '{name}'",
+                "extra": f"holds parameter '{name}', which this model does not have",
+                "spec": f"does not match the model: '{name}' is {saved.get(name)} there but "
+                        f"{here.get(name)} here"}[kind]
+        raise UserError(f"checkpoint {path} {what}; pass the workdir the checkpoint was "
+                        "trained in")
     restored = ocp.PyTreeCheckpointer().restore(
         path / layout.STATE,
         args=ocp.args.PyTreeRestore(

@@ -195,6 +195,21 @@ def specs(tree: Any) -> dict[str, str]:
             for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def first_mismatch(saved: dict[str, str], here: dict[str, str]) -> tuple[str, str] | None:
+    """Where a checkpoint's arrays (`saved`, from `saved_specs`) and a model's (`here`, from
+    `specs`) first differ, in name order: (name, "missing") for an array only the model has,
+    (name, "extra") for one only the checkpoint has, (name, "spec") for other shapes or dtypes;
+    None when they agree."""
+    for name in sorted(here.keys() | saved.keys()):
+        if name not in saved:
+            return name, "missing"
+        if name not in here:
+            return name, "extra"
+        if saved[name] != here[name]:
+            return name, "spec"
+    return None
+
+
 def saved_specs(state_dir: Path) -> dict[str, str]:
     """The dtypes and shapes a checkpoint's `state` item holds, read from Orbax's metadata
     (no arrays are read); `Corrupt` when it cannot be read or is empty."""
