@@ -138,15 +138,14 @@ def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
         item_handlers={layout.STATE: ocp.StandardCheckpointHandler(),
                        layout.FINGERPRINT: ocp.JsonCheckpointHandler(filename="fingerprint.json"),
                        layout.META: ocp.JsonCheckpointHandler()})
-    try:
-        manager.save(0, args=ocp.args.Composite(**{
-            layout.STATE: ocp.args.StandardSave(state),
-            layout.FINGERPRINT: ocp.args.JsonSave(fingerprint(state)),
-            layout.META: ocp.args.JsonSave({"step": 0, "params_only": True, **meta}),
-        }), force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    manager.save(0, args=ocp.args.Composite(**{
+        layout.STATE: ocp.args.StandardSave(state),
+        layout.FINGERPRINT: ocp.args.JsonSave(fingerprint(state)),
+        layout.META: ocp.args.JsonSave({"step": 0, "params_only": True, **meta}),
+    }), force=True)
+    manager.wait_until_finished()
+    manager.close()  # not after a failed write: that would tear down Orbax's event loop
+    # under the writes still failing (the caller reports the failure in one line)
 
 
 def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = None,
