@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        if not process.interrupted():
+            raise
+        # a Ctrl-C that landed in an extension's import (JAX's, at start-up) comes back as an
+        # ImportError "while initializing the extension": it is still the user's Ctrl-C
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def _run(argv: list[str] | None) -> int:

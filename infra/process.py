@@ -169,6 +169,11 @@ def catch_sigint() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+def interrupted() -> bool:
+    """A Ctrl-C arrived (after `catch_sigint`)."""
+    return _interrupted
+
+
 def raise_if_interrupted() -> None:
     """KeyboardInterrupt if a Ctrl-C arrived whose exception Python discarded."""
     if _interrupted:

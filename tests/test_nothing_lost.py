@@ -264,6 +264,26 @@ def test_a_signal_during_start_up_exits_cleanly(tmp_path, sig, code, message):
         assert "Traceback" not in err and "Segmentation" not in err
 
 
+def test_a_ctrl_c_inside_an_extension_import_is_still_an_interrupt():
+    """A Ctrl-C that lands while JAX imports a compiled extension surfaces as an ImportError
+    ("Encountered an error while initializing the extension"), not a KeyboardInterrupt (seen
+    in CI by the test above): still exit 130 and one line."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from infra import cli\n"
+        "def run(argv):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(30)\n"
+        "    except KeyboardInterrupt as e:  # what a failing extension init turns it into\n"
+        "        raise ImportError('Encountered an error while initializing the extension.') from e\n"
+        "cli._run = run\n"
+        "sys.exit(cli.main([]))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
+
+
 # 8. generate's inputs -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
