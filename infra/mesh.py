@@ -13,6 +13,7 @@ import logging
 import math
 import os
 
+from infra.config.sections import DistributedConfig, MeshConfig
 from infra.errors import ConfigError, UserError
 
 AXES = ("data", "fsdp", "sequence", "tensor")
@@ -67,7 +68,7 @@ def _jax_detects_cluster() -> bool:
     )
 
 
-def initialize_distributed(cfg) -> bool:
+def initialize_distributed(cfg: DistributedConfig) -> bool:
     """Call `jax.distributed.initialize` when the run is multi-process. Returns whether it did.
 
     Explicit `distributed.coordinator_address` / `num_processes` / `process_id` win; otherwise
@@ -75,15 +76,14 @@ def initialize_distributed(cfg) -> bool:
     """
     import jax
 
+    cfg = DistributedConfig.from_config(cfg)
     mode = cfg.initialize
-    if mode not in ("auto", "always", "never"):
-        raise ConfigError(f"distributed.initialize must be auto, always or never, got '{mode}'")
     explicit = bool(cfg.coordinator_address) or cfg.num_processes > 1
     if mode == "never" or (mode == "auto" and not explicit and not _is_multiprocess_env()):
         return False
     if jax.distributed.is_initialized():
         return True
-    kwargs = {"heartbeat_timeout_seconds": int(cfg.get("heartbeat_timeout_s", 100))}
+    kwargs = {"heartbeat_timeout_seconds": int(cfg.heartbeat_timeout_s)}
     if cfg.coordinator_address:
         kwargs["coordinator_address"] = cfg.coordinator_address
     if cfg.num_processes > 0:
@@ -127,14 +127,16 @@ def _fill(sizes: dict[str, int], total: int, what: str, unit: str) -> dict[str, 
     return sizes
 
 
-def mesh_shape(cfg, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+def mesh_shape(cfg: MeshConfig, num_devices: int,
+               num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """Resolve (ICI sizes, DCN sizes) per axis from `config.mesh` for the given device count."""
-    dcn = _fill({a: cfg.get(f"dcn_{a}", 1) for a in AXES}, num_slices, "DCN", "slices")
-    ici = _fill({a: cfg.get(a, 1) for a in AXES}, num_devices // num_slices, "ICI", "devices")
+    cfg = MeshConfig.from_config(cfg)
+    dcn = _fill({a: cfg[f"dcn_{a}"] for a in AXES}, num_slices, "DCN", "slices")
+    ici = _fill({a: cfg[a] for a in AXES}, num_devices // num_slices, "ICI", "devices")
     return ici, dcn
 
 
-def make_mesh(cfg, devices=None):
+def make_mesh(cfg: MeshConfig, devices=None):
     """Build the mesh described by `config.mesh` over `devices` (default: all devices)."""
     import jax
     from jax.experimental import mesh_utils
@@ -152,11 +154,9 @@ def make_mesh(cfg, devices=None):
     return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
 
 
-def _single_axis_sizes(**sizes: int):
-    """A `config.mesh`-like section: every ICI and DCN axis 1 but `sizes`."""
-    from ml_collections import ConfigDict
-
-    return ConfigDict({a: 1 for a in AXES} | {f"dcn_{a}": 1 for a in AXES} | sizes)
+def _single_axis_sizes(**sizes: int) -> MeshConfig:
+    """A mesh section: every ICI and DCN axis 1 but `sizes`."""
+    return MeshConfig(**({a: 1 for a in AXES} | sizes))
 
 
 def serve_mesh(config, devices=None, tensor: int | None = None):

@@ -73,6 +73,18 @@ def _is_closed_loop(value: BaseException | None) -> bool:
     return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
 
+def _from_interrupt(value: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or an exception raised while handling one (a finaliser that a
+    Ctrl-C stopped half-way, and whose clean-up then failed)."""
+    seen = set()
+    while value is not None and id(value) not in seen:
+        if isinstance(value, KeyboardInterrupt):
+            return True
+        seen.add(id(value))
+        value = value.__cause__ or value.__context__
+    return False
+
+
 def _ignore_closed_loop_callbacks() -> None:
     """After a failed async save, tensorstore's threads still call back into Orbax's closed
     event loop; each call would print a traceback that carries no information (the failure
@@ -89,7 +101,7 @@ def _ignore_closed_loop_callbacks() -> None:
     def unraisable(info):
         # A Ctrl-C that landed in a garbage-collector callback is discarded by Python with a
         # traceback; `catch_sigint` remembers it and the loop raises it again between steps.
-        if not (_is_closed_loop(info.exc_value) or isinstance(info.exc_value, KeyboardInterrupt)):
+        if not (_is_closed_loop(info.exc_value) or _from_interrupt(info.exc_value)):
             default_unraisable(info)
 
     sys.unraisablehook = unraisable

@@ -23,6 +23,8 @@ from infra import mesh as mesh_lib
 from infra import process, sharding
 from infra import workdir as workdir_lib
 from infra.checkpoint import Checkpointer
+from infra.config.sections import (CheckpointConfig, DistributedConfig, ProfileConfig,
+                                   ShardingConfig, TrainConfig)
 from infra.errors import Preempted, UserError
 from infra.events import EventLog
 from infra.interop import init_from
@@ -71,15 +73,14 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     mesh_lib.initialize_distributed(config.distributed)
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     rules = sharding.normalize_rules(logical_rules(config), mesh)
-    sharding.check_batch_size(
-        config.train.batch_size, mesh, rules, jax.process_count(), config.train.microbatches
-    )
+    tc = TrainConfig.from_config(config.train)
+    sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(), tc.microbatches)
     task = get_task(config)
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    tx, schedule = make_optimizer(config.optim, tc.steps)
     sharded = shard_state(task.build_model, tx, mesh, rules, trainable=task.trainable)
     train_step, eval_step = make_steps(
         task, sharded.model.merge, tx, schedule,
-        microbatches=config.train.microbatches, mesh=mesh, rules=rules,
+        microbatches=tc.microbatches, mesh=mesh, rules=rules,
         split_trained=sharded.model.split_trained,
     )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
@@ -187,13 +188,10 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
     trainer = build(config)
     main_events = events if is_main_process() else None  # process 0's timeline is the run's
     evaluator = trainer.evaluator(main_events)
-    cc = config.checkpoint
-    ckpt = Checkpointer(
-        workdir, every=cc.every, keep=cc.keep, async_save=cc.async_save,
-        device_copy=cc.device_copy, every_seconds=cc.every_seconds, fallback=cc.fallback,
-        storage_retries=cc.get("storage_retries", 32), events=main_events,
-    )
-    peers = PeerWatchdog(timeout_s=config.distributed.heartbeat_timeout_s * 2).start()
+    ckpt = Checkpointer(workdir, **CheckpointConfig.from_config(config.checkpoint).to_dict(),
+                        events=main_events)
+    heartbeat_s = DistributedConfig.from_config(config.distributed).heartbeat_timeout_s
+    peers = PeerWatchdog(timeout_s=heartbeat_s * 2).start()
     clean = False
     try:
         with peers.failures_reported():
@@ -215,7 +213,7 @@ def _print_layout(config, trainer: Trainer) -> None:
     print(mesh_lib.describe(trainer.mesh))
     print(sharding.sharding_table(trainer.state.abstract["params"],
                                   trainer.state.shardings["params"],
-                                  config.sharding.warn_replicated_mb))
+                                  ShardingConfig.from_config(config.sharding).warn_replicated_mb))
     print(trained_summary(trainer.state), flush=True)
 
 
@@ -252,7 +250,7 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
 
 def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
            event_log: EventLog) -> tuple[State, list[dict]]:
-    tc, task = config.train, trainer.task
+    tc, task = TrainConfig.from_config(config.train), trainer.task
     events = event_log if is_main_process() else None  # process 0's timeline is the run's
     state, train_iter, resumed = _resume_or_start(trainer, ckpt, workdir, events)
     step, end = int(state["step"]), min(tc.steps, tc.stop_at or tc.steps)
@@ -261,13 +259,15 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
     event_log.accept()
     if is_main_process():
         config_lib.save(config, workdir)
-        if config.sharding.print_table:  # after what can refuse the run: its one line is last
+        # after what can refuse the run: its one line is last
+        if ShardingConfig.from_config(config.sharding).print_table:
             _print_layout(config, trainer)
     meta = {"config": config.to_dict(), "experiment": config.experiment}
     meter = ThroughputMeter(units_per_step=tc.batch_size * task.units_per_example(),
                             unit=task.unit, start_step=step, events=events)
     guard = NonFiniteGuard(tc.nonfinite, ckpt.latest_step)
-    profiler = ProfilerWindow(config.profile.steps, workdir / "tensorboard")
+    profiler = ProfilerWindow(ProfileConfig.from_config(config.profile).steps,
+                              workdir / "tensorboard")
     pending = PendingMetrics()
     with Reporter(workdir, task, total_steps=tc.steps, start_step=step if resumed else None,
                   enabled=is_main_process(), progress_bar=tc.progress_bar) as report, \

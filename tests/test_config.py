@@ -110,7 +110,7 @@ def test_tasks_own_their_data_defaults_and_their_axis_rules():
     from infra.tasks import get_task_class, logical_rules
 
     image = get_task_class("image")
-    assert config.base_config("image").data.to_dict() == image.data_defaults
+    assert config.base_config("image").data.to_dict() == image.Data.defaults()
     assert "patch" not in dict(config.DEFAULT_RULES)
     c = config.load("experiments/vit.py:smoke")
     rules = logical_rules(c)

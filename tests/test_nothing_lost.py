@@ -284,6 +284,32 @@ def test_a_ctrl_c_inside_an_extension_import_is_still_an_interrupt():
     assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
 
 
+def test_a_ctrl_c_that_stops_a_finaliser_prints_no_traceback():
+    """A Ctrl-C landing in an object's finaliser (an asyncio event loop's `__del__`, seen once
+    in CI) whose clean-up then fails with another error: Python reports it as unraisable; the
+    CLI's hook drops it (the interrupt itself is remembered and raised by the loop)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from infra import cli\n"
+        "class Loop:\n"
+        "    def __del__(self):\n"
+        "        try:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(30)\n"
+        "        finally:\n"
+        "            raise RuntimeError('clean-up failed')\n"
+        "def run(argv):\n"
+        "    Loop()\n"
+        "    from infra import process\n"
+        "    process.raise_if_interrupted()\n"
+        "    return 0\n"
+        "cli._run = run\n"
+        "sys.exit(cli.main([]))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
+
+
 # 8. generate's inputs -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

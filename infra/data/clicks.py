@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import numpy as np
 
 from infra.errors import ConfigError, check_positive_ints
+from infra.section import Section
 
 NUM_DENSE = 13
 # Cardinalities of the 26 categorical features of the Criteo Kaggle display-advertising set.
@@ -57,8 +59,10 @@ DENSE_ID_FEATURE = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class ClickSpec:
-    """Everything the click log is a function of."""
+class ClickSpec(Section):
+    """Everything the click log is a function of: the ctr task's `data` section."""
+
+    prefix: ClassVar[str] = "data"
 
     seed: int = 0
     num_train: int = 2_000_000
@@ -68,7 +72,12 @@ class ClickSpec:
     hidden_dim: int = 4
     target_ctr: float = 0.25
 
-    def __post_init__(self):
+    @classmethod
+    def unknown_key(cls, key: str) -> ConfigError:
+        return ConfigError(f"unknown key data.{key} for the ctr task; known: "
+                           f"{', '.join('data.' + k for k in cls.accepted())}")
+
+    def validate(self) -> None:
         check_positive_ints("data", **{key: getattr(self, key)
                                        for key in ("num_train", "num_eval", "max_vocab", "hidden_dim")})
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

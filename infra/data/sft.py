@@ -166,9 +166,6 @@ class Examples:
 def fit(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
         overlong: str) -> tuple[Examples, Stats]:
     """Cut or drop examples longer than `seq_len` pairs; drop those with nothing to learn."""
-    if overlong not in OVERLONG:
-        raise DataError(f"data.overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}",
-                        key="data.overlong", value="truncate")
     stats = Stats(examples=len(encoded))
     ins, tgts, learnt, lengths = [], [], [], []
     for tokens, mask in encoded:

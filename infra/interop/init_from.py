@@ -20,11 +20,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from infra.config.sections import InitConfig
+
 log = logging.getLogger(__name__)
 
 
 def source_of(config) -> str:
-    return config.init["from"] if "init" in config else ""
+    """The run's `init.from`: a workdir or HF directory to start from ("" = none)."""
+    return InitConfig.from_config(config.init).from_
 
 
 def params_only_checkpoint(workdir: str | Path) -> bool:

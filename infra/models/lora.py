@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infra.config.sections import LoraConfig
 from infra.errors import ConfigError
 
 SUFFIX = "_lora"  # adapter of weight `q` is the submodule `q_lora`
@@ -218,11 +219,16 @@ def merged(params: dict, scale: float) -> dict:
     return out
 
 
+def settings(config: Any) -> LoraConfig:
+    """The run's typed `finetune.lora` section."""
+    return LoraConfig.from_config(config.finetune.lora)
+
+
 def scale_of(config: Any) -> float:
-    lora = config.finetune.lora
-    return float(lora.alpha) / int(lora.rank)
+    lora = settings(config)
+    return lora.alpha / lora.rank
 
 
 def enabled(config: Any) -> bool:
     """The config trains low-rank adapters (`finetune.lora.rank` is set)."""
-    return "finetune" in config and config.finetune.lora.rank is not None
+    return settings(config).enabled

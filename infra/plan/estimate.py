@@ -106,7 +106,7 @@ class AnalyticTransformer:
     """A decoder-only `transformer` at sequence length T: its FLOPs (the model's own formula,
     `TransformerConfig.flops_per_token`) and the activation-memory formulas above."""
 
-    config: Any  # infra.models.transformer.TransformerConfig
+    config: Any  # infra.models.transformer_config.TransformerConfig
     T: int
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -11,8 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infra.section import Section
+
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoData(Section):
+    """A task that reads no `data.*` keys."""
+
+    prefix: ClassVar[str] = "data"
 
 
 class Task(abc.ABC):
@@ -26,15 +36,16 @@ class Task(abc.ABC):
     unit: str = "examples"
     #: Eval metrics (keys of `summarize_eval`) shown in the progress bar and the CLI's last line.
     headline_metrics: tuple[str, ...] = ("loss",)
-    #: The task's `data.*` config keys with their defaults (`infra.config` fills in the ones an
-    #: experiment leaves out).
-    data_defaults: ClassVar[dict[str, Any]] = {}
+    #: The task's typed `data.*` section: its keys, their defaults (`infra.config` fills in the
+    #: ones an experiment leaves out) and their checks (`infra.config.validate`).
+    Data: ClassVar[type[Section]] = NoData
     #: Logical-axis rules for dimension names only this task's models use, appended after the
     #: config's `sharding.rules` (the first rule for a name wins, so a config rule overrides).
     logical_rules: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     def __init__(self, config):
         self.config = config
+        self.data_config = self.Data.from_config(config.data)
 
     @property
     def trainable(self):

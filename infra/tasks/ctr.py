@@ -11,7 +11,6 @@ reach) and `auc_gap = bayes_auc - auc`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -23,11 +22,7 @@ from flax import nnx
 from infra import models
 from infra.data import clicks
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
-from infra.errors import ConfigError
 from infra.tasks.base import Batch, Metrics, Task
-
-_SPEC_KEYS = ("seed", "num_train", "num_eval", "max_vocab", "zipf", "hidden_dim", "target_ctr")
-
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve: the Mann–Whitney U statistic with tied scores given their
@@ -57,15 +52,6 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
-def spec_from_config(data_cfg) -> clicks.ClickSpec:
-    """The `ClickSpec` named by the config's `data` section (ConfigError on unknown keys)."""
-    unknown = sorted(set(data_cfg.keys()) - set(_SPEC_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key data.{unknown[0]} for the ctr task; known: "
-                          f"{', '.join('data.' + k for k in _SPEC_KEYS)}")
-    return clicks.ClickSpec(**{k: data_cfg[k] for k in _SPEC_KEYS if k in data_cfg})
-
-
 def _inputs(split: dict[str, np.ndarray]) -> ArraySource:
     return ArraySource({
         "dense": np.log1p(split["dense"]).astype(np.float32),
@@ -79,7 +65,7 @@ class ClickThroughTask(Task):
 
     unit = "examples"
     headline_metrics = ("auc", "logloss")
-    data_defaults = dataclasses.asdict(clicks.ClickSpec())
+    Data = clicks.ClickSpec
     # Embedding-table rows are split over every mesh axis (row-wise sharding, how tables larger
     # than one device are spread); lookups gather across devices.
     logical_rules = (("table_rows", ("data", "fsdp", "tensor")), ("table_dim", None),
@@ -87,7 +73,7 @@ class ClickThroughTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        self.spec = spec_from_config(config.data)
+        self.spec = self.data_config
 
     @functools.cached_property
     def log(self) -> clicks.ClickLog:

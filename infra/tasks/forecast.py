@@ -19,7 +19,9 @@ the input window's standard deviation), so every window weighs the same whatever
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,36 @@ from infra import models
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data import series as series_lib
 from infra.errors import ConfigError, check_positive_ints
+from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 
 LOSSES = ("mae", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForecastData(Section):
+    prefix: ClassVar[str] = "data"
+
+    source: str = "co2"  # co2 | sunspots | macro | csv
+    csv_path: str = ""
+    columns: str = ""
+    targets: str = ""
+    date_column: str = ""
+    season: int = 0  # 0 = the source's default
+    window: int = 48
+    horizon: int = 12
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    loss: str = "mae"
+
+    def validate(self) -> None:
+        check_positive_ints("data", window=self.window, horizon=self.horizon)
+        if self.season < 0:
+            raise ConfigError(f"data.season must be a non-negative integer (0 = the source's "
+                              f"default), got {self.season}", key="data.season", value=12,
+                              verb="e.g.")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"data.loss is '{self.loss}'; expected one of {', '.join(LOSSES)}")
 
 
 class ForecastTask(Task):
@@ -40,29 +69,20 @@ class ForecastTask(Task):
 
     unit = "examples"
     headline_metrics = ("mase", "mae")
-    data_defaults = dict(source="co2", csv_path="", columns="", targets="", date_column="",
-                         season=0, window=48, horizon=12, val_fraction=0.1, test_fraction=0.2,
-                         loss="mae")
+    Data = ForecastData
     # Time steps of an input window and of the forecast horizon; input / target columns.
     logical_rules = (("window", None), ("horizon", None), ("features", None))
 
     def __init__(self, config):
         super().__init__(config)
-        d = config.data
-        check_positive_ints("data", window=d.window, horizon=d.horizon)
-        if not isinstance(d.season, int) or d.season < 0:
-            raise ConfigError(f"data.season must be a non-negative integer (0 = the source's "
-                              f"default), got {d.season}", key="data.season", value=12, verb="e.g.")
-        if d.loss not in LOSSES:
-            raise ConfigError(f"data.loss is '{d.loss}'; expected one of {', '.join(LOSSES)}")
 
     @functools.cached_property
     def series(self) -> series_lib.Series:
-        return series_lib.load(self.config.data)
+        return series_lib.load(self.data_config)
 
     @functools.cached_property
     def windows(self) -> dict[str, series_lib.Windows]:
-        d = self.config.data
+        d = self.data_config
         return series_lib.split_windows(self.series, window=d.window, horizon=d.horizon,
                                         val_fraction=d.val_fraction, test_fraction=d.test_fraction)
 
@@ -72,8 +92,8 @@ class ForecastTask(Task):
         return int(self.windows["test"].origins[0])
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return models.build_model(self.config.model, rngs=rngs, window=self.config.data.window,
-                                  horizon=self.config.data.horizon,
+        return models.build_model(self.config.model, rngs=rngs, window=self.data_config.window,
+                                  horizon=self.data_config.horizon,
                                   features=len(self.series.columns),
                                   target_channels=self.series.targets)
 
@@ -81,7 +101,7 @@ class ForecastTask(Task):
         """(forecast, per-window loss) in original units / normalised units."""
         prediction = model(batch["inputs"])
         err = (prediction - batch["targets"]) / model.target_scale(batch["inputs"])
-        per = jnp.abs(err) if self.config.data.loss == "mae" else jnp.square(err)
+        per = jnp.abs(err) if self.data_config.loss == "mae" else jnp.square(err)
         return prediction, jnp.mean(per, axis=(1, 2))
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,38 @@ from infra import models
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data.images import ImageSplits, load_splits, shift_and_noise
 from infra.errors import ConfigError, DataError
+from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData(Section):
+    """Shifts (in pixels of the model's image_size) move no ink off the canvas: digit strokes
+    touch the top and bottom rows. Noise is in standardised pixel units."""
+
+    prefix: ClassVar[str] = "data"
+
+    source: str = "digits"  # digits (bundled), a .npz file or a folder of class subfolders
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    max_shift: int = 2
+    noise_std: float = 0.25
+    keep_content: bool = True
+
+    def validate(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}",
+                              key="data.test_fraction", value="0.2")
+        if not self.source:
+            raise ConfigError("data.source is empty", key="data.source", value="digits",
+                              verb="pass", note=", a .npz file or a folder of class subfolders")
+        if self.max_shift < 0:
+            raise ConfigError(f"data.max_shift must be an integer >= 0 (pixels), got "
+                              f"{self.max_shift}", key="data.max_shift", value=1,
+                              note=" (0 = no shifts)")
+        if not self.noise_std >= 0:
+            raise ConfigError(f"data.noise_std must be >= 0, got {self.noise_std}",
+                              key="data.noise_std", value=0.1, note=" (0 = no noise)")
 
 
 class ImageClassificationTask(Task):
@@ -24,17 +57,14 @@ class ImageClassificationTask(Task):
 
     unit = "examples"
     headline_metrics = ("accuracy", "loss")
-    # Shifts (in pixels of the model's image_size) move no ink off the canvas: digit strokes
-    # touch the top and bottom rows. Noise is in standardised pixel units.
-    data_defaults = dict(source="digits", test_fraction=0.2, split_seed=0, max_shift=2,
-                         noise_std=0.25, keep_content=True)
+    Data = ImageData
     # Flattened patch pixels, conv kernel / channels, output classes.
     logical_rules = (("patch", None), ("conv_in", None), ("conv_out", "tensor"),
                      ("kernel", None), ("classes", None))
 
     def __init__(self, config):
         super().__init__(config)
-        d, m = config.data, config.model
+        d, m = self.data_config, config.model
         for key in ("image_size", "channels", "num_classes"):
             if key not in m:
                 raise ConfigError(f"model {m.get('name')!r} has no model.{key}; task 'image' "
@@ -42,27 +72,15 @@ class ImageClassificationTask(Task):
                                   note=" (or convnet)")
         if m.channels not in (1, 3):
             raise ConfigError(f"model.channels must be 1 (grey) or 3 (RGB), got {m.channels}")
-        if not 0 < d.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction must be in (0, 1), got {d.test_fraction}",
-                              key="data.test_fraction", value="0.2")
-        if not isinstance(d.source, str) or not d.source:
-            raise ConfigError("data.source is empty", key="data.source", value="digits",
-                              verb="pass", note=", a .npz file or a folder of class subfolders")
         if d.source != "digits" and not Path(d.source).expanduser().exists():  # fail before compiling
             raise DataError(f"data.source '{d.source}' does not exist", key="data.source",
                             value="digits", verb="pass",
                             note=", a .npz file or a folder of class subfolders")
-        if isinstance(d.max_shift, bool) or not isinstance(d.max_shift, int) or d.max_shift < 0:
-            raise ConfigError(f"data.max_shift must be an integer >= 0 (pixels), got {d.max_shift}",
-                              key="data.max_shift", value=1, note=" (0 = no shifts)")
-        if not d.noise_std >= 0:
-            raise ConfigError(f"data.noise_std must be >= 0, got {d.noise_std}",
-                              key="data.noise_std", value=0.1, note=" (0 = no noise)")
 
     @functools.cached_property
     def data(self) -> ImageSplits:
         """The standardised train / held-out split, read once."""
-        d, m = self.config.data, self.config.model
+        d, m = self.data_config, self.config.model
         splits = load_splits(d.source, size=m.image_size, channels=m.channels,
                              test_fraction=d.test_fraction, split_seed=d.split_seed)
         top = int(max(splits.train_labels.max(), splits.test_labels.max()))
@@ -104,7 +122,7 @@ class ImageClassificationTask(Task):
                 "examples": float(count)}
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
-        d, splits = self.config.data, self.data
+        d, splits = self.data_config, self.data
         source = ArraySource({"image": splits.train_images, "label": splits.train_labels})
         return shuffled_batches(
             source, global_batch_size=self.config.train.batch_size, seed=self.config.train.seed,
@@ -116,7 +134,7 @@ class ImageClassificationTask(Task):
 
     @property
     def augments(self) -> bool:
-        return bool(self.config.data.max_shift or self.config.data.noise_std)
+        return bool(self.data_config.max_shift or self.data_config.noise_std)
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         splits = self.data

@@ -6,7 +6,9 @@ Hugging Face directory otherwise), or a corpus tokenised once with `python -m in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,41 +20,44 @@ from infra import models
 from infra.data import pipeline, text
 from infra.models import lora
 from infra.errors import ConfigError
+from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class LMData(Section):
+    prefix: ClassVar[str] = "data"
+
+    files: str = ""  # glob(s), comma-separated; "" = the Python standard library's source
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    eval_batches: int = 4
+    tokenizer: str = ""  # "" = byte-level; a tokenizer.json / HF model directory (infra.data.tokenizer)
+    token_dir: str = ""  # a directory written by `python -m infra tokenize` (overrides data.files)
+
+    def validate(self) -> None:
+        self.positive("seq_len", "eval_batches")
+        self.in_range("val_fraction", 0, 1, high_open=True)
 
 
 class LanguageModelTask(Task):
     """Decoder-only LM over the files in `config.data.files` (default: the Python stdlib)."""
 
     unit = "tokens"
-    data_defaults = dict(
-        files="",  # glob(s), comma-separated; "" = the Python standard library's source
-        seq_len=128,
-        val_fraction=0.05,
-        eval_batches=4,
-        tokenizer="",  # "" = byte-level; a tokenizer.json / HF model directory (infra.data.tokenizer)
-        token_dir="",  # a directory written by `python -m infra tokenize` (overrides data.files)
-    )
+    Data = LMData
 
     def __init__(self, config):
         super().__init__(config)
-        d = config.data
-        for key in ("seq_len", "eval_batches"):
-            if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] <= 0:
-                raise ConfigError(f"data.{key} must be > 0, got {d[key]}",
-                                  key=f"data.{key}", value="<positive>")
-        if not 0 <= d.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
-                              key="data.val_fraction", value="<value in [0, 1)>")
+        d = self.data_config
         vocab = self.tokenizer.vocab_size
         if config.model.vocab_size < vocab:
             kind = "byte-level" if not d.tokenizer else f"{d.tokenizer!r} tokenizer's"
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the {kind} "
                 f"vocabulary ({vocab})", key="model.vocab_size", value=-(-vocab // 128) * 128)
-        if config.data.seq_len > config.model.max_seq_len:
+        if d.seq_len > config.model.max_seq_len:
             raise ConfigError(
-                f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                f"data.seq_len={d.seq_len} exceeds model.max_seq_len="
                 f"{config.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
             )
 
@@ -61,12 +66,12 @@ class LanguageModelTask(Task):
         """The run's tokenizer (`data.tokenizer`)."""
         from infra.data.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.config.data.tokenizer)
+        return load_tokenizer(self.data_config.tokenizer)
 
     @functools.cached_property
     def corpus(self) -> tuple[np.ndarray, np.ndarray]:
         """(train tokens, held-out tokens), read once."""
-        d = self.config.data
+        d = self.data_config
         if d.token_dir:
             from infra.data.token_file import check_tokenizer, open_token_dir
 
@@ -94,7 +99,7 @@ class LanguageModelTask(Task):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         model = models.build_model(self.config.model, rngs=rngs)
         if lora.enabled(self.config):  # finetune.lora.*: low-rank adapters on chosen weights
-            c = self.config.finetune.lora
+            c = lora.settings(self.config)
             lora.add_adapters(model, rank=c.rank, alpha=c.alpha, targets=c.targets,
                               key=rngs.params())
         return model
@@ -115,7 +120,7 @@ class LanguageModelTask(Task):
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
         return pipeline.train_iterator(
             self.corpus[0],
-            seq_len=self.config.data.seq_len,
+            seq_len=self.data_config.seq_len,
             global_batch_size=self.config.train.batch_size,
             seed=self.config.train.seed,
             process_index=process_index,
@@ -126,9 +131,9 @@ class LanguageModelTask(Task):
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         return pipeline.eval_batches(
             self.corpus[1],
-            seq_len=self.config.data.seq_len,
+            seq_len=self.data_config.seq_len,
             global_batch_size=self.config.train.batch_size,
-            num_batches=self.config.data.eval_batches,
+            num_batches=self.data_config.eval_batches,
             process_index=process_index,
             process_count=process_count,
         )
@@ -137,4 +142,4 @@ class LanguageModelTask(Task):
         return {"inputs": ("batch", "length"), "targets": ("batch", "length")}
 
     def units_per_example(self) -> int:
-        return self.config.data.seq_len
+        return self.data_config.seq_len

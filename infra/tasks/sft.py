@@ -15,7 +15,9 @@ the held-out examples, summed over all batches before dividing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,57 +27,60 @@ from flax import nnx
 
 from infra.data import sft
 from infra.errors import ConfigError, DataError
+from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
 SOURCES = ("jsonl", "stdlib_docstrings")
 
 
-class SFTTask(LanguageModelTask):
-    """Fine-tune a transformer LM on prompt -> response examples."""
+@dataclasses.dataclass(frozen=True)
+class SFTData(Section):
+    prefix: ClassVar[str] = "data"
 
-    data_defaults = dict(
-        source="jsonl",  # jsonl (data.train_files / eval_files) | stdlib_docstrings (no download)
-        train_files="",  # JSONL glob(s), comma-separated
-        eval_files="",  # "" = hold out data.val_fraction of the training examples
-        val_fraction=0.1,  # held-out share (of examples, or of modules for stdlib_docstrings)
-        seq_len=256,  # tokens per row
-        packing=True,  # several examples per row (segment-masked attention)
-        overlong="truncate",  # examples longer than seq_len: "truncate" or "drop"
-        eval_batches=0,  # 0 = every held-out example once; N = the first N batches
-        tokenizer="",  # "" = byte-level (init.from sets the source's)
-        chat_template="",  # a Jinja file overriding the tokenizer's chat template
-        docstrings_format="completion",  # stdlib_docstrings as "completion" or "chat" examples
-        cache_dir="",  # where stdlib_docstrings is written ("" = $INFRA_CACHE_DIR or ~/.cache/infra)
-    )
+    source: str = "jsonl"  # jsonl (data.train_files / eval_files) | stdlib_docstrings (no download)
+    train_files: str = ""  # JSONL glob(s), comma-separated
+    eval_files: str = ""  # "" = hold out data.val_fraction of the training examples
+    val_fraction: float = 0.1  # held-out share (of examples, or of modules for stdlib_docstrings)
+    seq_len: int = 256  # tokens per row
+    packing: bool = True  # several examples per row (segment-masked attention)
+    overlong: str = "truncate"  # examples longer than seq_len: "truncate" or "drop"
+    eval_batches: int = 0  # 0 = every held-out example once; N = the first N batches
+    tokenizer: str = ""  # "" = byte-level (init.from sets the source's)
+    chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
+    docstrings_format: str = "completion"  # stdlib_docstrings as "completion" or "chat" examples
+    cache_dir: str = ""  # where stdlib_docstrings is written ("" = $INFRA_CACHE_DIR or ~/.cache/infra)
 
-    def __init__(self, config):
-        Task.__init__(self, config)
-        d = config.data
-        if isinstance(d.seq_len, bool) or not isinstance(d.seq_len, int) or d.seq_len <= 0:
-            raise ConfigError(f"data.seq_len must be > 0, got {d.seq_len}", key="data.seq_len",
-                              value="<positive>")
-        if isinstance(d.eval_batches, bool) or not isinstance(d.eval_batches, int) or (
-                d.eval_batches < 0):
+    def validate(self) -> None:
+        self.positive("seq_len")
+        if self.eval_batches < 0:
             raise ConfigError(f"data.eval_batches must be >= 0 (0 = every held-out example), "
-                              f"got {d.eval_batches}", key="data.eval_batches", value=0)
-        if not 0 <= d.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
-                              key="data.val_fraction", value="<value in [0, 1)>")
-        if d.source not in SOURCES:
+                              f"got {self.eval_batches}", key="data.eval_batches", value=0)
+        self.in_range("val_fraction", 0, 1, high_open=True)
+        if self.source not in SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got "
-                              f"{d.source!r}", key="data.source", value="jsonl")
-        if d.overlong not in sft.OVERLONG:
+                              f"{self.source!r}", key="data.source", value="jsonl")
+        if self.overlong not in sft.OVERLONG:
             raise ConfigError(f"data.overlong must be one of {', '.join(sft.OVERLONG)}, got "
-                              f"{d.overlong!r}", key="data.overlong", value="truncate")
-        if d.docstrings_format not in ("completion", "chat"):
+                              f"{self.overlong!r}", key="data.overlong", value="truncate")
+        if self.docstrings_format not in ("completion", "chat"):
             raise ConfigError(f"data.docstrings_format must be completion or chat, got "
-                              f"{d.docstrings_format!r}", key="data.docstrings_format",
+                              f"{self.docstrings_format!r}", key="data.docstrings_format",
                               value="completion")
-        if d.source == "jsonl" and not d.train_files:
+        if self.source == "jsonl" and not self.train_files:
             raise ConfigError("data.train_files is empty; pass JSONL files of examples (or set "
                               "data.source=stdlib_docstrings)", key="data.train_files",
                               value="'data/train.jsonl'", verb="e.g.")
+
+
+class SFTTask(LanguageModelTask):
+    """Fine-tune a transformer LM on prompt -> response examples."""
+
+    Data = SFTData
+
+    def __init__(self, config):
+        Task.__init__(self, config)
+        d = self.data_config
         vocab = self.tokenizer.vocab_size
         if config.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
@@ -95,7 +100,7 @@ class SFTTask(LanguageModelTask):
         return run_template(self.config, self.tokenizer)
 
     def _records(self) -> tuple[list, list]:
-        d = self.config.data
+        d = self.data_config
         if d.source == "stdlib_docstrings":
             from infra.data import docstrings
 
@@ -114,7 +119,7 @@ class SFTTask(LanguageModelTask):
     @functools.cached_property
     def data(self) -> dict:
         """{"train": Rows, "eval": Rows, "stats": {split: Stats}}, built once."""
-        d, tok = self.config.data, self.tokenizer
+        d, tok = self.data_config, self.tokenizer
         train, held = self._records()
         if not train:
             raise DataError("no training examples; add lines to data.train_files")
@@ -151,7 +156,7 @@ class SFTTask(LanguageModelTask):
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         from infra.data.batching import held_out_batches
 
-        n = self.config.data.eval_batches
+        n = self.data_config.eval_batches
         batches = held_out_batches(self.data["eval"],
                                    global_batch_size=self.config.train.batch_size,
                                    process_index=process_index, process_count=process_count,
@@ -165,7 +170,7 @@ class SFTTask(LanguageModelTask):
                 "positions": rows, "mask": ("batch",)}
 
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        t = self.config.data.seq_len
+        t = self.data_config.seq_len
         ints = jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
         return {"inputs": ints, "targets": ints, "segment_ids": ints, "positions": ints,
                 "loss_mask": jax.ShapeDtypeStruct((batch_size, t), jnp.float32),
