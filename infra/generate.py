@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 
-from infra import jsonout
+from infra import jsonout, paths
 from infra.errors import UserError
 from infra.paths import PathLike
 
@@ -72,8 +72,6 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
                      top_k=top_k, seed=seed)
     if not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    from infra import paths
-
     workdir = paths.path(workdir)
     config = load_config(workdir)
     require_checkpoint(workdir)  # before building anything: the common mistake

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from infra import config as config_lib
+from infra import mesh as mesh_lib
+from infra import paths, sharding
+from infra.checkpoint import layout, restore_params
 from infra.errors import UserError
+from infra.models.layers import convert_layers
 from infra.paths import PathLike
+from infra.state import shard_state
+from infra.tasks import get_task, logical_rules
 
 
 def load_config(workdir: PathLike, command: str = "generate"):
     """The resolved config of a language-model run in `workdir` (UserError naming `command`
     otherwise)."""
-    from infra import config as config_lib
-
     raw = config_lib.read_saved(workdir)
     if raw.get("task") not in ("lm", "sft"):
         raise UserError(f"{command} needs a language-model run (task 'lm' or 'sft'); "
@@ -38,9 +43,6 @@ def load_config(workdir: PathLike, command: str = "generate"):
 def require_checkpoint(workdir: PathLike) -> None:
     """UserError unless `workdir` holds a committed checkpoint (the common mistake: checked
     before anything is built)."""
-    from infra import paths
-    from infra.checkpoint import layout
-
     layout.require_committed(paths.path(workdir))
 
 
@@ -49,11 +51,6 @@ def sharded_model(config, mesh=None):
     optimizer state, nothing allocated (`.abstract["params"]`, `.model` to merge parameters
     into), and the logical-axis rules it was placed by."""
     import optax
-
-    from infra import mesh as mesh_lib
-    from infra import sharding
-    from infra.state import shard_state
-    from infra.tasks import get_task, logical_rules
 
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     rules = sharding.normalize_rules(logical_rules(config), mesh)
@@ -74,15 +71,10 @@ def load_params(workdir: PathLike, config, abstract: Any, *,
     restored in its own layout on the same mesh, then stacked / unstacked."""
     from ml_collections import ConfigDict
 
-    from infra import config as config_lib
-    from infra.checkpoint import restore_params
-
     saved_scan = bool(config_lib.read_saved(workdir).get("model", {}).get("scan_layers", False))
     if config.model.name != "transformer" or saved_scan == config.model.scan_layers:
         return restore_params(workdir, abstract, step=step)
     import jax
-
-    from infra.models.layers import convert_layers
 
     saved = ConfigDict(config.to_dict())
     saved.model.scan_layers = saved_scan

@@ -31,6 +31,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from infra.hardware import detect_chip
+
 MIN_SAMPLES = 3  # runs that measure before the cached best is trusted
 MAX_AGE_S = 24 * 3600.0  # how long measurements stay valid
 MATMUL_SIZE = 2048
@@ -142,7 +144,6 @@ def peak_flops_per_device() -> tuple[float | None, str]:
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return cpu_matmul_peak() / jax.local_device_count(), "measured CPU matmul peak"
-    from infra.hardware import detect_chip
 
     chip = detect_chip()
     if chip is None:

@@ -30,7 +30,10 @@ import time
 from collections.abc import Callable
 
 from infra import paths
+from infra.checkpoint import layout
 from infra.errors import UserError
+from infra.events import EVENTS_DIR, committed_checkpoints
+from infra.metrics import METRICS_FILE, read_history
 from infra.paths import Path, PathLike
 
 LOCK_FILE = ".lock"
@@ -146,8 +149,6 @@ class Claim:
     def release(self) -> None:
         """Unlock; remove the workdir if this run created it and wrote no file into it (its lock
         and event log aside)."""
-        from infra.events import EVENTS_DIR
-
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -191,10 +192,6 @@ def check_fresh_start(workdir: PathLike) -> None:
     when that would silently throw away progress, i.e. the workdir holds checkpoints moved aside
     as corrupt, or metrics beyond step 0 of a run that had committed checkpoints since lost.
     Metrics of a run that stopped before its first checkpoint are expected: a warning."""
-    from infra.checkpoint import layout
-    from infra.events import committed_checkpoints
-    from infra.metrics import METRICS_FILE, read_history
-
     path = paths.path(workdir)
     aside = layout.moved_aside(path)
     if aside:

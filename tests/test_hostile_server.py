@@ -292,7 +292,8 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_server_goes_on():
     from infra.data.tokenizer import ByteTokenizer
     from infra.data.template_sandbox import TemplateSandbox
     from infra.serve.prometheus import PrometheusMetrics
-    from infra.serve.server import Api, create_app
+    from infra.serve.routes import create_app
+    from infra.serve.server import Api
 
     scheduler = types.SimpleNamespace(engine=types.SimpleNamespace(max_len=64), error=None)
     api = Api(scheduler, ByteTokenizer(), "m", PrometheusMetrics(), sandbox=TemplateSandbox(1))

@@ -47,9 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from infra import paths
 from infra.data import template_sandbox
 from infra.data.chat_template import BUILTIN_TEMPLATE, TemplateRejected, check_messages
 from infra.data.template_sandbox import TemplateSandbox
+from infra.errors import ConfigError
 
 __all__ = ["BUILTIN_TEMPLATE", "TemplateRejected", "ChatEncoder", "check_messages", "prompt_ids",
            "run_template", "span_mask", "template_of"]
@@ -65,9 +67,6 @@ def run_template(config: Any, tokenizer) -> str:
     """The template a run's conversations use: the `data.chat_template` file (an SFT run's
     override), else the tokenizer's own, else `BUILTIN_TEMPLATE`. Fine-tuning, serving and
     export all ask here, so a model is served and exported with the format it learnt."""
-    from infra import paths
-    from infra.errors import ConfigError
-
     location = config.data.get("chat_template", "") if "data" in config else ""
     if not location:
         return template_of(tokenizer)

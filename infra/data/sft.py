@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from infra.data.chat import ChatEncoder
 from infra.errors import DataError
 
 OVERLONG = ("truncate", "drop")
@@ -118,8 +119,6 @@ def read_jsonl(files: Sequence[str]) -> list[Record]:
 def encode(records: Sequence[Record], tokenizer,
            chat_template: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids int32, learnt bool) of every record (see the module docstring)."""
-    from infra.data.chat import ChatEncoder
-
     out: list = [None] * len(records)
     chats = [i for i, (_, _, r) in enumerate(records) if "messages" in r]
     if chats:

@@ -33,6 +33,7 @@ import numpy as np
 
 from infra import paths
 from infra.data import text
+from infra.data.tokenizer import load_tokenizer
 from infra.errors import DataError, output_error
 
 INDEX = "index.json"
@@ -64,7 +65,6 @@ def _documents(files: Sequence[str], val_fraction: float, seed: int) -> list[tup
 def _encode_chunk(args) -> tuple[int, dict[str, int]]:
     """Worker: tokenise one chunk of documents into parts/<chunk>.<split>.bin (+ a .json marker)."""
     chunk, docs, spec, parts, dtype = args
-    from infra.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -112,8 +112,6 @@ def build_token_dir(files: Sequence[str], tokenizer: str, out: str | Path, *, va
     is one error (`errors.output_error`); its half-written files are removed, finished chunks are
     kept for the next run to resume from (or the whole directory, if this run created it and
     finished none)."""
-    from infra.data.tokenizer import load_tokenizer
-
     out = Path(out)
     files = sorted(files)
     text.check_files(files, "--files")
@@ -273,8 +271,6 @@ def _encode_all(jobs: list[tuple], workers: int, progress_total: int) -> None:
 
 def check_tokenizer(index: dict, tokenizer: str, directory: str | Path) -> None:
     """DataError unless `tokenizer` (a `data.tokenizer` spec) is the one the files were made with."""
-    from infra.data.tokenizer import load_tokenizer
-
     if index.get("tokenizer_id") != _tokenizer_id(load_tokenizer(tokenizer)):
         raise DataError(f"data.token_dir {str(directory)!r} was tokenised with "
                         f"{index.get('tokenizer') or 'bytes'!r}, not data.tokenizer "

@@ -31,6 +31,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from infra import paths
 from infra.data import text
 from infra.errors import ConfigError
 
@@ -223,7 +224,6 @@ def load_tokenizer(spec: str, option: str = "data.tokenizer") -> ByteTokenizer |
     `option` names it in errors (`--tokenizer` for `tokenize`)."""
     if not spec or spec == "bytes":
         return ByteTokenizer()
-    from infra import paths
 
     return HFTokenizer(paths.localize(spec) if paths.is_remote(spec) else spec, option)
 

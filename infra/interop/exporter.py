@@ -34,20 +34,26 @@ from pathlib import Path
 
 import numpy as np
 
+from infra import mesh as mesh_lib
+from infra import paths, process
+from infra.checkpoint import restore_params
+from infra.data.chat import run_template
+from infra.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from infra.errors import UserError, output_error
+from infra.interop.hf_config import architecture_for, is_hf_dir, to_hf
+from infra.interop.hf_weights import BLOCK_NAMES, tensor_maps
+from infra.interop.importer import HF_CONFIG, check_new_dir
+from infra.interop.safetensors_io import DTYPES, NAMES, SINGLE, write_safetensors
 from infra.interop.staging import Staging
+from infra.models import lora
+from infra.run import abstract_params, load_config
 
 
 def _source_hf_config(workdir: Path, config) -> dict:
     """The transformers config the run's weights came from, if any (import or init.from)."""
-    from infra.interop.hf_config import is_hf_dir
-    from infra.interop.importer import HF_CONFIG
-
     candidates = [workdir / HF_CONFIG]
     source = config.init["from"]
     if source:
-        from infra import paths
-
         source = paths.path(source)
         candidates += [source / "config.json"] if is_hf_dir(source) else [source / HF_CONFIG]
     for path in candidates:
@@ -61,8 +67,6 @@ def _source_hf_config(workdir: Path, config) -> dict:
 def _within(inner, outer) -> bool:
     """`inner` is `outer` or lies below it (local paths compared resolved, so `a/../a` and
     symlinks count)."""
-    from infra import paths
-
     def full(p) -> str:
         return str(p) if paths.is_remote(p) else str(Path(p).expanduser().resolve())
 
@@ -76,9 +80,6 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
     """Export the newest intact checkpoint of `workdir` (or `step`) into the new directory `out`
     (LoRA runs: `merge_lora` or `peft`, see the module docstring). Either may be in a bucket:
     `out` is written locally, then uploaded."""
-    from infra import paths
-    from infra.interop.importer import check_new_dir
-
     target, source = paths.path(out), paths.path(workdir)
     if _within(target, source):
         raise UserError(f"--out {target} is inside the run's workdir {source}; export to a "
@@ -100,15 +101,6 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
     import jax
     from jax.experimental import multihost_utils
 
-    from infra import paths, process
-    from infra.checkpoint import restore_params
-    from infra.data.tokenizer import copy_tokenizer_files, load_tokenizer
-    from infra.interop.hf_config import architecture_for, to_hf
-    from infra.interop.hf_weights import tensor_maps
-    from infra.interop.importer import check_new_dir
-    from infra.interop.safetensors_io import NAMES, write_safetensors
-    from infra.run import abstract_params, load_config
-
     process.setup()
     out = Path(out).expanduser().resolve()
     check_new_dir(out, "--out", "pass a new directory")
@@ -116,7 +108,6 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
     if config.model.name != "transformer":
         raise UserError(f"hf export needs a transformer language-model run; {workdir} trains "
                         f"{config.model.name!r}")
-    from infra.models import lora
 
     if merge_lora and peft:
         raise UserError("pass one of --merge_lora (a whole model) and --peft (the adapters)")
@@ -134,7 +125,6 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
         raise UserError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     st_dtype = NAMES[np.dtype(jax.numpy.dtype(storage))]
     tok = load_tokenizer(config.data.tokenizer)
-    from infra import mesh as mesh_lib
 
     mesh_lib.initialize_distributed(config.distributed)
 
@@ -207,7 +197,6 @@ def _add_chat_template(config, tok, directory: Path) -> None:
     none of its own (or the run overrode it with data.chat_template)."""
     if config.task != "sft":
         return
-    from infra.data.chat import run_template
 
     if not config.data.chat_template and tok.chat_template:
         return  # the tokenizer files copied already carry it
@@ -224,9 +213,6 @@ def peft_modules(config, params) -> list[tuple[str, np.ndarray, np.ndarray]]:
     arrays: small), in layer order."""
     import jax
     from jax.experimental import multihost_utils
-
-    from infra.interop.hf_weights import BLOCK_NAMES
-    from infra.models import lora
 
     def host(x):
         if not x.is_fully_addressable:
@@ -250,10 +236,6 @@ def peft_modules(config, params) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def _export_peft(params, config, out: Path, st_dtype: str, tok, workdir: Path) -> Path:
     """The adapters as a PEFT LoRA adapter directory."""
     import jax
-
-    from infra.data.tokenizer import copy_tokenizer_files
-    from infra.interop.hf_config import is_hf_dir
-    from infra.interop.safetensors_io import DTYPES, SINGLE, write_safetensors
 
     modules = peft_modules(config, params)
     tensors = {}

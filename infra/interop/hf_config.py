@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from infra import paths
 from infra.errors import UserError
 
 # architecture -> (model_type, default of tie_word_embeddings in its transformers config class)
@@ -68,8 +69,6 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def is_hf_dir(path: str | Path) -> bool:
     """A directory whose config.json is a transformers config (not one of our runs')."""
-    from infra import paths
-
     config = paths.path(path) / "config.json"
     if paths.special_file(config):
         return False

@@ -26,8 +26,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from infra import config as config_lib
+from infra import mesh as mesh_lib
+from infra import paths, process
+from infra.checkpoint import layout
+from infra.checkpoint.verify import fingerprint
+from infra.data import template_sandbox
+from infra.data.text import VOCAB_SIZE as byte_vocab
+from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
 from infra.errors import UserError, output_error
+from infra.interop.hf_config import ARCHITECTURE_KEYS, from_hf, read_hf_config
+from infra.interop.hf_weights import tensor_maps
+from infra.interop.safetensors_io import SafetensorsDir, check_finite, load_params
 from infra.interop.staging import Staging
+from infra.run import abstract_params
 
 HF_CONFIG = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -46,9 +58,6 @@ def check_new_dir(target: Path, flag: str, fix: str) -> None:
 def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
     """The checkpoint's tokenizer loads, fits the model's vocabulary, and its chat template (code
     that came with the download) compiles in the template sandbox."""
-    from infra.data import template_sandbox
-    from infra.data.tokenizer import HFTokenizer
-
     tok = HFTokenizer(hf_dir)
     if tok.vocab_size > vocab_size:
         raise UserError(f"the tokenizer in {hf_dir} has {tok.vocab_size} tokens but "
@@ -65,8 +74,6 @@ def check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
 
 def check_architecture(config, model: dict[str, Any], source: str) -> None:
     """UserError naming the first architecture key where the run's config and the source differ."""
-    from infra.interop.hf_config import ARCHITECTURE_KEYS
-
     for key in ARCHITECTURE_KEYS:
         if key in model and config.model[key] != model[key]:
             raise UserError(f"model.{key} is {config.model[key]!r} in the config but "
@@ -78,8 +85,6 @@ def run_config(hf_dir: Path, model: dict[str, Any], *, spec: str | None,
                overrides: list[str] | dict | None, tokenizer: str):
     """The locked run config of an import: the experiment `spec` (its model must match the
     checkpoint's) or the base LM config with the checkpoint's model; then the overrides."""
-    from infra import config as config_lib
-
     if spec:
         config = config_lib.load(spec, overrides)
         check_architecture(config, model, hf_dir / "config.json")
@@ -107,10 +112,6 @@ def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
                    stats: dict | None = None) -> Any:
     """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io).
     `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
-    from infra import paths
-    from infra.interop.hf_weights import tensor_maps
-    from infra.interop.safetensors_io import SafetensorsDir, check_finite, load_params
-
     ckpt = SafetensorsDir(paths.localize(hf_dir))  # positioned reads need a local file
     maps = tensor_maps(abstract, config.model.num_layers)
     ckpt.check(maps, tied=config.model.tie_embeddings)
@@ -127,9 +128,6 @@ def write_params_checkpoint(workdir: Path, params: Any, meta: dict) -> None:
     `meta/metadata` (JSON). Written with Orbax's stock handlers, so it does not depend on the
     training checkpointer's own ones."""
     import orbax.checkpoint as ocp
-
-    from infra.checkpoint import layout
-    from infra.checkpoint.verify import fingerprint
 
     state = {"params": params}
     manager = ocp.CheckpointManager(
@@ -154,8 +152,6 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
     `stats` (a dict) receives what this process read (`load_hf_params`). Either may be in a
     bucket: the model is read from a local copy, and the workdir written locally, then uploaded
     (one process)."""
-    from infra import paths
-
     target = paths.path(workdir)
     check_new_dir(target, "--workdir", "import into a new --workdir")
     with paths.staged(target) as local:
@@ -169,15 +165,6 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     """`import_hf` into a local `workdir` that the saved config calls `recorded`."""
     import jax
     from ml_collections import ConfigDict
-
-    from infra import config as config_lib
-    from infra import mesh as mesh_lib
-    from infra import paths
-    from infra import process
-    from infra.data.text import VOCAB_SIZE as byte_vocab
-    from infra.data.tokenizer import copy_tokenizer_files
-    from infra.interop.hf_config import from_hf, read_hf_config
-    from infra.run import abstract_params
 
     process.setup()
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()

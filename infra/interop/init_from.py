@@ -20,7 +20,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from infra import run
+from infra.checkpoint import layout
 from infra.config.sections import InitConfig
+from infra.interop.hf_config import is_hf_dir
+from infra.interop.importer import load_hf_params
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,6 @@ def source_of(config) -> str:
 
 def params_only_checkpoint(workdir: str | Path) -> bool:
     """The newest committed checkpoint in `workdir` holds parameters only (an import)."""
-    from infra.checkpoint import layout
-
     steps = layout.committed_steps(workdir)
     if not steps:
         return False
@@ -45,10 +47,6 @@ def params_only_checkpoint(workdir: str | Path) -> bool:
 
 def load_params(source: str | Path, config, abstract_params: Any) -> Any:
     """The source's parameters onto `abstract_params`' shardings (the run's own mesh)."""
-    from infra import run
-    from infra.interop.hf_config import is_hf_dir
-    from infra.interop.importer import load_hf_params
-
     if is_hf_dir(source):
         return load_hf_params(source, config, abstract_params)
     params, step = run.load_params(source, config, abstract_params)

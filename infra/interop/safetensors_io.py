@@ -39,8 +39,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from infra import paths
 from infra.errors import UserError
-from infra.interop.hf_weights import TensorMap
+from infra.interop.hf_weights import IGNORED_SUFFIXES, TIED_COPY, TensorMap
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -56,8 +57,6 @@ class CheckpointFileError(UserError):
 def read_header(path: Path, with_offset: bool = False):
     """The tensor entries of one safetensors file's header, checked against the file's size
     (with `with_offset`: and the absolute offset where the data begins)."""
-    from infra import paths
-
     if paths.special_file(path):
         raise CheckpointFileError(f"{path} is not a regular file (a FIFO or device); the "
                                   "checkpoint directory must hold the downloaded files")
@@ -133,8 +132,6 @@ def _check_contiguous(path: Path, header: dict, data: int) -> None:
 def read_index(index: Path) -> dict[str, str]:
     """The `weight_map` of `model.safetensors.index.json`: tensor name -> shard file, each shard
     a plain file name inside the model directory (not `../x`, not an absolute path)."""
-    from infra import paths
-
     if paths.special_file(index):
         raise CheckpointFileError(f"{index} is not a regular file (a FIFO or device)")
     try:
@@ -205,7 +202,6 @@ class SafetensorsDir:
                         f"tensor {name!r} in {self.entries[name][0]} has shape {list(shape)} but "
                         f"config.json implies {list(m.hf_shape)}; the weights do not match the "
                         "config")
-        from infra.interop.hf_weights import IGNORED_SUFFIXES, TIED_COPY
 
         extra = sorted(n for n in set(self.entries) - needed
                        if not n.endswith(IGNORED_SUFFIXES) and not (tied and n == TIED_COPY))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from infra.errors import UserError
+from infra.goodput import compute
 from infra.metrics import MetricWriter, truncate_history
 from infra.paths import PathLike
 from infra.tasks import Task
@@ -51,7 +52,6 @@ class Reporter:
         metrics history stays the same however often a run was interrupted)."""
         if self.writer.tb is None:
             return
-        from infra.goodput import compute
 
         try:
             report = compute(workdir)

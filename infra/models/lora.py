@@ -50,6 +50,7 @@ from flax import nnx
 
 from infra.config.sections import LoraConfig
 from infra.errors import ConfigError
+from infra.models.transformer import dense
 
 SUFFIX = "_lora"  # adapter of weight `q` is the submodule `q_lora`
 RANK_AXIS = "lora_rank"
@@ -68,8 +69,6 @@ class LoRA(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        from infra.models.transformer import dense
-
         dt = self.dtype
         h = dense(x.astype(dt), self.a[...].astype(dt), self.n_in)  # (..., rank)
         return dense(h, self.b[...].astype(dt)) * jnp.asarray(self.scale, dt)

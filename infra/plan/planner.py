@@ -8,7 +8,9 @@ import dataclasses
 import math
 import re
 
+from infra import mesh as mesh_lib
 from infra.errors import ConfigError
+from infra.mesh import AXES
 from infra.hardware import Chip, get_chip
 from infra.plan import estimate as estimate_lib
 from infra.plan.estimate import Collective
@@ -204,8 +206,6 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
 
 def parse_mesh(text: str | dict | None) -> dict[str, int] | None:
     """`"fsdp=256"` / `"data=2,fsdp=2,tensor=2,dcn_data=2"` -> {axis: size}; axes not named are 1."""
-    from infra.mesh import AXES
-
     if text is None or isinstance(text, dict):
         sizes = dict(text) if text else None
     else:
@@ -233,8 +233,6 @@ def parse_mesh(text: str | dict | None) -> dict[str, int] | None:
 
 def _resolve_config(config, mesh: dict[str, int] | None):
     """A copy of `config` with the planned mesh sizes (unnamed axes = 1) and no distributed init."""
-    from infra.mesh import AXES
-
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
         if mesh is not None:
@@ -248,8 +246,6 @@ def _resolve_config(config, mesh: dict[str, int] | None):
 def _build_mesh(cfg, devices: int):
     """The planned mesh over the first `devices` JAX devices, and its ICI and DCN sizes."""
     import jax
-
-    from infra import mesh as mesh_lib
 
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"--devices must be a positive integer, got {devices}")

@@ -111,7 +111,8 @@ def run_cli(args) -> int:
     from infra.serve.engine import Engine
     from infra.serve.prometheus import PrometheusMetrics
     from infra.serve.scheduler import Scheduler
-    from infra.serve.server import Api, create_app
+    from infra.serve.routes import create_app
+    from infra.serve.server import Api
 
     flag = process.catch_sigterm()
     flag.grace_s = args.drain_timeout + 30  # the bound of a drain that hangs (exit 143)

@@ -35,8 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from infra import paths, sharding
+from infra import config as config_lib
+from infra import paths, run, sharding
+from infra.data.tokenizer import load_tokenizer
 from infra.errors import UserError
+from infra.mesh import serve_mesh
+from infra.run import load_config
 from infra.serve import forward, sampling
 
 log = logging.getLogger(__name__)
@@ -65,9 +69,6 @@ def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
 def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
     `mesh`, in the loop layer layout (compute path of `forward`)."""
-    from infra import config as config_lib
-    from infra import run
-
     workdir = paths.path(workdir)
     config = run.load_config(workdir)
     run.require_checkpoint(workdir)
@@ -114,10 +115,6 @@ class Engine:
                      step: int | None = None, max_len: int | None = None) -> "Engine":
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
         with the run's tokenizer (`engine.tokenizer`)."""
-        from infra.data.tokenizer import load_tokenizer
-        from infra.mesh import serve_mesh
-        from infra.run import load_config
-
         if slots < 1:
             raise UserError(f"--slots must be >= 1, got {slots}")
         config = load_config(workdir)

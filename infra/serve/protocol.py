@@ -1,5 +1,6 @@
-"""The OpenAI protocol's edges: errors in OpenAI's shape, and the untrusted request body read,
-bounded and checked before anything else looks at it.
+"""The OpenAI protocol's edges: errors in OpenAI's shape, the API key, and the untrusted request
+body read, bounded and checked before anything else looks at it (its fields are then validated
+by `infra.serve.schemas`).
 
 Every failure a client can cause is an `ApiError`, answered as `{"error": {"message", "type",
 "param", "code"}}` with its status: 400 a malformed request, 401 a missing or wrong API key, 404
@@ -12,12 +13,8 @@ encodable as UTF-8 (JSON's `\\ud800` escapes can make lone surrogates, which no 
 from __future__ import annotations
 
 import json
-import math
 import secrets
 from typing import Any
-
-MAX_STOPS = 4
-MAX_STOP_CHARS = 256  # each token is checked against every stop string's prefixes
 
 
 class ApiError(Exception):
@@ -91,50 +88,3 @@ def _check_strings(body: Any) -> None:
                 stack.extend(item.values())
             elif isinstance(item, list):
                 stack.extend(item)
-
-
-def number(body: dict, name: str, default, low: float, high: float, *, integer=False):
-    """`body[name]` (or `default` when absent or null) checked to be in [low, high]."""
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (low <= value <= high) or (
-            not integer and not math.isfinite(value)):
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}",
-                       param=name)
-    return value
-
-
-def stops(body: dict) -> tuple[str, ...]:
-    """`stop`: a string or a list of at most MAX_STOPS strings of 1..MAX_STOP_CHARS characters."""
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    items = [stop] if isinstance(stop, str) else stop
-    if not isinstance(items, list) or len(items) > MAX_STOPS or not all(
-            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items):
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings, "
-                       f"each of 1 to {MAX_STOP_CHARS} characters", param="stop")
-    return tuple(items)
-
-
-def unsupported(body: dict) -> None:
-    """ApiError 400 for a field this server does not implement (rather than ignore it)."""
-    checks = {"n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1),
-              "echo": lambda v: v in (None, False), "logprobs": lambda v: v in (None, False),
-              "top_logprobs": lambda v: v in (None, 0), "suffix": lambda v: v is None,
-              "tools": lambda v: not v}
-    for name, ok in checks.items():
-        if not ok(body.get(name)):
-            raise ApiError(400, f"'{name}'={body[name]!r} is not supported by this server",
-                           param=name)
-
-
-def flag(body: dict, name: str) -> bool:
-    """A boolean field (absent: False)."""
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be a boolean", param=name)
-    return value

@@ -1,21 +1,13 @@
-"""The OpenAI-compatible HTTP API over the scheduler (FastAPI, served by uvicorn).
+"""The OpenAI-compatible API's side of the scheduler: a validated request body
+(`infra.serve.schemas`) becomes a scheduler `Request` (prompt ids, sampling, stops, length); the
+routes that call it live in `infra.serve.routes`.
 
-    POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
-    GET  /v1/models, /health, /metrics
-
-Requests are read and validated by `infra.serve.protocol` and answered with OpenAI's error
-shape; an unexpected exception while handling one is a 500 in that shape too, and the server
-keeps serving. Nothing a request carries runs on the event loop for long: its body is bounded
+Nothing a request carries runs on the event loop for long: its body is bounded
 (`max_body_bytes`), the chat template renders in `infra.data.template_sandbox`'s worker
 processes (bounded in time and memory; awaited from a thread), and tokenization runs in a
 thread (the Rust tokenizer releases the GIL), after a prompt too long for any context was
 refused by its length alone. With an API key set, the `/v1` routes need `Authorization: Bearer
 <key>` (401 otherwise); `/health` and `/metrics` stay open for probes and scrapers.
-
-Each request gets an asyncio queue that the scheduler's thread feeds
-(`loop.call_soon_threadsafe`); a client that goes away (a closed stream, or a dropped
-connection while waiting for a non-streamed answer) cancels its request, which frees its slot
-before the next decode step.
 
 Not supported (400 when asked for): n > 1, best_of > 1, echo, logprobs, suffix, tools.
 `top_k` and `ignore_eos` are accepted as extensions (as vLLM does). `max_tokens` defaults to 16 for
@@ -25,26 +17,21 @@ completions (OpenAI's default) and to the rest of the context for chat.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import secrets
 import time
 from typing import Any
 
 import numpy as np
-from fastapi import Request as HttpRequest  # module level: FastAPI resolves the annotations here
 
 from infra.data import chat
 from infra.data.template_sandbox import TemplateBusy, TemplateSandbox
 from infra.errors import DataError
-from infra.serve import protocol
+from infra.serve import schemas
 from infra.serve.engine import SamplingParams
 from infra.serve.prometheus import PrometheusMetrics
 from infra.serve.protocol import ApiError
-from infra.serve.scheduler import Draining, Finished, QueueFull, Request, Scheduler, Token
+from infra.serve.scheduler import Request, Scheduler
 
-log = logging.getLogger(__name__)
-SEED_MAX = 2**63 - 1
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 # A prompt of more characters than this many times (context x longest token) cannot fit any
 # context; it is refused without tokenizing it (slack for normalizers that drop characters).
@@ -70,19 +57,15 @@ class Api:
         self.max_prompt_chars = PROMPT_CHARS_SLACK * self.max_len * tokenizer.longest_token_chars
         self.created = int(time.time())
 
-    def _sampling(self, body: dict) -> SamplingParams:
-        seed = body.get("seed")
-        seed = secrets.randbelow(2**31) if seed is None else protocol.number(
-            body, "seed", 0, 0, SEED_MAX, integer=True)
+    def _sampling(self, body: schemas.Sampled) -> SamplingParams:
         return SamplingParams(
-            temperature=float(protocol.number(body, "temperature", 1.0, 0, 2)),
-            top_k=protocol.number(body, "top_k", 0, 0, 2**31 - 1, integer=True),
-            top_p=float(protocol.number(body, "top_p", 1.0, 1e-9, 1)), seed=seed)
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else float(body.top_p),
+            seed=secrets.randbelow(2**31) if body.seed is None else body.seed)
 
-    def _check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model '{str(model)[:200]}' does not exist; this server "
+    def _check_model(self, body: schemas.Sampled) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(404, f"The model '{body.model[:200]}' does not exist; this server "
                            f"serves '{self.model_name}'", param="model", code="model_not_found")
 
     def _too_long(self, n: int, unit: str = "tokens") -> ApiError:
@@ -90,16 +73,13 @@ class Api:
                         f"the prompt has {n:,} {unit} (it needs at least one more for the "
                         f"completion)", param="prompt", code="context_length_exceeded")
 
-    async def _prompt_ids(self, body: dict) -> np.ndarray:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
+    async def _prompt_ids(self, body: schemas.CompletionRequest) -> np.ndarray:
+        prompt = body.prompt
         if isinstance(prompt, str):
             if len(prompt) > self.max_prompt_chars:
                 raise self._too_long(len(prompt), "characters")
             ids = await asyncio.to_thread(self.tok.encode, prompt)
-        elif (isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        else:
             if len(prompt) >= self.max_len:
                 raise self._too_long(len(prompt))
             ids = np.asarray(prompt, np.int64)
@@ -107,9 +87,6 @@ class Api:
                 raise ApiError(400, f"token ids must be in [0, {self.tok.vocab_size})",
                                param="prompt")
             ids = ids.astype(np.int32)
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of one string, or a "
-                           "non-empty list of token ids (one prompt: n = 1)", param="prompt")
         return self._with_bos(ids)
 
     def _with_bos(self, ids: np.ndarray) -> np.ndarray:
@@ -127,32 +104,11 @@ class Api:
             raise self._too_long(len(ids))
         return ids
 
-    def _messages(self, body: dict) -> list[dict]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ApiError(400, f"messages[{i}] must be an object with a 'role'",
-                               param=f"messages[{i}]")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text"
-                           and isinstance(p.get("text"), str) for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content")
-                content = "".join(p["text"] for p in content)
-            if content is not None and not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string",
-                               param=f"messages[{i}].content")
-            clean.append({**m, "content": content or ""})
-        if sum(len(m["content"]) for m in clean) > self.max_prompt_chars:
-            raise self._too_long(sum(len(m["content"]) for m in clean), "characters")
-        return clean
-
-    async def _chat_ids(self, body: dict) -> np.ndarray:
-        messages = self._messages(body)
+    async def _chat_ids(self, body: schemas.ChatRequest) -> np.ndarray:
+        messages = [m.for_template() for m in body.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self.max_prompt_chars:
+            raise self._too_long(chars, "characters")
         try:  # rendered in the sandbox, awaited from a thread; tokenized in that thread
             ids = await asyncio.to_thread(chat.prompt_ids, self.tok, messages, self.template,
                                           self.sandbox)
@@ -164,197 +120,17 @@ class Api:
 
     async def parse(self, body: Any, *, chat_api: bool) -> tuple[Request, bool, bool]:
         """(request, stream, include_usage) of a JSON body, or ApiError."""
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        self._check_model(body)
-        protocol.unsupported(body)
-        stream = protocol.flag(body, "stream")
-        ignore_eos = protocol.flag(body, "ignore_eos")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-        include_usage = protocol.flag(options, "include_usage")
-        stop, sampling = protocol.stops(body), self._sampling(body)
-        name = ("max_completion_tokens" if chat_api and body.get("max_completion_tokens")
-                is not None else "max_tokens")
-        max_tokens = None if body.get(name) is None else protocol.number(
-            body, name, None, 1, 2**31 - 1, integer=True)
-        ids = await (self._chat_ids(body) if chat_api else self._prompt_ids(body))
+        request = schemas.parse(schemas.ChatRequest if chat_api else schemas.CompletionRequest,
+                                body)
+        self._check_model(request)
+        max_tokens = request.max_tokens
+        if chat_api and request.max_completion_tokens is not None:
+            max_tokens = request.max_completion_tokens
+        ids = await (self._chat_ids(request) if chat_api else self._prompt_ids(request))
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context
             max_tokens = self.max_len - len(ids) if chat_api else 16
-        request = Request(ids, sampling, max_tokens=int(max_tokens), stop=stop,
-                          ignore_eos=ignore_eos)
-        return request, stream, include_usage
-
-
-def _usage(f: Finished) -> dict:
-    return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-            "total_tokens": f.prompt_tokens + f.completion_tokens}
-
-
-def _reason(f: Finished) -> str:
-    return f.reason if f.reason in ("stop", "length") else "stop"
-
-
-def create_app(api: Api):
-    """The FastAPI application."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException
-
-    app = FastAPI(title="infra serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error(ApiError(exc.status_code, str(exc.detail), kind))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return error(ApiError(400, str(exc)))
-
-    @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):  # a bug of ours: logged, 500, still serving
-        log.error("error handling %s %s", request.method, request.url.path, exc_info=exc)
-        return error(ApiError(500, f"internal error ({type(exc).__name__}); the server goes on "
-                              "serving", "server_error"))
-
-    @app.get("/health")
-    async def health():
-        if api.scheduler.error is not None:
-            return error(ApiError(500, f"the engine failed: {api.scheduler.error!r}",
-                                  "server_error"))
-        if api.draining:
-            return error(ApiError(503, "draining: shutting down", "server_error"))
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models(http: HttpRequest):
-        try:
-            protocol.check_api_key(http.headers.get("authorization"), api.api_key)
-        except ApiError as e:
-            return error(e)
-        return {"object": "list", "data": [{"id": api.model_name, "object": "model",
-                                            "created": api.created, "owned_by": "infra",
-                                            "max_model_len": api.max_len}]}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(generate_latest(api.metrics.registry),
-                                 media_type=CONTENT_TYPE_LATEST)
-
-    async def handle(http: HttpRequest, chat_api: bool):
-        if api.draining:
-            api.metrics.c_rejected.labels("draining").inc()
-            return error(ApiError(503, "the server is shutting down; retry elsewhere",
-                                  "server_error", code="draining"))
-        try:
-            protocol.check_api_key(http.headers.get("authorization"), api.api_key)
-            body = await protocol.read_json(http, api.max_body_bytes)
-            request, stream, include_usage = await api.parse(body, chat_api=chat_api)
-        except ApiError as e:
-            if e.status == 429:
-                api.metrics.c_rejected.labels("template_busy").inc()
-            return error(e)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        request.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        try:
-            api.scheduler.submit(request)
-        except QueueFull as e:
-            api.metrics.c_rejected.labels("queue_full").inc()
-            return error(ApiError(429, f"the server is at capacity ({e}); retry later",
-                                  "rate_limit_error", code="rate_limit_exceeded"))
-        except Draining:
-            api.metrics.c_rejected.labels("draining").inc()
-            return error(ApiError(503, "the server is shutting down", "server_error",
-                                  code="draining"))
-        ident = ("chatcmpl-" if chat_api else "cmpl-") + secrets.token_hex(12)
-        base = {"id": ident, "created": int(time.time()), "model": api.model_name}
-        if stream:
-            return StreamingResponse(
-                _stream(api, request, events, base, chat_api, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _whole(api, http, request, events, base, chat_api)
-
-    @app.post("/v1/completions")
-    async def completions(http: HttpRequest):
-        return await handle(http, chat_api=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HttpRequest):
-        return await handle(http, chat_api=True)
-
-    return app
-
-
-async def _whole(api: Api, http, request: Request, events: asyncio.Queue, base: dict,
-                 chat_api: bool):
-    """Wait for the whole completion; a client that disconnects meanwhile cancels it."""
-    from fastapi.responses import JSONResponse
-
-    try:
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    api.scheduler.cancel(request)
-                    return JSONResponse({}, status_code=499)
-                continue
-            if isinstance(event, Finished):
-                break
-    finally:
-        if request.finished is None:
-            api.scheduler.cancel(request)
-    f = event
-    if f.reason == "error":
-        return JSONResponse(ApiError(500, "the engine failed", "server_error").body(), 500)
-    if chat_api:
-        choice = {"index": 0, "message": {"role": "assistant", "content": f.text},
-                  "logprobs": None, "finish_reason": _reason(f)}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": f.text, "logprobs": None, "finish_reason": _reason(f)}
-        obj = "text_completion"
-    return JSONResponse({**base, "object": obj, "choices": [choice], "usage": _usage(f)})
-
-
-async def _stream(api: Api, request: Request, events: asyncio.Queue, base: dict,
-                  chat_api: bool, include_usage: bool):
-    """Server-sent events: one chunk per piece of text, the finish reason, optionally the
-    usage, then `data: [DONE]`. Closing the stream (client gone) cancels the request."""
-    obj = "chat.completion.chunk" if chat_api else "text_completion"
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat_api:
-            delta = {"role": "assistant", "content": ""} if first else (
-                {"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return f"data: {json.dumps({**base, 'object': obj, 'choices': [choice], **extra})}\n\n"
-
-    try:
-        if chat_api:
-            yield chunk(None, None, first=True)
-        while True:
-            event = await events.get()
-            if isinstance(event, Token):
-                if event.text:
-                    yield chunk(event.text, None)
-                continue
-            yield chunk(None, _reason(event))
-            if include_usage:
-                yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], 'usage': _usage(event)})}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        if request.finished is None:
-            api.scheduler.cancel(request)
+        include_usage = request.stream_options is not None and (
+            request.stream_options.include_usage)
+        return (Request(ids, self._sampling(request), max_tokens=max_tokens,
+                        stop=request.stops, ignore_eos=request.ignore_eos),
+                request.stream, include_usage)

@@ -18,8 +18,10 @@ from flax import nnx
 
 from infra import models
 from infra.data import pipeline, text
-from infra.models import lora
+from infra.data.token_file import check_tokenizer, open_token_dir, tokenize_in_memory
+from infra.data.tokenizer import load_tokenizer
 from infra.errors import ConfigError
+from infra.models import lora
 from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 
@@ -64,8 +66,6 @@ class LanguageModelTask(Task):
     @functools.cached_property
     def tokenizer(self):
         """The run's tokenizer (`data.tokenizer`)."""
-        from infra.data.tokenizer import load_tokenizer
-
         return load_tokenizer(self.data_config.tokenizer)
 
     @functools.cached_property
@@ -73,8 +73,6 @@ class LanguageModelTask(Task):
         """(train tokens, held-out tokens), read once."""
         d = self.data_config
         if d.token_dir:
-            from infra.data.token_file import check_tokenizer, open_token_dir
-
             index, arrays = open_token_dir(d.token_dir)
             check_tokenizer(index, d.tokenizer, d.token_dir)
             if index["vocab_size"] > self.config.model.vocab_size:
@@ -85,8 +83,6 @@ class LanguageModelTask(Task):
             return arrays["train"], arrays["val"]
         files = text.resolve_files(d.files)
         if d.tokenizer:
-            from infra.data.token_file import tokenize_in_memory
-
             return tokenize_in_memory(files, self.tokenizer, val_fraction=d.val_fraction,
                                       seed=self.config.train.seed, pattern=d.files or None)
         return text.load_corpus(

@@ -25,7 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from infra.data import sft
+from infra.data import docstrings, sft
+from infra.data.batching import held_out_batches, shuffled_batches
+from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
 from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
@@ -95,15 +97,11 @@ class SFTTask(LanguageModelTask):
 
     @functools.cached_property
     def chat_template(self) -> str:
-        from infra.data.chat import run_template
-
         return run_template(self.config, self.tokenizer)
 
     def _records(self) -> tuple[list, list]:
         d = self.data_config
         if d.source == "stdlib_docstrings":
-            from infra.data import docstrings
-
             directory = docstrings.default_directory(d.cache_dir, d.val_fraction,
                                                      d.docstrings_format)
             train, val = docstrings.build(directory, val_fraction=d.val_fraction,
@@ -146,16 +144,12 @@ class SFTTask(LanguageModelTask):
         return out
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
-        from infra.data.batching import shuffled_batches
-
         return shuffled_batches(self.data["train"], global_batch_size=self.config.train.batch_size,
                                 seed=self.config.train.seed, process_index=process_index,
                                 process_count=process_count, start_step=start_step, mask=True,
                                 what="training (rows of data.seq_len)")
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
-        from infra.data.batching import held_out_batches
-
         n = self.data_config.eval_batches
         batches = held_out_batches(self.data["eval"],
                                    global_batch_size=self.config.train.batch_size,
