@@ -37,12 +37,45 @@ def make_steps(
     axes = task.batch_axes()
     split_trained = split_trained or (lambda params: (params, None))
 
-    def grads_of(params, batch, rng, frozen=None):
-        def loss_of(p):
-            return task.loss_fn(merge(join_trained(p, frozen)), batch, rng)
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        with sharding.activation_rules(mesh, rules):
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            trained, frozen = split_trained(state["params"])
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        return grads, {"loss": loss, **metrics}
+            def grads_of(mb: dict, mb_rng: jax.Array):
+                def loss_of(p):
+                    return task.loss_fn(merge(join_trained(p, frozen)), mb, mb_rng)
+
+                (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+                return grads, {"loss": loss, **metrics}
+
+            grads, metrics = accumulate(grads_of, batch, rng, microbatches=microbatches,
+                                        axes=axes, loss_weight=task.loss_weight)
+            updates, opt_state = tx.update(grads, state["opt_state"], trained)
+        new_trained, new_opt_state, health = apply_if_finite(
+            trained, updates, opt_state, state["opt_state"], grads, metrics["loss"])
+        new_state = {
+            "params": join_trained(new_trained, frozen),
+            "opt_state": new_opt_state,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        return new_state, metrics | health | {"lr": schedule(state["step"])}
+
+    def eval_step(params: dict, batch: dict) -> dict:
+        with sharding.activation_rules(mesh, rules):
+            return task.eval_fn(merge(params), batch)
+
+    return train_step, eval_step
+
+
+def accumulate(grads_of: Callable, batch: dict, rng: jax.Array, *, microbatches: int,
+               axes: dict, loss_weight: Callable) -> tuple:
+    """`grads_of(batch, rng) -> (grads, metrics)` over the whole batch: directly, or as the
+    mean over `microbatches` equal microbatches accumulated with a scan (weighted by
+    `loss_weight` where a loss is a mean over a count that varies between microbatches)."""
+    if microbatches == 1:
+        return grads_of(batch, rng)
 
     def split(x: jax.Array, key: str) -> jax.Array:
         # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its own rows, so
@@ -50,72 +83,48 @@ def make_steps(
         x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
         return sharding.constrain(x, (None, *axes.get(key, ("batch",))))
 
-    def mean_grads(params, batch, rng, frozen=None):
-        if microbatches == 1:
-            return grads_of(params, batch, rng, frozen)
-        micro = {k: split(v, k) for k, v in batch.items()}
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(grads_of, params, first, rng, frozen),
-        )
-        if task.loss_weight(first) is not None:
-            # A loss that is a mean over a varying count (SFT's learnt tokens): weight each
-            # microbatch by its share of the count, so the update is the whole batch's mean.
-            counts = jax.vmap(task.loss_weight)(micro)
-            weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    micro = {k: split(v, k) for k, v in batch.items()}
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grads_of, first, rng))
+    if loss_weight(first) is not None:
+        # A loss that is a mean over a varying count (SFT's learnt tokens): weight each
+        # microbatch by its share of the count, so the update is the whole batch's mean.
+        counts = jax.vmap(loss_weight)(micro)
+        weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
 
-            def weighted(acc, xs):
-                mb, i, w = xs
-                out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
-                return jax.tree.map(lambda a, o: a + w * o, acc, out), None
+        def weighted(acc, xs):
+            mb, i, w = xs
+            out = grads_of(mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(lambda a, o: a + w * o, acc, out), None
 
-            total, _ = jax.lax.scan(weighted, zeros,
-                                    (micro, jnp.arange(microbatches), weights))
-            return total
+        total, _ = jax.lax.scan(weighted, zeros, (micro, jnp.arange(microbatches), weights))
+        return total
 
-        def body(acc, xs):
-            mb, i = xs
-            out = grads_of(params, mb, jax.random.fold_in(rng, i), frozen)
-            return jax.tree.map(jnp.add, acc, out), None
+    def body(acc, xs):
+        mb, i = xs
+        out = grads_of(mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, acc, out), None
 
-        total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
-        return jax.tree.map(lambda x: x / microbatches, total)
+    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(microbatches)))
+    return jax.tree.map(lambda x: x / microbatches, total)
 
-    def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        with sharding.activation_rules(mesh, rules):
-            rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-            trained, frozen = split_trained(state["params"])
-            grads, metrics = mean_grads(trained, batch, rng, frozen)
-            updates, opt_state = tx.update(grads, state["opt_state"], trained)
-        grad_norm = optax.tree.norm(grads)
-        update_norm = optax.tree.norm(updates)
-        # A NaN/Inf loss, gradient or update must not reach the parameters or the optimizer
-        # state: such a step is skipped (the loop then stops or goes on, by `train.nonfinite`),
-        # so every checkpoint stays finite. A finite update of finite parameters with a finite
-        # norm cannot overflow them.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        new_trained, new_opt_state = jax.lax.cond(
-            finite,
-            lambda: (optax.apply_updates(trained, updates), opt_state),
-            lambda: (trained, state["opt_state"]),
-        )
-        new_state = {
-            "params": join_trained(new_trained, frozen),
-            "opt_state": new_opt_state,
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-        }
-        metrics |= {
-            "grad_norm": grad_norm,
-            "update_norm": update_norm,
-            "lr": schedule(state["step"]),
-            "skipped": 1.0 - finite.astype(jnp.float32),
-        }
-        return new_state, metrics
 
-    def eval_step(params: dict, batch: dict) -> dict:
-        with sharding.activation_rules(mesh, rules):
-            return task.eval_fn(merge(params), batch)
-
-    return train_step, eval_step
+def apply_if_finite(params, updates, opt_state, old_opt_state, grads,
+                    loss: jax.Array) -> tuple[object, object, dict]:
+    """(new params, new optimizer state, metrics): the update applied only when the loss, the
+    gradient and the update are finite. A NaN/Inf must not reach the parameters or the
+    optimizer state: such a step is skipped (the loop then stops or goes on, by
+    `train.nonfinite`), so every checkpoint stays finite. A finite update of finite parameters
+    with a finite norm cannot overflow them."""
+    grad_norm = optax.tree.norm(grads)
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    new_params, new_opt_state = jax.lax.cond(
+        finite,
+        lambda: (optax.apply_updates(params, updates), opt_state),
+        lambda: (params, old_opt_state),
+    )
+    health = {"grad_norm": grad_norm, "update_norm": update_norm,
+              "skipped": 1.0 - finite.astype(jnp.float32)}
+    return new_params, new_opt_state, health

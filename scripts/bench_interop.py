@@ -62,7 +62,7 @@ def make_synthetic(directory: Path, *, vocab: int, d_model: int, layers: int, ml
     """A Llama-architecture HF directory with random float32 weights (config.json + safetensors)."""
     import numpy as np
 
-    from infra.interop.safetensors_io import write_safetensors
+    from infra.interop.safetensors_write import write_safetensors
 
     directory.mkdir(parents=True, exist_ok=True)
     hd = d_model // heads

@@ -4,7 +4,8 @@
 |---|---|
 | `hf_config.py` | HF `config.json` <-> our `model.*` keys; refuses what we do not compute exactly |
 | `hf_weights.py` | HF tensor names and layouts <-> our parameter tree (per-tensor views) |
-| `safetensors_io.py` | read only each device's slice, memory-mapped; write save_pretrained-style shards |
+| `safetensors_io.py` | read only each device's slice (positioned reads), headers checked first |
+| `safetensors_write.py` | write save_pretrained-style shards and the index, one tensor at a time |
 | `importer.py` / `exporter.py` | HF directory -> workdir (step-0 params checkpoint) and back |
 | `init_from.py` | `init.from`: start a run from a workdir's or an HF directory's parameters |
 | `cli.py` | `python -m infra hf import|export` |

@@ -51,7 +51,7 @@ def run_cli(args, overrides: list[str]) -> int:
     if overrides:
         raise UserError("--config.* overrides apply to `hf import`, not `hf export`")
     from infra.interop.exporter import export_hf
-    from infra.interop.safetensors_io import parse_size
+    from infra.interop.safetensors_write import parse_size
 
     out = export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
                     max_shard_size=parse_size(args.max_shard_size), merge_lora=args.merge_lora,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ from infra.errors import UserError, output_error
 from infra.interop.hf_config import architecture_for, is_hf_dir, to_hf
 from infra.interop.hf_weights import BLOCK_NAMES, tensor_maps
 from infra.interop.importer import HF_CONFIG, check_new_dir
-from infra.interop.safetensors_io import DTYPES, NAMES, SINGLE, write_safetensors
+from infra.interop.safetensors_io import DTYPES, NAMES, SINGLE
+from infra.interop.safetensors_write import write_safetensors
 from infra.interop.staging import Staging
 from infra.models import lora
 from infra.run import abstract_params, load_config
@@ -99,35 +101,19 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
             merge_lora: bool, peft: bool) -> Path:
     """`export_hf` into the local directory `out`."""
     import jax
-    from jax.experimental import multihost_utils
 
     process.setup()
     out = Path(out).expanduser().resolve()
     check_new_dir(out, "--out", "pass a new directory")
     config = load_config(workdir, command="hf export")
-    if config.model.name != "transformer":
-        raise UserError(f"hf export needs a transformer language-model run; {workdir} trains "
-                        f"{config.model.name!r}")
-
-    if merge_lora and peft:
-        raise UserError("pass one of --merge_lora (a whole model) and --peft (the adapters)")
-    if lora.enabled(config) and not (merge_lora or peft):
-        raise UserError(f"{workdir} trained LoRA adapters; pass --merge_lora (the weights with "
-                        f"the adapters folded in) or --peft (the adapters, PEFT format)")
-    if (merge_lora or peft) and not lora.enabled(config):
-        raise UserError(f"{workdir} has no LoRA adapters (finetune.lora.rank is unset); export "
-                        f"it without --merge_lora / --peft")
-    model = config.model.to_dict()
-    source = _source_hf_config(workdir, config)
-    architecture = architecture_for(model, (source.get("architectures") or [None])[0])
+    _check_export(config, workdir, merge_lora=merge_lora, peft=peft)
     storage = {"auto": config.model.param_dtype}.get(dtype, dtype)
     if storage not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     st_dtype = NAMES[np.dtype(jax.numpy.dtype(storage))]
     tok = load_tokenizer(config.data.tokenizer)
-
+    hf = _hf_config(config, tok, storage, workdir)  # refuses what transformers cannot load
     mesh_lib.initialize_distributed(config.distributed)
-
     abstract = abstract_params(config, mesh_lib.fsdp_mesh(config))
     params, step = restore_params(workdir, abstract, step=step)
     if peft:
@@ -137,6 +123,39 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
         shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
         params = jax.jit(lambda p: lora.merged(p, lora.scale_of(config)),
                          out_shardings=shardings)(params)
+    entries, produce = _hf_tensors(params, config, st_dtype)
+    main = jax.process_index() == 0
+    with Staging(out, ".exporting", flag="--out", command="hf export", main=main) as staging:
+        with _write_errors(out):
+            write_safetensors(staging.path, entries, produce, max_shard_bytes=max_shard_size,
+                              write=main)
+            if main:
+                _write_configs(staging.path, hf, config, tok)
+        staging.commit()
+    return out
+
+
+def _check_export(config, workdir, *, merge_lora: bool, peft: bool) -> None:
+    """A transformer LM run; LoRA runs say how their adapters are exported, others do not."""
+    if config.model.name != "transformer":
+        raise UserError(f"hf export needs a transformer language-model run; {workdir} trains "
+                        f"{config.model.name!r}")
+    if merge_lora and peft:
+        raise UserError("pass one of --merge_lora (a whole model) and --peft (the adapters)")
+    if lora.enabled(config) and not (merge_lora or peft):
+        raise UserError(f"{workdir} trained LoRA adapters; pass --merge_lora (the weights with "
+                        f"the adapters folded in) or --peft (the adapters, PEFT format)")
+    if (merge_lora or peft) and not lora.enabled(config):
+        raise UserError(f"{workdir} has no LoRA adapters (finetune.lora.rank is unset); export "
+                        f"it without --merge_lora / --peft")
+
+
+def _hf_tensors(params, config, st_dtype: str) -> tuple[list, Callable[[str], np.ndarray]]:
+    """(safetensors entries (name, dtype, shape), name -> the tensor in HF layout, gathered
+    to the host one at a time)."""
+    import jax
+    from jax.experimental import multihost_utils
+
     maps = tensor_maps(params, config.model.num_layers)
     leaves = dict(zip((m.path for m in maps), jax.tree.leaves(params)))
     entries, producers = [], {}
@@ -156,28 +175,29 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
             array = multihost_utils.process_allgather(array, tiled=True)
         return m.to_hf(np.asarray(jax.device_get(array)))
 
-    main = jax.process_index() == 0
-    with Staging(out, ".exporting", flag="--out", command="hf export", main=main) as staging:
-        tmp = staging.path
-        with _write_errors(out):
-            write_safetensors(tmp, entries, produce, max_shard_bytes=max_shard_size, write=main)
-            if main:
-                eos = tok.eos_id
-                hf = to_hf(model, architecture=architecture, bos_token_id=tok.bos_id,
-                           eos_token_id=source.get("eos_token_id", eos) if source else eos,
-                           dtype=storage)
-                (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-                generation = {"bos_token_id": hf["bos_token_id"],
-                              "eos_token_id": hf["eos_token_id"]}
-                if tok.pad_id is not None:
-                    generation["pad_token_id"] = tok.pad_id
-                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2)
-                                                             + "\n")
-                if config.data.tokenizer:
-                    copy_tokenizer_files(paths.localize(config.data.tokenizer), tmp)
-                    _add_chat_template(config, tok, tmp)
-        staging.commit()
-    return out
+    return entries, produce
+
+
+def _hf_config(config, tok, storage: str, workdir) -> dict:
+    """The transformers config.json of the export."""
+    model = config.model.to_dict()
+    source = _source_hf_config(workdir, config)
+    architecture = architecture_for(model, (source.get("architectures") or [None])[0])
+    eos = tok.eos_id
+    return to_hf(model, architecture=architecture, bos_token_id=tok.bos_id,
+                 eos_token_id=source.get("eos_token_id", eos) if source else eos, dtype=storage)
+
+
+def _write_configs(directory: Path, hf: dict, config, tok) -> None:
+    """config.json, generation_config.json and the tokenizer files (with the run's template)."""
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
+    if tok.pad_id is not None:
+        generation["pad_token_id"] = tok.pad_id
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if config.data.tokenizer:
+        copy_tokenizer_files(paths.localize(config.data.tokenizer), directory)
+        _add_chat_template(config, tok, directory)
 
 
 @contextlib.contextmanager

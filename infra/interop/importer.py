@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ml_collections import ConfigDict
+
 from infra import config as config_lib
 from infra import mesh as mesh_lib
 from infra import paths, process
@@ -164,7 +166,6 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
             overrides: list[str] | dict | None, stats: dict | None) -> Path:
     """`import_hf` into a local `workdir` that the saved config calls `recorded`."""
     import jax
-    from ml_collections import ConfigDict
 
     process.setup()
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()
@@ -191,21 +192,14 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     main = jax.process_index() == 0
     with Staging(workdir, ".importing", flag="--workdir", command="hf import",
                  main=main) as staging:  # a second import into the same workdir stops here
-        tmp = staging.path
         _barrier("infra_import_start")
         # every header checked, then every tensor read, placed and checked finite
         params = load_hf_params(hf_dir, config, abstract, stats=stats)
         try:
-            write_params_checkpoint(tmp, params, {"config": saved, "experiment": config.experiment,
-                                                  "source": str(hf_dir)})
+            write_params_checkpoint(staging.path, params, {
+                "config": saved, "experiment": config.experiment, "source": str(hf_dir)})
             if main:
-                config_lib.save(ConfigDict(saved), tmp)
-                (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-                if has_tokenizer:
-                    copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-                    for extra in ("generation_config.json",):
-                        if (hf_dir / extra).is_file():
-                            shutil.copyfile(hf_dir / extra, tmp / TOKENIZER_DIR / extra)
+                _write_run_files(staging.path, hf_dir, hf, saved, has_tokenizer)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed write: one line, nothing left behind
@@ -214,6 +208,18 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
         staging.commit()
     _barrier("infra_import_done")
     return workdir
+
+
+def _write_run_files(directory: Path, hf_dir: Path, hf: dict, saved: dict,
+                     has_tokenizer: bool) -> None:
+    """The run's config.json, the source's HF config, and a copy of its tokenizer files."""
+    config_lib.save(ConfigDict(saved), directory)
+    (directory / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+    if has_tokenizer:
+        copy_tokenizer_files(hf_dir, directory / TOKENIZER_DIR)
+        for extra in ("generation_config.json",):
+            if (hf_dir / extra).is_file():
+                shutil.copyfile(hf_dir / extra, directory / TOKENIZER_DIR / extra)
 
 
 def _barrier(name: str) -> None:

@@ -10,8 +10,8 @@ import re
 
 from infra import mesh as mesh_lib
 from infra.errors import ConfigError
-from infra.mesh import AXES
 from infra.hardware import Chip, get_chip
+from infra.mesh import AXES
 from infra.plan import estimate as estimate_lib
 from infra.plan.estimate import Collective
 from infra.plan.hlo import Compiled, compile_step
@@ -112,54 +112,28 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     from infra.tasks import logical_rules
 
     chip = chip if isinstance(chip, Chip) or chip is None else get_chip(chip)
-    if price_per_chip_hour is not None and not price_per_chip_hour > 0:
-        raise ConfigError(f"--price must be > 0 (per chip-hour), got {price_per_chip_hour}")
-    if not 0 < assumed_mfu <= 1:
-        raise ConfigError(f"--mfu must be in (0, 1], got {assumed_mfu}")
+    _check_inputs(price_per_chip_hour, assumed_mfu)
     cfg = _resolve_config(config, parse_mesh(mesh))
     jmesh, ici, dcn = _build_mesh(cfg, devices)
     trainer = train.build(cfg, mesh=jmesh)
     rules = sharding.normalize_rules(logical_rules(cfg), jmesh)
-    task, state = trainer.task, trainer.state.abstract
     notes: list[str] = []
 
     # ---- exact: the abstract state's leaves and their shardings
-    params_total, params_local = _leaf_bytes(_leaves(state["params"]))
-    opt_total, opt_local = _leaf_bytes(
-        _leaves(state["opt_state"]) + _leaves(state["step"]) + _leaves(state["rng"]))
-    param_leaves = _leaves(state["params"])
-    param_count = sum(math.prod(x.shape) for x in param_leaves)
-    microbatches = int(cfg.train.get("microbatches", 1))
-    # gradients exist for the trained params only (all of them, or LoRA's adapters)
-    _, trained_local = _leaf_bytes(_leaves(trainer.state.model.split_trained(state["params"])[0]))
-    grads_local = trained_local * (2 if microbatches > 1 else 1)
-    batch = _abstract_batch(task, cfg, trainer.batch_shardings)
-    _, batch_local = _leaf_bytes(batch.values())
-    units = cfg.train.batch_size * task.units_per_example()
-    param_dtype = str(param_leaves[0].dtype) if param_leaves else "float32"
-    compute_dtype = str(cfg.model.get("dtype", param_dtype))
-    remat = str(cfg.model.get("remat", "none") or "none")
+    exact = _exact(trainer, cfg)
+    param_leaves, batch = exact.pop("param_leaves"), exact.pop("batch")
 
     # ---- estimate: the analytic model
-    est = estimate_lib.estimate(cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip,
-                                compute_bytes=jnp.dtype(compute_dtype).itemsize, remat=remat,
-                                microbatches=microbatches)
+    est = estimate_lib.estimate(
+        cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip, remat=exact["remat"],
+        compute_bytes=jnp.dtype(exact["compute_dtype"]).itemsize,
+        microbatches=exact["microbatches"])
     if est.model is None:
         notes.append(f"no analytic model for model.name={cfg.model.get('name')!r}: activations, "
                      "analytic FLOPs and activation collectives are not estimated; use --compile")
 
     # ---- measured: the compiled program
-    compiled = None
-    if compile is None:
-        compile = param_count < AUTO_COMPILE_MAX_PARAMS
-        if not compile:
-            notes.append(f"not compiled ({param_count / 1e9:.2f}B parameters >= "
-                         f"{AUTO_COMPILE_MAX_PARAMS:.0e}; --compile forces it, slow on CPU)")
-    if compile:
-        compiled = compile_step(trainer, batch, devices)
-        if compiled.has_loops:
-            notes.append("the compiled step has loops (scan over layers / microbatches): XLA "
-                         "cost analysis and the HLO collective count may count a loop body once")
+    compiled = _compiled(trainer, batch, devices, compile, exact["param_count"], notes)
     analytic = est.flops_per_device
     flops, label = analytic, ESTIMATE
     if compiled is not None and compiled.flops and not (compiled.has_loops and analytic):
@@ -167,38 +141,88 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
 
     # ---- step time and cost
     timing = None
-    if chip is not None:
-        if flops:
-            timing = estimate_lib.step_time(
-                flops, est.model_flops_per_device, est.collectives, chip, assumed_mfu=assumed_mfu,
-                units_per_step=units, devices=devices, price_per_chip_hour=price_per_chip_hour)
-        else:
-            notes.append("no FLOPs figure: step time not estimated (use --compile)")
+    if chip is not None and flops:
+        timing = estimate_lib.step_time(
+            flops, est.model_flops_per_device, est.collectives, chip, assumed_mfu=assumed_mfu,
+            units_per_step=exact["units_per_step"], devices=devices,
+            price_per_chip_hour=price_per_chip_hour)
+    elif chip is not None:
+        notes.append("no FLOPs figure: step time not estimated (use --compile)")
 
     p = Plan(
         experiment=cfg.experiment, devices=devices, mesh=dict(jmesh.shape), ici=ici, dcn=dcn,
         chip=chip, price_per_chip_hour=price_per_chip_hour, assumed_mfu=assumed_mfu,
-        unit=task.unit, param_count=param_count, units_per_step=units, param_dtype=param_dtype,
-        compute_dtype=compute_dtype, remat=remat, microbatches=microbatches,
-        params_bytes=params_local, opt_bytes=opt_local, grads_bytes=grads_local,
-        batch_bytes=batch_local, activation_bytes=est.activation_bytes,
+        unit=trainer.task.unit, **exact, activation_bytes=est.activation_bytes,
         gather_buffer_bytes=est.gather_buffer_bytes,
-        params_bytes_total=params_total, opt_bytes_total=opt_total,
         flops_per_device=flops, flops_label=label, analytic_flops_per_device=analytic,
         model_flops_per_device=est.model_flops_per_device, collectives=est.collectives,
         compiled=compiled, notes=notes,
         **(dataclasses.asdict(timing) if timing else {}),
     )
     if chip is not None:
-        if not p.fits() and est.activation_bytes and est.activation_bytes > p.total_bytes / 2:
-            notes.append("activations dominate the memory: try model.remat=full (or "
-                         "save_dots), more train.microbatches, or more devices")
-        slice_devices = devices // math.prod(dcn.values())
-        if chip.name.startswith("tpu") and slice_devices > chip.ici_domain:
-            notes.append(f"{slice_devices} chips per slice exceed the largest {chip.name} slice "
-                         f"({chip.ici_domain}); collectives beyond it are counted as DCN — set "
-                         "mesh.dcn_* sizes to plan a multi-slice run explicitly")
+        notes += _advice(p, est, chip, devices, dcn)
     return p
+
+
+def _check_inputs(price_per_chip_hour: float | None, assumed_mfu: float) -> None:
+    if price_per_chip_hour is not None and not price_per_chip_hour > 0:
+        raise ConfigError(f"--price must be > 0 (per chip-hour), got {price_per_chip_hour}")
+    if not 0 < assumed_mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {assumed_mfu}")
+
+
+def _exact(trainer, cfg) -> dict:
+    """The figures read off the abstract train state and its shardings (bytes per device)."""
+    task, state = trainer.task, trainer.state.abstract
+    params_total, params_local = _leaf_bytes(_leaves(state["params"]))
+    opt_total, opt_local = _leaf_bytes(
+        _leaves(state["opt_state"]) + _leaves(state["step"]) + _leaves(state["rng"]))
+    param_leaves = _leaves(state["params"])
+    microbatches = int(cfg.train.microbatches)
+    # gradients exist for the trained params only (all of them, or LoRA's adapters)
+    _, trained_local = _leaf_bytes(_leaves(trainer.state.model.split_trained(state["params"])[0]))
+    batch = _abstract_batch(task, cfg, trainer.batch_shardings)
+    _, batch_local = _leaf_bytes(batch.values())
+    param_dtype = str(param_leaves[0].dtype) if param_leaves else "float32"
+    return dict(
+        param_leaves=param_leaves, batch=batch, microbatches=microbatches,
+        param_count=sum(math.prod(x.shape) for x in param_leaves),
+        units_per_step=cfg.train.batch_size * task.units_per_example(), param_dtype=param_dtype,
+        compute_dtype=str(cfg.model.get("dtype", param_dtype)),
+        remat=str(cfg.model.get("remat", "none") or "none"),
+        params_bytes=params_local, opt_bytes=opt_local,
+        grads_bytes=trained_local * (2 if microbatches > 1 else 1), batch_bytes=batch_local,
+        params_bytes_total=params_total, opt_bytes_total=opt_total)
+
+
+def _compiled(trainer, batch, devices: int, compile: bool | None, param_count: int,
+              notes: list[str]) -> Compiled | None:
+    """The step compiled for the emulated devices (by default only for small models)."""
+    if compile is None:
+        compile = param_count < AUTO_COMPILE_MAX_PARAMS
+        if not compile:
+            notes.append(f"not compiled ({param_count / 1e9:.2f}B parameters >= "
+                         f"{AUTO_COMPILE_MAX_PARAMS:.0e}; --compile forces it, slow on CPU)")
+    if not compile:
+        return None
+    compiled = compile_step(trainer, batch, devices)
+    if compiled.has_loops:
+        notes.append("the compiled step has loops (scan over layers / microbatches): XLA "
+                     "cost analysis and the HLO collective count may count a loop body once")
+    return compiled
+
+
+def _advice(p: Plan, est, chip: Chip, devices: int, dcn: dict[str, int]) -> list[str]:
+    notes = []
+    if not p.fits() and est.activation_bytes and est.activation_bytes > p.total_bytes / 2:
+        notes.append("activations dominate the memory: try model.remat=full (or "
+                     "save_dots), more train.microbatches, or more devices")
+    slice_devices = devices // math.prod(dcn.values())
+    if chip.name.startswith("tpu") and slice_devices > chip.ici_domain:
+        notes.append(f"{slice_devices} chips per slice exceed the largest {chip.name} slice "
+                     f"({chip.ici_domain}); collectives beyond it are counted as DCN — set "
+                     "mesh.dcn_* sizes to plan a multi-slice run explicitly")
+    return notes
 
 
 # --------------------------------------------------------------------------- inputs

@@ -102,8 +102,6 @@ def _check_arguments(args) -> None:
 def run_cli(args) -> int:
     check_dependencies()
     _check_arguments(args)
-    import uvicorn
-
     from infra import process
     from infra.data.tokenizer import load_tokenizer
     from infra.mesh import serve_mesh
@@ -111,7 +109,6 @@ def run_cli(args) -> int:
     from infra.serve.engine import Engine
     from infra.serve.prometheus import PrometheusMetrics
     from infra.serve.scheduler import Scheduler
-    from infra.serve.routes import create_app
     from infra.serve.server import Api
 
     flag = process.catch_sigterm()
@@ -136,18 +133,8 @@ def run_cli(args) -> int:
     api = Api(scheduler, engine.tokenizer, name, metrics, template, sandbox=sandbox,
               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
               max_body_bytes=int(args.max_body_mb * 2**20))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    server, thread = _start_http(api, sock)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(api), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
-                              daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise UserError(f"the HTTP server did not start on {host}:{port}")
-        time.sleep(0.02)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} on http://{shown}:{port}/v1 ({engine.slots} slots x "
           f"{engine.max_len} tokens, mesh {dict(engine.mesh.shape)}, checkpoint step "
@@ -164,6 +151,27 @@ def run_cli(args) -> int:
         scheduler.stop()
         sandbox.close()
     return 0
+
+
+def _start_http(api, sock: socket.socket):
+    """(uvicorn server, its thread): the routes served on the bound socket, started."""
+    import uvicorn
+
+    from infra.serve.routes import create_app
+
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(create_app(api), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise UserError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    return server, thread
 
 
 def _drain(api, scheduler, timeout: float, flag) -> None:
