@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 
-from infra import config as config_lib
 from infra import paths, run, sharding
 from infra.data.tokenizer import load_tokenizer
 from infra.errors import UserError
@@ -72,7 +72,7 @@ def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     workdir = paths.path(workdir)
     config = run.load_config(workdir)
     run.require_checkpoint(workdir)
-    serving = config_lib.ConfigDict(config.to_dict())
+    serving = ConfigDict(config.to_dict())
     serving.model.scan_layers = False
     serving.model.remat = "none"
     sharded, rules = run.sharded_model(serving, mesh)

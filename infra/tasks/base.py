@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -45,7 +46,13 @@ class Task(abc.ABC):
 
     def __init__(self, config):
         self.config = config
-        self.data_config = self.Data.from_config(config.data)
+        if config is not None:  # its data section's checks, before anything is built
+            self.data_config  # noqa: B018
+
+    @functools.cached_property
+    def data_config(self) -> Section:
+        """The config's `data` section, typed and checked (`Data`)."""
+        return self.Data.from_config(self.config.data)
 
     @property
     def trainable(self):

@@ -73,9 +73,6 @@ class ForecastTask(Task):
     # Time steps of an input window and of the forecast horizon; input / target columns.
     logical_rules = (("window", None), ("horizon", None), ("features", None))
 
-    def __init__(self, config):
-        super().__init__(config)
-
     @functools.cached_property
     def series(self) -> series_lib.Series:
         return series_lib.load(self.data_config)
