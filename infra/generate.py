@@ -3,12 +3,12 @@
 Runs on the serving engine (`infra.serve`): the parameters of the newest intact checkpoint
 (`infra.checkpoint.restore_params`: checksums verified, nothing in the workdir changed) on a
 one-slot KV cache as long as the model's context (`model.max_seq_len`); the prompt
-(`[BOS] + prompt`) is prefilled once, then each new token is one decode step that reads the
+(encoded as the tokenizer encodes a text: its BOS where it adds one) is prefilled once, then each new token is one decode step that reads the
 cache instead of recomputing the context. Sampling: temperature (0 = greedy), top-k, top-p,
 with a key that folds in the seed and the token's position (`infra.serve.sampling`), so the
 same seed gives the same text. Text is encoded and decoded with the run's tokenizer
-(`data.tokenizer`: bytes by default), which also gives BOS and EOS; only ids of the tokenizer
-that are not BOS / PAD can be sampled. Stops at EOS, after `max_new_tokens`, or when the
+(`data.tokenizer`: bytes by default), which also gives BOS and EOS; every id of the tokenizer
+but PAD can be sampled. Stops at EOS, after `max_new_tokens`, or when the
 context is full. `--json` prints one JSON object per run.
 
 JAX is imported inside the functions: the CLI applies `--cpu_devices` before JAX starts.
@@ -59,7 +59,7 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
              temperature: float = 0.8, top_k: int = 40, seed: int = 0,
              top_p: float = 1.0) -> dict:
     """`{"text", "token_ids", "finish_reason"}` of a completion of `prompt` (text, or token
-    ids that follow BOS) from the newest checkpoint in `workdir`; `token_ids` are the new ones
+    ids, to which the tokenizer's BOS is added where it adds one) from the newest checkpoint in `workdir`; `token_ids` are the new ones
     (with the EOS that stopped it, which `text` leaves out)."""
     import numpy as np
 
@@ -76,8 +76,7 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
     config = load_config(workdir)
     require_checkpoint(workdir)  # before building anything: the common mistake
     tok = load_tokenizer(config.data.tokenizer)
-    body = tok.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, np.int32)
-    ids = np.concatenate([[tok.bos_id] if tok.bos_id is not None else [], body]).astype(np.int32)
+    ids = tok.encode_prompt(prompt)  # the tokenizer's convention: BOS (Llama 3) or nothing
     limit = int(config.model.max_seq_len)
     if len(ids) >= limit:
         raise UserError(f"the prompt is {len(ids)} tokens but the model's context is {limit} "

@@ -145,3 +145,37 @@ def test_a_saved_config_gains_new_keys_and_a_broken_one_is_refused(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(broken))
         with pytest.raises(UserError, match=message):
             config.load_saved(tmp_path)
+
+
+def test_every_section_is_typed_where_it_is_declared(tmp_path):
+    """An experiment that writes a key no section declares, or a saved config.json whose value
+    has the wrong type, is refused naming the key; components take their own typed section."""
+    from infra import mesh as mesh_lib
+    from infra.optim import make_optimizer
+
+    exp = tmp_path / "typo.py"
+    exp.write_text("from infra.config import base_config\n"
+                   "def get_config(arg=None):\n"
+                   "    c = base_config()\n"
+                   "    c.train.stepz = 5\n"
+                   "    return c\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'; did you mean "
+                                          "'train.steps'"):
+        config.load(str(exp))
+    c = config.load("experiments/lm.py:smoke")
+    saved = c.to_dict()
+    saved["checkpoint"]["keep"] = "3"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"checkpoint.keep must be int, got '3' \(str\)"):
+        config.load_saved(tmp_path)
+    optim = config.OptimConfig.from_config(c.optim)
+    assert isinstance(optim, config.OptimConfig) and optim.lr == c.optim.lr
+    assert config.OptimConfig.from_config(optim) is optim
+    tx, schedule = make_optimizer(optim, 10)
+    assert float(schedule(10)) == pytest.approx(optim.lr * optim.min_lr_ratio)
+    assert mesh_lib.mesh_shape(config.MeshConfig(data=2, fsdp=-1), 8) == (
+        {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1},
+        {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1})
+    with pytest.raises(ConfigError, match="mesh.fsdp must be a positive int or -1"):
+        config.MeshConfig(fsdp=0)
+    assert config.base_config().train.to_dict() == config.TrainConfig.defaults()

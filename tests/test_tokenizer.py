@@ -146,3 +146,47 @@ def test_lm_trains_on_a_tokenized_corpus(tok_path, tmp_path):
             "--max_new_tokens", "5")
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout.splitlines()[-1])["token_ids"]) <= 5
+
+
+def _convention(tok_path: Path, directory: Path, adds_bos: bool) -> Path:
+    """The trained tokenizer as a model directory whose tokenizer adds `<|bos|>` before a text
+    (Llama 3's convention) or nothing (Qwen's, SmolLM2's: their `bos_token` is not added)."""
+    from tokenizers import Tokenizer
+
+    directory.mkdir()
+    tok = Tokenizer.from_file(str(tok_path))
+    if not adds_bos:
+        tok.post_processor = None
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return directory
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_prompts_and_documents_follow_the_tokenizers_own_convention(tok_path, tmp_path,
+                                                                   adds_bos):
+    """A prompt is encoded as transformers encodes the text (BOS only where the tokenizer adds
+    it, never twice); a training document starts the same way and ends with EOS; an SFT
+    example too; and `generate` / the server sample every special token but padding."""
+    import transformers
+
+    from infra.data import sft
+    from infra.serve.engine import allowed_ids
+
+    d = _convention(tok_path, tmp_path / ("llama3" if adds_bos else "qwen"), adds_bos)
+    ours, theirs = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    bos = [1] if adds_bos else []
+    assert ours.prefix_ids == tuple(bos) and ours.suffix_ids == ()
+    for prompt in ("The capital of France is", "def f(x):\n    return x", ""):
+        expected = theirs(prompt)["input_ids"]
+        assert list(ours.encode_prompt(prompt)) == expected, prompt
+        assert list(ours.encode_prompt(np.asarray(expected))) == expected  # ids: not twice
+    assert list(ours.encode_prompt("<|bos|>hi")) == [1] + list(ours.encode("hi"))
+    assert list(ours.encode_document("hi")) == bos + list(ours.encode("hi")) + [2]
+    (tokens, learnt), = sft.encode([("f", 1, {"prompt": "a", "completion": "b"})], ours, None)
+    assert list(tokens) == bos + list(ours.encode("a")) + list(ours.encode("b")) + [2]
+    assert learnt.sum() == len(ours.encode("b")) + 1
+    allowed = allowed_ids(ours, ours.vocab_size + 8)
+    assert not allowed[0] and allowed[1] and allowed[2] and not allowed[-1]  # only PAD, padding

@@ -4,7 +4,7 @@
 An example is one JSON object per line, either a conversation
 `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}`
 (rendered with the tokenizer's chat template, `infra.data.chat`; the assistant's tokens are
-learnt) or `{"prompt": ..., "completion": ...}` (`[BOS] prompt completion [EOS]`, tokenised in
+learnt) or `{"prompt": ..., "completion": ...}` (the tokenizer's prefix (BOS or nothing), prompt, completion, EOS, tokenised in
 two parts as a prompt is at inference; the completion and EOS are learnt).
 
 Each example of n tokens gives n - 1 (input, target) pairs; `loss_mask` marks the targets that
@@ -134,13 +134,13 @@ def encode(records: Sequence[Record], tokenizer,
         texts = [t for i in plain for t in (records[i][2]["prompt"], records[i][2]["completion"])]
         ids = (tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch")
                else [tokenizer.encode(t) for t in texts])
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        start = list(tokenizer.prefix_ids)  # the tokenizer's convention: BOS or nothing
         eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         for k, i in enumerate(plain):
             prompt, completion = ids[2 * k], ids[2 * k + 1]
-            tokens = np.concatenate([bos, prompt, completion, eos]).astype(np.int32)
+            tokens = np.concatenate([start, prompt, completion, eos]).astype(np.int32)
             learnt = np.zeros(len(tokens), bool)
-            learnt[len(bos) + len(prompt):] = True
+            learnt[len(start) + len(prompt):] = True
             out[i] = (tokens, learnt)
     return out
 

@@ -81,9 +81,7 @@ def _encode_chunk(args) -> tuple[int, dict[str, int]]:
                       for d in texts[split]]
         else:
             strs = [d.decode("utf-8", errors="replace") for d in texts[split]]
-            bos = [tok.bos_id] if tok.bos_id is not None else []
-            eos = [tok.eos_id] if tok.eos_id is not None else []
-            arrays = [np.concatenate([bos, ids, eos]) for ids in tok.encode_batch(strs)]
+            arrays = [tok.encode_document_ids(ids) for ids in tok.encode_batch(strs)]
         out[split] = arrays
     counts = {}
     for split in SPLITS:

@@ -9,9 +9,12 @@ transformers, no torch). Its BOS / EOS / PAD come from `tokenizer_config.json` (
 beside it, else from the `*_token_id`s of `generation_config.json` / `config.json`. A tokenizer
 without a BOS token (Qwen) starts documents with nothing.
 
-Texts are encoded without the tokenizer's own special-token post-processing: callers add BOS
-and EOS explicitly (`encode_document`), so packed training documents and prompts have exactly
-one BOS whatever the tokenizer's template does.
+Special tokens follow the tokenizer's own convention, as `transformers` encodes a text: the
+ids its post-processor puts around a text (`prefix_ids`, `suffix_ids`: `<|begin_of_text|>` before
+for Llama 3, nothing for Qwen or SmolLM2) start a prompt (`encode_prompt`, once, also when the
+prompt already starts with them) and a training document (`encode_document`, which also ends
+with EOS to separate packed documents). `encode` itself adds nothing. The byte-level tokenizer
+starts with its BOS.
 
 For chat templates (`infra.data.chat`) each tokenizer also names its special tokens as text
 (`special_tokens`: `bos_token`, `eos_token`, ... as `tokenizer_config.json` spells them; the
@@ -45,8 +48,12 @@ class Tokenizer(Protocol):
     eos_id: int | None
     pad_id: int | None
     longest_token_chars: int  # the most characters of text one token covers
+    prefix_ids: tuple[int, ...]  # special tokens the tokenizer puts before a text (BOS)
+    suffix_ids: tuple[int, ...]  # ... and after it
 
     def encode(self, text: str) -> np.ndarray: ...
+
+    def encode_prompt(self, prompt: str | np.ndarray) -> np.ndarray: ...
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
@@ -93,6 +100,15 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return text.decode(ids)
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        return (self.bos_id,)
+
+    suffix_ids: tuple[int, ...] = ()
+
+    def encode_prompt(self, prompt: str | np.ndarray) -> np.ndarray:
+        return with_specials(self, prompt)
 
     def encode_document(self, s: str) -> np.ndarray:
         return np.concatenate([[self.bos_id], self.encode(s), [self.eos_id]]).astype(np.int32)
@@ -189,16 +205,52 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                 skip_special_tokens=True)
 
+    @functools.cached_property
+    def _added(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prefix, suffix): the special tokens the post-processor puts around a text."""
+        enc = self._tok.encode("a", add_special_tokens=True)
+        mask, ids = enc.special_tokens_mask, enc.ids
+        start, end = 0, len(ids)
+        while start < end and mask[start]:
+            start += 1
+        while end > start and mask[end - 1]:
+            end -= 1
+        return tuple(ids[:start]), tuple(ids[end:])
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        return self._added[0]
+
+    @property
+    def suffix_ids(self) -> tuple[int, ...]:
+        return self._added[1]
+
+    def encode_prompt(self, prompt: str | np.ndarray) -> np.ndarray:
+        """A prompt as the tokenizer encodes a text (`transformers`' `tokenizer(text)`), its
+        special prefix added once."""
+        return with_specials(self, prompt)
+
     def encode_document(self, s: str) -> np.ndarray:
-        """[BOS] + ids + [EOS], leaving out the ones the tokenizer does not have."""
+        """The tokenizer's prefix + ids + suffix, then EOS (unless the suffix ends with it)."""
         return self.encode_document_ids(self.encode(s))
 
     def encode_document_ids(self, ids: np.ndarray) -> np.ndarray:
-        parts = [[self.bos_id]] if self.bos_id is not None else []
-        parts.append(ids)
-        if self.eos_id is not None:
-            parts.append([self.eos_id])
-        return np.concatenate(parts).astype(np.int32)
+        end = list(self.suffix_ids)
+        if self.eos_id is not None and end[-1:] != [self.eos_id]:
+            end.append(self.eos_id)
+        return np.concatenate([self.prefix_ids, ids, end]).astype(np.int32)
+
+
+def with_specials(tok, prompt: str | np.ndarray) -> np.ndarray:
+    """`prompt` (a text, or its ids) with the tokenizer's `prefix_ids` before it (unless it
+    already starts with them) and `suffix_ids` after it (unless it already ends with them)."""
+    ids = tok.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, np.int64)
+    prefix, suffix = list(tok.prefix_ids), list(tok.suffix_ids)
+    if prefix and list(ids[:len(prefix)]) == prefix:
+        prefix = []
+    if suffix and list(ids[len(ids) - len(suffix):]) == suffix:
+        suffix = []
+    return np.concatenate([prefix, ids, suffix]).astype(np.int32)
 
 
 def _chat_template(directory: Path, cfg: dict) -> str | None:

@@ -101,7 +101,7 @@ def _output_files(out: str | Path, overwrite: bool = False) -> tuple[Path, Path]
 
 
 def _train(files: list[str], vocab_size: int, min_frequency: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -110,6 +110,10 @@ def _train(files: list[str], vocab_size: int, min_frequency: int):
                                   special_tokens=list(SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train(files, trainer)
+    # texts start with BOS when encoded (Llama 3's convention), as `transformers` encodes them
+    bos = SPECIALS[1]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 

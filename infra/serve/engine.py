@@ -300,9 +300,9 @@ class Engine:
 
 
 def allowed_ids(tok, vocab_size: int) -> np.ndarray:
-    """Ids that may be sampled: the tokenizer's, less BOS and PAD (unless PAD is EOS)."""
+    """Ids that may be sampled: the tokenizer's, less PAD (unless PAD is EOS). Other special
+    tokens are text the model may produce (a chat model's `<|im_start|>`)."""
     allowed = np.arange(vocab_size) < tok.vocab_size
-    for special in (tok.bos_id, tok.pad_id):
-        if special is not None and special != tok.eos_id:
-            allowed[special] = False
+    if tok.pad_id is not None and tok.pad_id != tok.eos_id:
+        allowed[tok.pad_id] = False
     return allowed

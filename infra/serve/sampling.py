@@ -32,8 +32,8 @@ def sample(logits: jax.Array, allowed: jax.Array, temperature: jax.Array, top_k:
            top_p: jax.Array, keys: jax.Array) -> jax.Array:
     """Tokens (slots,) int32 from float32 ``logits`` (slots, vocab).
 
-    ``allowed`` (vocab,) bool: ids that may be drawn at all (never BOS, PAD or the padding of
-    the vocabulary). Temperature 0 is greedy (argmax). Otherwise the logits are divided by the
+    ``allowed`` (vocab,) bool: ids that may be drawn at all (never PAD or the padding of the
+    vocabulary). Temperature 0 is greedy (argmax). Otherwise the logits are divided by the
     temperature, restricted to the ``top_k`` largest (0 = all), then to the smallest set whose
     probability reaches ``top_p`` (1 = all), and one id is drawn with the slot's key.
     """

@@ -55,7 +55,7 @@ class Finished:
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """One completion. `ids`: the prompt as token ids (BOS included); `emit` receives Token
+    """One completion. `ids`: the prompt as token ids (the tokenizer's BOS included); `emit` receives Token
     events then one Finished, on the scheduler's thread."""
 
     ids: np.ndarray

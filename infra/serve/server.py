@@ -90,10 +90,8 @@ class Api:
         return self._with_bos(ids)
 
     def _with_bos(self, ids: np.ndarray) -> np.ndarray:
-        bos = self.tok.bos_id
-        if bos is not None and (len(ids) == 0 or ids[0] != bos):
-            ids = np.concatenate([[bos], ids])
-        return self._checked(ids)
+        """The tokenizer's own special tokens around a prompt (BOS for Llama 3, none for Qwen)."""
+        return self._checked(self.tok.encode_prompt(ids))
 
     def _checked(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int32)
