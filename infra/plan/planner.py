@@ -106,17 +106,13 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     the config's `mesh.*`). Needs `devices` JAX devices (emulated CPU devices are enough):
     shapes are abstract, nothing is allocated. `compile`: None = when the model has fewer than
     `AUTO_COMPILE_MAX_PARAMS` parameters."""
-    import jax.numpy as jnp
-
-    from infra import sharding, train
-    from infra.tasks import logical_rules
+    from infra import train
 
     chip = chip if isinstance(chip, Chip) or chip is None else get_chip(chip)
     _check_inputs(price_per_chip_hour, assumed_mfu)
     cfg = _resolve_config(config, parse_mesh(mesh))
     jmesh, ici, dcn = _build_mesh(cfg, devices)
     trainer = train.build(cfg, mesh=jmesh)
-    rules = sharding.normalize_rules(logical_rules(cfg), jmesh)
     notes: list[str] = []
 
     # ---- exact: the abstract state's leaves and their shardings
@@ -124,13 +120,7 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     param_leaves, batch = exact.pop("param_leaves"), exact.pop("batch")
 
     # ---- estimate: the analytic model
-    est = estimate_lib.estimate(
-        cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip, remat=exact["remat"],
-        compute_bytes=jnp.dtype(exact["compute_dtype"]).itemsize,
-        microbatches=exact["microbatches"])
-    if est.model is None:
-        notes.append(f"no analytic model for model.name={cfg.model.get('name')!r}: activations, "
-                     "analytic FLOPs and activation collectives are not estimated; use --compile")
+    est = _estimate(cfg, jmesh, param_leaves, exact, ici=ici, dcn=dcn, chip=chip, notes=notes)
 
     # ---- measured: the compiled program
     compiled = _compiled(trainer, batch, devices, compile, exact["param_count"], notes)
@@ -193,6 +183,24 @@ def _exact(trainer, cfg) -> dict:
         params_bytes=params_local, opt_bytes=opt_local,
         grads_bytes=trained_local * (2 if microbatches > 1 else 1), batch_bytes=batch_local,
         params_bytes_total=params_total, opt_bytes_total=opt_total)
+
+
+def _estimate(cfg, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: list[str]):
+    """The analytic model's figures (activations, FLOPs, collectives), where it has one."""
+    import jax.numpy as jnp
+
+    from infra import sharding
+    from infra.tasks import logical_rules
+
+    rules = sharding.normalize_rules(logical_rules(cfg), jmesh)
+    est = estimate_lib.estimate(
+        cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip, remat=exact["remat"],
+        compute_bytes=jnp.dtype(exact["compute_dtype"]).itemsize,
+        microbatches=exact["microbatches"])
+    if est.model is None:
+        notes.append(f"no analytic model for model.name={cfg.model.get('name')!r}: activations, "
+                     "analytic FLOPs and activation collectives are not estimated; use --compile")
+    return est
 
 
 def _compiled(trainer, batch, devices: int, compile: bool | None, param_count: int,
