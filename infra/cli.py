@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infra", description="JAX training stack")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="emulate N CPU devices (also: INFRA_CPU_DEVICES=N)")
+    p.add_argument("--compile_cache", default=None, metavar="DIR|off",
+                   help="JAX's persistent compilation cache for train, eval, generate and serve "
+                        "(also: INFRA_COMPILE_CACHE; default ~/.cache/infra/jax)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an experiment (resumes if the workdir has a checkpoint)")
@@ -253,6 +256,10 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "smoke" and cpu_devices is None:
         cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
     _setup_devices(cpu_devices)
+    if args.command in ("train", "smoke", "eval", "generate", "serve"):
+        from infra import compile_cache  # a second start loads what the first compiled
+
+        compile_cache.enable(args.compile_cache)
     if args.command == "train":
         return cmd_train(args, overrides)
     if args.command == "plan":

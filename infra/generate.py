@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 
-from infra import jsonout, paths
+from infra import compile_cache, jsonout, paths
 from infra.errors import UserError
 from infra.paths import PathLike
 
@@ -76,6 +77,7 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
     config = load_config(workdir)
     require_checkpoint(workdir)  # before building anything: the common mistake
     tok = load_tokenizer(config.data.tokenizer)
+    started = time.perf_counter()
     ids = tok.encode_prompt(prompt)  # the tokenizer's convention: BOS (Llama 3) or nothing
     limit = int(config.model.max_seq_len)
     if len(ids) >= limit:
@@ -94,7 +96,11 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
     new = request.token_ids
     stopped = bool(new) and new[-1] == tok.eos_id
     return {"text": request.finished.text, "token_ids": [int(t) for t in new],
-            "finish_reason": "eos" if stopped else "length"}
+            "finish_reason": "eos" if stopped else "length",
+            # from the call to the first new token: restore, compile (or the cache), prefill
+            "first_token_s": (round(request.first_token_at - started, 4)
+                              if request.first_token_at is not None else None),
+            "compile_cache": compile_cache.stats()}
 
 
 def _engine(workdir: PathLike, config, tok):
@@ -134,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample among the likeliest ids whose probability reaches p; 1 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: text (the completion), token_ids, finish_reason")
+                   help="print one JSON object: text (the completion), token_ids, finish_reason, "
+                        "first_token_s, compile_cache (programs loaded from / written to it)")
     p.add_argument("--cpu_devices", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 

@@ -3,6 +3,8 @@ share."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests compile from scratch (hermetic and comparable); tests of the cache set their own directory.
+os.environ.setdefault("INFRA_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 
