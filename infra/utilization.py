@@ -151,6 +151,13 @@ def peak_flops_per_device() -> tuple[float | None, str]:
     return chip.peak_flops, f"{chip.name} bf16 peak"
 
 
+def peak_host_memory_bytes() -> int:
+    """The process's peak resident host memory so far (`getrusage`'s maxrss)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def peak_memory_bytes() -> int | None:
     """Peak bytes in use on the first local device, where the backend reports it (not CPU)."""
     try:

@@ -76,6 +76,7 @@ def test_throughput_meter_excludes_compile_and_first_wait_and_reports_mfu():
     assert out["flops_per_step"] == pytest.approx(4.0e9 * jax.device_count())
     assert out["mfu"] == pytest.approx(4.0e9 / (7.5 / 4) / 2.0e10)
     assert out["compile_time_s"] == 30.0
+    assert 0.01 < out["peak_host_memory_gib"] < 1024  # this process's resident peak
     clock.now += 2.0
     again = meter.lap(15)
     assert again["step_time_s"] == pytest.approx(2.0) and "compile_time_s" not in again

@@ -104,7 +104,6 @@ def _export(workdir, out: Path, *, step: int | None, dtype: str, max_shard_size:
 
     process.setup()
     out = Path(out).expanduser().resolve()
-    check_new_dir(out, "--out", "pass a new directory")
     config = load_config(workdir, command="hf export")
     _check_export(config, workdir, merge_lora=merge_lora, peft=peft)
     storage = {"auto": config.model.param_dtype}.get(dtype, dtype)

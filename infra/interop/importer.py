@@ -171,7 +171,6 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     hf_dir, workdir = Path(hf_dir).expanduser().resolve(), Path(workdir).expanduser().resolve()
     if not paths.is_remote(recorded):
         recorded = workdir
-    check_new_dir(workdir, "--workdir", "import into a new --workdir")
     hf = read_hf_config(hf_dir)
     model = from_hf(hf, str(hf_dir / "config.json"))
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()

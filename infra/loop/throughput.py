@@ -74,6 +74,7 @@ class ThroughputMeter:
                 out["mfu"] = self.flops / seconds / self.peak
         if (memory := utilization.peak_memory_bytes()) is not None:
             out["peak_memory_gib"] = memory / 2**30
+        out["peak_host_memory_gib"] = utilization.peak_host_memory_bytes() / 2**30
         if self._first_lap and self.compile_s is not None:
             out["compile_time_s"], self._first_lap = self.compile_s, False
         if self.events is not None:

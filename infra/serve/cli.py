@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from infra import paths
+from infra import compile_cache, paths
 from infra.data import chat, template_sandbox
 from infra.errors import UserError
 
@@ -122,8 +122,10 @@ def run_cli(args) -> int:
                                  mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len)
     start = time.perf_counter()
     compile_s = engine.warmup()
-    log.info("warm-up: %.1f s (%.1f s compiling %d prefill buckets and the decode step)",
-             time.perf_counter() - start, compile_s, len(engine.buckets))
+    cached = compile_cache.stats()["hits"]
+    log.info("warm-up: %.1f s (%.1f s compiling %d prefill buckets and the decode step%s)",
+             time.perf_counter() - start, compile_s, len(engine.buckets),
+             f"; {cached} programs from the compilation cache" if cached else "")
     metrics = PrometheusMetrics()
     scheduler = Scheduler(engine, engine.tokenizer, max_queue=args.max_queue,
                           static=args.static, metrics=metrics)
