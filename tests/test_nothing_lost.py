@@ -264,6 +264,13 @@ def test_a_signal_during_start_up_exits_cleanly(tmp_path, sig, code, message):
         assert "Traceback" not in err and "Segmentation" not in err
 
 
+def assert_interrupted(code: str) -> None:
+    """`code` (a script replacing the CLI's command) exits 130 with the one line "interrupted"."""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
+
+
 def test_a_ctrl_c_inside_an_extension_import_is_still_an_interrupt():
     """A Ctrl-C that lands while JAX imports a compiled extension surfaces as an ImportError
     ("Encountered an error while initializing the extension"), not a KeyboardInterrupt (seen
@@ -279,9 +286,7 @@ def test_a_ctrl_c_inside_an_extension_import_is_still_an_interrupt():
         "        raise ImportError('Encountered an error while initializing the extension.') from e\n"
         "cli._run = run\n"
         "sys.exit(cli.main([]))\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
+    assert_interrupted(code)
 
 
 def test_a_ctrl_c_that_stops_a_finaliser_prints_no_traceback():
@@ -305,9 +310,7 @@ def test_a_ctrl_c_that_stops_a_finaliser_prints_no_traceback():
         "    return 0\n"
         "cli._run = run\n"
         "sys.exit(cli.main([]))\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 130 and p.stderr.strip() == "interrupted", (p.returncode, p.stderr)
+    assert_interrupted(code)
 
 
 # 8. generate's inputs -----------------------------------------------------------------------------
