@@ -10,7 +10,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="hf_command", required=True)
     i = sub.add_parser("import", help="a Hugging Face model directory -> a new workdir")
-    i.add_argument("hf_dir", help="local directory with config.json, *.safetensors, tokenizer")
+    i.add_argument("hf_dir", help="local directory with config.json, *.safetensors, tokenizer; "
+                                  "or a Llama-architecture .gguf file")
     i.add_argument("--workdir", required=True, help="new workdir to create")
     i.add_argument("--config", default=None,
                    help="experiment whose train/data/mesh settings to use (its model must match)")

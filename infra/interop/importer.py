@@ -20,9 +20,11 @@ at the end; a failed write (full disk, read-only) is one line and leaves nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from infra.data import template_sandbox
 from infra.data.text import VOCAB_SIZE as byte_vocab
 from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
 from infra.errors import UserError, output_error
+from infra.interop import gguf_convert
 from infra.interop.hf_config import ARCHITECTURE_KEYS, from_hf, read_hf_config
 from infra.interop.hf_weights import tensor_maps
 from infra.interop.safetensors_io import SafetensorsDir, check_finite, load_params
@@ -156,10 +159,24 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
     (one process)."""
     target = paths.path(workdir)
     check_new_dir(target, "--workdir", "import into a new --workdir")
-    with paths.staged(target) as local:
-        _import(paths.localize(hf_dir), local, recorded=target, spec=spec, overrides=overrides,
-                stats=stats)
+    source = paths.localize(hf_dir)
+    with contextlib.ExitStack() as stack:
+        if gguf_convert.is_gguf(source):  # a llama.cpp file: as the HF directory it stands for
+            converted = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="infra-gguf-", dir=_scratch_dir(target)))) / Path(source).stem
+            source = gguf_convert.convert(source, converted)
+        local = stack.enter_context(paths.staged(target))
+        _import(source, local, recorded=target, spec=spec, overrides=overrides, stats=stats)
     return target if paths.is_remote(target) else local
+
+
+def _scratch_dir(target) -> str | None:
+    """Where a GGUF file is converted: beside a local workdir (the same disk), else the
+    system's temporary directory."""
+    if paths.is_remote(target):
+        return None
+    parent = Path(target).expanduser().resolve().parent
+    return str(parent) if parent.is_dir() else None
 
 
 def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
