@@ -255,6 +255,8 @@ def _run(argv: list[str] | None) -> int:
         cpu_devices = args.devices  # plan emulates the chips it plans for
     if args.command == "smoke" and cpu_devices is None:
         cpu_devices = int(os.environ.get("INFRA_CPU_DEVICES", 8))
+    if args.command not in ("list", "plot", "goodput", "tokenizer", "tokenize"):
+        process.import_jax()  # a Ctrl-C during JAX's own import would abort the process
     _setup_devices(cpu_devices)
     if args.command in ("train", "smoke", "eval", "generate", "serve"):
         from infra import compile_cache  # a second start loads what the first compiled

@@ -192,6 +192,26 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def import_jax() -> None:
+    """Import JAX with SIGINT and SIGTERM held until the import is done. A Ctrl-C whose
+    KeyboardInterrupt lands while one of JAX's compiled extensions initialises aborts the
+    process (SIGABRT, no message); held, the signal arrives right after the import and is an
+    ordinary interrupt (exit 130) or preemption. Call it before anything imports JAX."""
+    if "jax" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import jax  # noqa: F401
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import jax  # noqa: F401
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):  # delivered again, now to the usual handlers
+            signal.raise_signal(s)
+
+
 def catch_sigterm(grace_s: float = 120.0) -> SigtermFlag:
     """Handle SIGTERM for the whole life of the process (the CLI does this first thing)."""
     global _sigterm
