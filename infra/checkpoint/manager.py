@@ -32,9 +32,10 @@ from infra.checkpoint import layout
 from infra.checkpoint.orbax_handlers import (FingerprintSave, IteratorRestore, IteratorSave,
                                              IteratorSnapshot, StateRestore, StateSave,
                                              set_storage_retries)
-from infra.checkpoint.verify import (META_DIGEST, Corrupt, Unreadable, check_fingerprint,
-                                     check_meta, diagnose, first_mismatch, fingerprint_async,
-                                     meta_digest, saved_specs, specs)
+from infra.checkpoint.newest import UnreadableStep, newest_intact
+from infra.checkpoint.verify import (META_DIGEST, Corrupt, check_fingerprint, check_meta,
+                                     first_mismatch, fingerprint_async, meta_digest, saved_specs,
+                                     specs)
 from infra.errors import CheckpointError, UserError, write_fix
 
 log = logging.getLogger(__name__)
@@ -315,19 +316,6 @@ class Checkpointer:
                         f"model: {what}; train in a new --workdir, or restore the config that "
                         "wrote it")
 
-    def _restore(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
-        """Restore one step. Raises `Corrupt` only when the files are proven damaged and
-        `Unreadable` when the environment kept them from being read."""
-        try:
-            return self._read(step, abstract_state, make_iterator)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a read failure is classified; others propagate
-            meaning = diagnose(e, self.directory / str(step))
-            if meaning is None:
-                raise
-            raise meaning from None
-
     def _read(self, step: int, abstract_state: Any, make_iterator) -> tuple[Any, dict, Any]:
         meta = self.read_meta(step)
         check_meta(self.directory / str(step), meta)
@@ -353,29 +341,36 @@ class Checkpointer:
         (`checkpoints/corrupt-<step>-<time>`) with a warning and the previous one is tried.
         """
         steps = self.all_steps()
-        for step in reversed(steps):
-            where = self.directory / str(step)
-            try:
-                return self._restore(step, abstract_state, make_iterator)
-            except Unreadable as e:
-                raise CheckpointError(
-                    f"cannot read checkpoint step {step} at {where}: {e}; fix that and run the "
-                    f"same command again (nothing was moved: this is not corruption)") from None
-            except Corrupt as e:
-                if not self.fallback:
-                    raise CheckpointError(
-                        f"checkpoint step {step} at {where} is corrupted: {e}",
-                        key="checkpoint.fallback", value="true",
-                        note=" to resume from the previous good step") from None
-                log.warning("warning: checkpoint step %d at %s is corrupted: %s; "
-                            "falling back to the previous checkpoint", step, where, e)
-                self._move_aside(step)
+        try:
+            found = newest_intact(self.all_steps,
+                                  lambda step: self._read(step, abstract_state, make_iterator),
+                                  step_dir=lambda step: self.directory / str(step),
+                                  on_corrupt=self._corrupt)
+        except UnreadableStep as e:
+            raise CheckpointError(
+                f"cannot read checkpoint step {e.step} at {self.directory / str(e.step)}: {e}; "
+                f"fix that and run the same command again (nothing was moved: this is not "
+                f"corruption)") from None
+        if found is not None:
+            return found[1]
         if steps:
             raise CheckpointError(
                 f"no intact checkpoint in {self.directory} (tried steps {steps}); "
                 f"use a new --workdir to start over"
             )
         return None
+
+    def _corrupt(self, step: int, e: Corrupt) -> None:
+        """A corrupted checkpoint: stop (no `fallback`), or warn and move it aside."""
+        where = self.directory / str(step)
+        if not self.fallback:
+            raise CheckpointError(
+                f"checkpoint step {step} at {where} is corrupted: {e}",
+                key="checkpoint.fallback", value="true",
+                note=" to resume from the previous good step") from None
+        log.warning("warning: checkpoint step %d at %s is corrupted: %s; "
+                    "falling back to the previous checkpoint", step, where, e)
+        self._move_aside(step)
 
     def _move_aside(self, step: int) -> None:
         """Keep a corrupted checkpoint for inspection, out of Orbax's sight (in a bucket a

@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 
 from infra import paths
 from infra.checkpoint import layout
-from infra.checkpoint.verify import (Corrupt, Unreadable, check_fingerprint, diagnose,
-                                     first_mismatch, saved_specs, specs)
+from infra.checkpoint.newest import UnreadableStep, newest_intact
+from infra.checkpoint.verify import Corrupt, check_fingerprint, first_mismatch, saved_specs, specs
 from infra.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -41,34 +41,26 @@ def restore_params(workdir: paths.PathLike, abstract_params: Any, *,
         raise UserError(f"no checkpoint of step {step} in '{directory}'; committed steps: "
                         f"{', '.join(map(str, steps))}")
     problems: list[str] = []
-    tried: set[int] = set()
-    while True:
-        candidates = [s for s in ([step] if step is not None else reversed(steps)) if s not in tried]
-        if not candidates:
-            break
-        s = candidates[0]
-        tried.add(s)
-        try:
-            params = _restore_step(directory / str(s), abstract_params)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a read failure is classified; others propagate
-            now = layout.committed_steps(workdir)
-            if s not in now or (step is None and max(now, default=s) > s):
-                steps = now  # a run still training there replaced it meanwhile: take the newer
-                continue
-            meaning = diagnose(e, directory / str(s))
-            if meaning is None:
-                raise
-            if isinstance(meaning, Unreadable):
-                raise CheckpointError(f"cannot read checkpoint step {s} in {directory}: "
-                                      f"{meaning}; fix that and try again") from None
-            problems.append(f"step {s} ({meaning})")
-            continue
-        for problem in problems:
-            log.warning("warning: checkpoint %s is corrupted; using step %d", problem, s)
-        return params, s
-    raise CheckpointError(f"no intact checkpoint in {directory} ({'; '.join(problems)})")
+
+    def replaced(s: int) -> bool:  # a run still training there committed a newer step
+        now = layout.committed_steps(workdir)
+        return s not in now or (step is None and max(now, default=s) > s)
+
+    try:
+        found = newest_intact(
+            lambda: [step] if step is not None else layout.committed_steps(workdir),
+            lambda s: _restore_step(directory / str(s), abstract_params),
+            step_dir=lambda s: directory / str(s), replaced=replaced,
+            on_corrupt=lambda s, e: problems.append(f"step {s} ({e})"))
+    except UnreadableStep as e:
+        raise CheckpointError(f"cannot read checkpoint step {e.step} in {directory}: {e}; fix "
+                              "that and try again") from None
+    if found is None:
+        raise CheckpointError(f"no intact checkpoint in {directory} ({'; '.join(problems)})")
+    s, params = found
+    for problem in problems:
+        log.warning("warning: checkpoint %s is corrupted; using step %d", problem, s)
+    return params, s
 
 
 def _restore_step(path: paths.Path, abstract_params: Any) -> Any:
