@@ -5,6 +5,7 @@ parameter loader, verification, and the on-disk layout.
 |---|---|
 | `manager.py` | `Checkpointer`: async saves, keep-N, restore the newest intact step, fall back |
 | `params.py` | `restore_params(workdir, abstract_params, step=None)`: parameters only, read-only |
+| `newest.py` | `newest_intact`: the newest step whose read succeeds (corrupt ones to the caller) |
 | `verify.py` | checksums of every array, saved array specs, what counts as corruption |
 | `layout.py` | where checkpoints live in a workdir; committed steps; metadata |
 | `orbax_handlers.py` | our Orbax handlers (the one file that uses Orbax internals) |
