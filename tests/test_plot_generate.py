@@ -199,9 +199,21 @@ def test_a_second_generate_loads_what_the_first_compiled(runs, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == entries
     print(f"first token: {one['first_token_s']:.2f} s compiling, {two['first_token_s']:.2f} s "
           f"from the cache")
-    off = cli("--compile_cache", "off", *args)
-    assert json.loads(off.stdout)["compile_cache"] == {"hits": 0, "writes": 0}
+
+
+def test_the_compile_cache_can_be_moved_or_turned_off_and_a_bad_one_is_a_warning(
+        tmp_path, monkeypatch, caplog):
+    from infra import compile_cache
+
+    monkeypatch.setenv("INFRA_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compile_cache.resolve() == tmp_path / "env"
+    assert compile_cache.resolve(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag wins
+    assert compile_cache.resolve("off") is None and compile_cache.resolve("OFF") is None
+    monkeypatch.delenv("INFRA_COMPILE_CACHE")
+    monkeypatch.setenv("INFRA_CACHE_DIR", str(tmp_path / "cache"))
+    assert compile_cache.resolve() == tmp_path / "cache" / "jax"
     blocked = tmp_path / "file"
     blocked.write_text("")
-    p = cli("--compile_cache", str(blocked / "cache"), *args)
-    assert p.returncode == 0 and "not writable" in p.stderr, p.stderr
+    with caplog.at_level("WARNING"):
+        assert compile_cache.enable(str(blocked / "cache")) is None  # nothing configured
+    assert "not writable" in caplog.text
