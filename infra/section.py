@@ -134,8 +134,9 @@ class Section:
         if isinstance(section, cls):
             return section
         values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        accepted = set(cls.accepted())
         for key in values:
-            if key not in cls.accepted():
+            if key not in accepted:
                 raise cls.unknown_key(key)
         missing = [k for k in cls.required() if k not in values]
         if missing:

@@ -47,7 +47,7 @@ class Task(abc.ABC):
     def __init__(self, config):
         self.config = config
         if config is not None:  # its data section's checks, before anything is built
-            self.data_config  # noqa: B018
+            _ = self.data_config
 
     @functools.cached_property
     def data_config(self) -> Section:
