@@ -206,17 +206,13 @@ def cmd_smoke(args) -> int:
 
 
 def _say_last(line: str) -> None:
-    """Print the line a failed or stopped run ends with. In a multi-process run the runtime's
-    threads keep logging (a lost peer's socket errors) until the process exits; stderr is
-    silenced after the line so that it stays the last one the user reads."""
+    """Print the line a failed or stopped run ends with; in a multi-process run also silence
+    the runtime's threads after it (see `process.say_last`)."""
     mesh = sys.modules.get("infra.mesh")
     if mesh is None or not mesh.distributed_started:
         print(line, file=sys.stderr, flush=True)
-        return
-    sys.stderr.flush()
-    terminal = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    os.write(terminal, (line + "\n").encode())
+    else:
+        process.say_last(line)
 
 
 def main(argv: list[str] | None = None) -> int:

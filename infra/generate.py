@@ -2,7 +2,8 @@
 
 Runs on the serving engine (`infra.serve`): the parameters of the newest intact checkpoint
 (`infra.checkpoint.restore_params`: checksums verified, nothing in the workdir changed) on a
-one-slot KV cache as long as the model's context (`model.max_seq_len`); the prompt
+one-slot KV cache as long as the request needs (`context_for`: prompt + new tokens, to a
+power of two, at most `model.max_seq_len`); the prompt
 (encoded as the tokenizer encodes a text: its BOS where it adds one) is prefilled once, then each new token is one decode step that reads the
 cache instead of recomputing the context. Sampling: temperature (0 = greedy), top-k, top-p,
 with a key that folds in the seed and the token's position (`infra.serve.sampling`), so the
@@ -85,7 +86,7 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
                         f"tokens; shorten --prompt")
     if len(ids) == 0:
         raise UserError("this tokenizer has no BOS token: pass a non-empty --prompt")
-    engine = _engine(workdir, config, tok)
+    engine = _engine(workdir, config, tok, context_for(len(ids) + max_new_tokens, limit))
     if max_new_tokens == 0:
         return {"text": "", "token_ids": [], "finish_reason": "length"}
     request = Request(ids, SamplingParams(temperature, top_k, top_p, seed),
@@ -103,10 +104,21 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
             "compile_cache": compile_cache.stats()}
 
 
-def _engine(workdir: PathLike, config, tok):
-    """A one-slot engine for this model, tokenizer and device set, its parameters restored
-    from `workdir` now. Engines are kept per process (their steps are compiled once: repeated
-    calls from a notebook compile nothing); the parameters are read anew every call."""
+def context_for(tokens: int, limit: int) -> int:
+    """The KV cache length for a request of `tokens` (prompt + new): the next power of two
+    (at least the smallest prefill bucket), at most the model's context `limit`. Each decode
+    step reads the whole cache, so a short request on a long-context model (8,192 positions)
+    decodes many times faster; powers of two keep the programs compiled (and cached) few."""
+    from infra.serve.engine import MIN_BUCKET
+
+    return min(limit, max(MIN_BUCKET, 1 << max(tokens - 1, 1).bit_length()))
+
+
+def _engine(workdir: PathLike, config, tok, max_len: int):
+    """A one-slot engine with a `max_len` cache for this model, tokenizer and device set, its
+    parameters restored from `workdir` now. Engines are kept per process (their steps are
+    compiled once: repeated calls from a notebook compile nothing); the parameters are read
+    anew every call."""
     import jax
 
     from infra.mesh import serve_mesh
@@ -115,13 +127,14 @@ def _engine(workdir: PathLike, config, tok):
     key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
            json.dumps(config.finetune.to_dict(), sort_keys=True),
            tok.spec,
-           tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tuple(d.id for d in jax.devices()))
+           tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tuple(d.id for d in jax.devices()),
+           max_len)
     engine = _ENGINES.get(key)
     if engine is None:
         mesh = serve_mesh(config)
         serving, model_def, params, step, rules = load_model(workdir, mesh)
         engine = Engine(model_def, params, serving, mesh=mesh, rules=rules, slots=1,
-                        allowed=allowed_ids(tok, int(config.model.vocab_size)))
+                        allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len)
         _ENGINES[key] = engine
     else:
         *_, params, step, _ = load_model(workdir, engine.mesh)

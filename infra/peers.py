@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from infra import process
 from infra.errors import PeerError
 
 _KEY = "infra/peer_watchdog"
@@ -82,14 +83,10 @@ class PeerWatchdog:
             data = b""
         if data == _BYE or self.finished:
             return
-        print(
+        process.say_last(
             f"error: process {self.index}: lost {who} of this {self.count}-process run (it died "
-            f"or stopped on an error; see its log); stopping too. Rerun the same command to resume.",
-            file=sys.stderr, flush=True,
+            f"or stopped on an error; see its log); stopping too. Rerun the same command to resume."
         )
-        # The distributed runtime's threads notice the lost peer too and may log it (gRPC
-        # "Socket closed") between this line and the exit: keep the one line the last one.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         os._exit(PeerError.exit_code)
 
     @contextlib.contextmanager

@@ -116,6 +116,18 @@ def start_time() -> float:
     return _IMPORTED_AT if "cli" in _done else time.time()
 
 
+def say_last(line: str) -> None:
+    """Print the line a failed or stopped run ends with and silence stderr after it. In a
+    multi-process run the distributed runtime's threads keep logging (a lost peer's gRPC
+    "Socket closed") until the process exits: stderr goes to /dev/null *before* the line is
+    written to a saved copy of it, so that no such line can land after it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(terminal, (line + "\n").encode())
+
+
 # --------------------------------------------------------------------------- signals
 EXIT_TERMINATED = 128 + signal.SIGTERM
 

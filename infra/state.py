@@ -100,6 +100,18 @@ def init_fn(build: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransform
     return init
 
 
+def _state_shapes(abstract: nnx.Module, tx: optax.GradientTransformation, trainable) -> State:
+    """The shapes `init_fn` returns, from the abstract model already built (building the
+    model is most of a large model's start-up: it is done once)."""
+    pure = lambda filt: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(abstract, filt)))
+    params = pure(nnx.Param)
+    trained = params if trainable is None else pure(trainable)
+    return {"params": params, "opt_state": jax.eval_shape(tx.init, trained),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedState:
     """Everything derived from the abstract model: shapes, shardings and the sharded init."""
@@ -116,7 +128,7 @@ def shard_state(build, tx, mesh: Mesh, rules, trainable=None) -> ShardedState:
     abstract = abstract_model(build)
     specs = sharding.param_specs(abstract, rules)
     init = init_fn(build, tx, trainable)
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = _state_shapes(abstract, tx, trainable)
     param_sh = sharding.named_shardings(specs, shapes["params"], mesh)
     shardings = sharding.state_shardings(shapes, param_sh, mesh)
     shardings["params"] = param_sh
