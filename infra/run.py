@@ -24,7 +24,7 @@ from infra import mesh as mesh_lib
 from infra import paths, sharding
 from infra.checkpoint import layout, restore_params
 from infra.errors import UserError
-from infra.models.layers import convert_layers
+from infra.models.layers import convert_layers, restrict_like
 from infra.paths import PathLike
 from infra.state import shard_state
 from infra.tasks import get_task, logical_rules
@@ -79,5 +79,6 @@ def load_params(workdir: PathLike, config, abstract: Any, *,
     saved = ConfigDict(config.to_dict())
     saved.model.scan_layers = saved_scan
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh
-    params, step = restore_params(workdir, abstract_params(saved, mesh), step=step)
+    saved_abstract = restrict_like(abstract_params(saved, mesh), abstract)
+    params, step = restore_params(workdir, saved_abstract, step=step)
     return convert_layers(params, config.model.num_layers, abstract), step

@@ -120,6 +120,9 @@ class ShardedState:
     abstract: State  # ShapeDtypeStructs carrying their target shardings
     shardings: State
     init: Callable[[jax.Array], State]  # jitted: creates the state directly in its shardings
+    # jitted `(key, given) -> state`: as `init`, but with `given` (a subtree of the parameters,
+    # e.g. a pretrained base, donated) in place of those parameters, which are never drawn
+    init_around: Callable[[jax.Array, dict], State]
 
 
 def shard_state(build, tx, mesh: Mesh, rules, trainable=None) -> ShardedState:
@@ -140,7 +143,21 @@ def shard_state(build, tx, mesh: Mesh, rules, trainable=None) -> ShardedState:
         abstract=abstract_state,
         shardings=shardings,
         init=jax.jit(init, out_shardings=shardings),
+        init_around=jax.jit(_around(init), out_shardings=shardings, donate_argnums=1),
     )
+
+
+def _around(init: Callable[[jax.Array], State]) -> Callable[[jax.Array, dict], State]:
+    """`init` with a subtree of the parameters given: compiled together, the random draws of
+    the given parameters are dead code (removed), so starting from pretrained weights costs
+    no second copy of them."""
+
+    def around(key: jax.Array, given: dict) -> State:
+        state = init(key)
+        flat = traverse_util.flatten_dict(state["params"]) | traverse_util.flatten_dict(given)
+        return {**state, "params": traverse_util.unflatten_dict(flat)}
+
+    return around
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -233,13 +233,14 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
     if restored is None:
         if not imported:
             workdir_lib.check_fresh_start(workdir)
-        state = trainer.state.init(jax.random.key(trainer.config.train.seed))
+        key = jax.random.key(trainer.config.train.seed)
         source = workdir if imported else init_from.source_of(trainer.config)
         if source:  # the source's parameters; adapters (LoRA) it cannot have start fresh
             base, _ = lora.split(trainer.state.abstract["params"])
-            _, adapters = lora.split(state["params"])
-            state["params"] = lora.join(
-                init_from.load_params(source, trainer.config, base), adapters)
+            state = trainer.state.init_around(
+                key, init_from.load_params(source, trainer.config, base))
+        else:
+            state = trainer.state.init(key)
         note(0, True)
         return state, make_iterator(0), False
     state, meta, iterator = restored

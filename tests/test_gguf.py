@@ -48,6 +48,7 @@ def test_smollm2_gguf_imports_equal_to_transformers(imported, reference):
     ref_tok, ref_model = reference
     saved = json.loads((imported / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 49152 and saved["model"]["tie_embeddings"] is True
+    assert saved["experiment"] == f"hf:{SMOLLM2}"  # the file imported, not its scratch copy
     ours = load_tokenizer(str(imported / "tokenizer"))
     assert ours.prefix_ids == () and ours.special_tokens["eos_token"] == "<|im_end|>"
     assert "<|im_start|>" in (ours.chat_template or "")

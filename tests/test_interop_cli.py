@@ -198,6 +198,22 @@ def test_init_from_loads_parameters_onto_the_runs_mesh(llama_dir, tmp_path):
             reference = params
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params,
                                          reference))
+    # LoRA from the imported (loop layout) workdir into this scanned run: the base is the
+    # checkpoint's, the adapters those a fresh start draws (the base's draws skipped)
+    from infra.models import lora
+
+    config = config_lib.load("experiments/lm.py:smoke", {
+        **overrides, "init.from": str(imported), "finetune.lora.rank": 4})
+    trainer = train.build(config)
+    ckpt = Checkpointer(tmp_path / "c", every=10, keep=1)
+    try:
+        state, _, _ = train._resume_or_start(trainer, ckpt, tmp_path / "c")
+    finally:
+        ckpt.close()
+    base, adapters = lora.split(state["params"])
+    fresh = lora.split(trainer.state.init(jax.random.key(config.train.seed))["params"])[1]
+    for got, want in ((base, reference), (adapters, fresh)):
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
 
 
 @pytest.mark.slow

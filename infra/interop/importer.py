@@ -87,16 +87,17 @@ def check_architecture(config, model: dict[str, Any], source: str) -> None:
 
 
 def run_config(hf_dir: Path, model: dict[str, Any], *, spec: str | None,
-               overrides: list[str] | dict | None, tokenizer: str):
+               overrides: list[str] | dict | None, tokenizer: str, origin: str | None = None):
     """The locked run config of an import: the experiment `spec` (its model must match the
-    checkpoint's) or the base LM config with the checkpoint's model; then the overrides."""
+    checkpoint's) or the base LM config with the checkpoint's model (`experiment`:
+    `hf:<origin>`, what the user imported, default `hf_dir`); then the overrides."""
     if spec:
         config = config_lib.load(spec, overrides)
         check_architecture(config, model, hf_dir / "config.json")
         config.unlock()
     else:
         config = config_lib.base_config("lm")
-        config.experiment = f"hf:{hf_dir}"
+        config.experiment = f"hf:{origin or hf_dir}"
         with config.model.unlocked():
             config.model.update(model)
         config.data.seq_len = min(config.data.seq_len, model["max_seq_len"])
@@ -160,13 +161,15 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, *, spec: str | None = Non
     target = paths.path(workdir)
     check_new_dir(target, "--workdir", "import into a new --workdir")
     source = paths.localize(hf_dir)
+    origin = str(hf_dir) if paths.is_remote(hf_dir) else str(Path(hf_dir).expanduser().resolve())
     with contextlib.ExitStack() as stack:
         if gguf_convert.is_gguf(source):  # a llama.cpp file: as the HF directory it stands for
             converted = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="infra-gguf-", dir=_scratch_dir(target)))) / Path(source).stem
             source = gguf_convert.convert(source, converted)
         local = stack.enter_context(paths.staged(target))
-        _import(source, local, recorded=target, spec=spec, overrides=overrides, stats=stats)
+        _import(source, local, recorded=target, origin=origin, spec=spec, overrides=overrides,
+                stats=stats)
     return target if paths.is_remote(target) else local
 
 
@@ -179,9 +182,10 @@ def _scratch_dir(target) -> str | None:
     return str(parent) if parent.is_dir() else None
 
 
-def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
+def _import(hf_dir: Path, workdir: Path, *, recorded, origin: str, spec: str | None,
             overrides: list[str] | dict | None, stats: dict | None) -> Path:
-    """`import_hf` into a local `workdir` that the saved config calls `recorded`."""
+    """`import_hf` of `hf_dir` (a local copy or conversion of `origin`, what the user named)
+    into a local `workdir` that the saved config calls `recorded`."""
     import jax
 
     process.setup()
@@ -193,7 +197,7 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()
     tok_dir = recorded / TOKENIZER_DIR
     config = run_config(hf_dir, model, spec=spec, overrides=overrides,
-                        tokenizer=str(hf_dir) if has_tokenizer else "")
+                        tokenizer=str(hf_dir) if has_tokenizer else "", origin=origin)
     if has_tokenizer:
         check_tokenizer(hf_dir, config.model.vocab_size)
     elif config.model.vocab_size > byte_vocab:
@@ -213,7 +217,7 @@ def _import(hf_dir: Path, workdir: Path, *, recorded, spec: str | None,
         params = load_hf_params(hf_dir, config, abstract, stats=stats)
         try:
             write_params_checkpoint(staging.path, params, {
-                "config": saved, "experiment": config.experiment, "source": str(hf_dir)})
+                "config": saved, "experiment": config.experiment, "source": origin})
             if main:
                 _write_run_files(staging.path, hf_dir, hf, saved, has_tokenizer)
         except UserError:
