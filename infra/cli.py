@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     from infra.data import tokenizer_cli
     from infra.interop import cli as hf_cli
 
+    for cached in (t, s, g, sv, e):  # also accepted after the command, where users put it
+        cached.add_argument("--compile_cache", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     h = sub.add_parser("hf", help="import / export Hugging Face Llama-family checkpoints")
     hf_cli.add_arguments(h)
     tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text")

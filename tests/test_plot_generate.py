@@ -204,7 +204,14 @@ def test_a_second_generate_loads_what_the_first_compiled(runs, tmp_path):
 def test_the_compile_cache_can_be_moved_or_turned_off_and_a_bad_one_is_a_warning(
         tmp_path, monkeypatch, caplog):
     from infra import compile_cache
+    from infra.cli import _parser
 
+    # the flag before the command or after it
+    for argv in (["--compile_cache", "d", "generate", "--workdir", "w"],
+                 ["generate", "--workdir", "w", "--compile_cache", "d"],
+                 ["train", "--config", "c", "--workdir", "w", "--compile_cache", "d"]):
+        assert _parser().parse_args(argv).compile_cache == "d"
+    assert _parser().parse_args(["serve", "--workdir", "w"]).compile_cache is None
     monkeypatch.setenv("INFRA_COMPILE_CACHE", str(tmp_path / "env"))
     assert compile_cache.resolve() == tmp_path / "env"
     assert compile_cache.resolve(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag wins

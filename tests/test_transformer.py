@@ -420,6 +420,40 @@ def test_scan_pure_dict_workflow_sharded_init_and_grad():
         assert float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
 
 
+def test_layer_layouts_convert_both_ways_one_weight_at_a_time():
+    """Loop -> scan -> loop on a sharded mesh: exact values, the target's shardings, and the
+    sources consumed (deleted) as they are converted (no second copy of the model)."""
+    from infra.models.layers import convert_layers
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+    def placed(scan):
+        cfg = dict(scan_layers=scan, num_layers=3)
+        abstract = nnx.eval_shape(lambda: make(**cfg))
+        specs = sharding.param_specs(abstract, DEFAULT_RULES)
+        init = _init_fn(cfg)
+        shardings = sharding.named_shardings(specs, jax.eval_shape(init), mesh)
+        params = jax.jit(init, out_shardings=shardings)()
+        return params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                   sharding=x.sharding), params)
+
+    loop, loop_abstract = placed(False)
+    _, scan_abstract = placed(True)
+    want = jax.tree.map(np.asarray, loop)
+    sources = jax.tree.leaves(loop["blocks"])
+    scanned = convert_layers(loop, 3, scan_abstract)
+    assert all(x.is_deleted() for x in sources)
+    q = scanned["blocks"]["attn"]["q"]
+    assert q.sharding == scan_abstract["blocks"]["attn"]["q"].sharding and q.shape[0] == 3
+    np.testing.assert_array_equal(np.asarray(q[1]), want["blocks"][1]["attn"]["q"])
+    back = convert_layers(scanned, 3, loop_abstract)
+    for got, expected, target in zip(jax.tree.leaves(back), jax.tree.leaves(want),
+                                     jax.tree.leaves(loop_abstract)):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+        assert got.sharding == target.sharding
+
+
 @pytest.mark.parametrize("bad", ["selective", "", None, True])
 def test_invalid_remat_raises_config_error(bad):
     with pytest.raises(ConfigError) as info:

@@ -20,7 +20,14 @@ class Evaluator:
 
     def __call__(self, params) -> dict[str, float]:
         t0 = time.perf_counter()
-        outputs = jax.device_get([self.eval_step(params, b) for b in self.batches])
+        outputs, pending = [], None
+        for batch in self.batches:  # at most two in flight: each holds its own scratch memory
+            out = self.eval_step(params, batch)
+            if pending is not None:
+                outputs.append(jax.device_get(pending))
+            pending = out
+        if pending is not None:
+            outputs.append(jax.device_get(pending))
         metrics = self.task.summarize_eval(outputs)
         if self.events is not None:
             self.events.record("eval", seconds=time.perf_counter() - t0)

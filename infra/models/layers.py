@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 
 def _loop_layout(blocks: dict) -> bool:
@@ -38,14 +39,34 @@ def restrict_like(other_layout: dict, params: dict) -> dict:
 
 def convert_layers(params: dict, num_layers: int, abstract_params: Any) -> dict:
     """Parameters of the loop layout (`blocks/<i>/...`) in the scan layout (`blocks/...` with a
-    leading layers dim), or back, placed on `abstract_params`' shardings."""
+    leading layers dim), or back, placed on `abstract_params`' shardings. Converted one weight
+    at a time and the source arrays of `params` deleted as they are converted (they are
+    consumed): the peak is the model plus one weight, not two models."""
     blocks = params["blocks"]
+    shardings = traverse_util.flatten_dict(
+        jax.tree.map(lambda a: a.sharding, abstract_params["blocks"]))
     if _loop_layout(blocks):
-        layers = [blocks[i] if i in blocks else blocks[str(i)] for i in range(num_layers)]
-        convert = lambda ls: jax.tree.map(lambda *xs: jnp.stack(xs), *ls)  # noqa: E731
+        layers = [traverse_util.flatten_dict(blocks[i] if i in blocks else blocks[str(i)])
+                  for i in range(num_layers)]
+        out = {}
+        for name in layers[0]:
+            sources = [layer[name] for layer in layers]
+            out[name] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=shardings[name])(*sources)
+            _delete(sources)
+        new_blocks = traverse_util.unflatten_dict(out)
     else:
-        layers = blocks
-        convert = lambda b: {i: jax.tree.map(lambda x: x[i], b) for i in range(num_layers)}  # noqa: E731
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params["blocks"])
-    new_blocks = jax.jit(convert, out_shardings=shardings)(layers)
+        per_layer: list[dict] = [{} for _ in range(num_layers)]
+        for name, x in traverse_util.flatten_dict(blocks).items():
+            parts = jax.jit(lambda x: [x[i] for i in range(num_layers)],
+                            out_shardings=[shardings[(0, *name)]] * num_layers)(x)
+            for i, part in enumerate(parts):
+                per_layer[i][name] = part
+            _delete([x])
+        new_blocks = {i: traverse_util.unflatten_dict(d) for i, d in enumerate(per_layer)}
     return {**params, "blocks": new_blocks}
+
+
+def _delete(arrays: list[jax.Array]) -> None:
+    for x in arrays:
+        if isinstance(x, jax.Array) and not x.is_deleted():
+            x.delete()
