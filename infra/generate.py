@@ -63,8 +63,6 @@ def complete(workdir: PathLike, prompt: str | list[int], *, max_new_tokens: int 
     """`{"text", "token_ids", "finish_reason"}` of a completion of `prompt` (text, or token
     ids, to which the tokenizer's BOS is added where it adds one) from the newest checkpoint in `workdir`; `token_ids` are the new ones
     (with the EOS that stopped it, which `text` leaves out)."""
-    import numpy as np
-
     from infra.data.tokenizer import load_tokenizer
     from infra.run import load_config, require_checkpoint
     from infra.serve.engine import SamplingParams

@@ -80,3 +80,12 @@ def configure(environ=os.environ) -> bool:
         return False
     applied = all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
     return applied
+
+
+def release() -> None:
+    """Return the freed memory the settings above keep to the system (glibc `malloc_trim`):
+    called after the rare phases that allocate and free much more than a step does (compiling,
+    restoring, evaluating), so their memory does not stay resident for the rest of the run.
+    A step's own scratch memory is kept between steps as before."""
+    if applied:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

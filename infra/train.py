@@ -17,10 +17,11 @@ import time
 from typing import Any, Callable
 
 import jax
+from flax import traverse_util
 
 from infra import config as config_lib
 from infra import mesh as mesh_lib
-from infra import process, sharding
+from infra import host_malloc, process, sharding
 from infra import workdir as workdir_lib
 from infra.checkpoint import Checkpointer
 from infra.config.sections import (CheckpointConfig, DistributedConfig, ProfileConfig,
@@ -30,6 +31,7 @@ from infra.events import EventLog
 from infra.interop import init_from
 from infra.loop import preemption
 from infra.loop.evaluator import Evaluator
+from infra.loop.frozen_step import FrozenStep
 from infra.loop.nonfinite import NonFiniteGuard
 from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
@@ -62,6 +64,14 @@ class Trainer:
         """This process's numpy batch -> global arrays in the batch shardings."""
         return sharding.to_global(local_batch, self.batch_shardings)
 
+    @property
+    def frozen_params(self) -> frozenset[tuple]:
+        """Paths of the parameters the step leaves as they are (and does not donate)."""
+        if self.state.model.trained is None:
+            return frozenset()
+        flat = traverse_util.flatten_dict(self.state.abstract["params"])
+        return frozenset(flat.keys() - self.state.model.trained)
+
     def evaluator(self, events=None) -> Evaluator:
         """The task's eval metrics over this process's share of the held-out batches."""
         batches = self.task.eval_batches(jax.process_index(), jax.process_count())
@@ -85,17 +95,17 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
     out = replicated(mesh)
+    if sharded.model.trained is None:
+        step = jax.jit(train_step, in_shardings=(sharded.shardings, batch_sh),
+                       out_shardings=(sharded.shardings, out), donate_argnums=0)
+    else:  # the frozen weights are not donated: saves need not copy them
+        step = FrozenStep(train_step, sharded.model.split_trained, sharded.shardings, batch_sh, out)
     return Trainer(
         config=config,
         mesh=mesh,
         task=task,
         state=sharded,
-        train_step=jax.jit(
-            train_step,
-            in_shardings=(sharded.shardings, batch_sh),
-            out_shardings=(sharded.shardings, out),
-            donate_argnums=0,
-        ),
+        train_step=step,
         eval_step=jax.jit(
             eval_step, in_shardings=(sharded.shardings["params"], batch_sh), out_shardings=out
         ),
@@ -189,7 +199,7 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
     main_events = events if is_main_process() else None  # process 0's timeline is the run's
     evaluator = trainer.evaluator(main_events)
     ckpt = Checkpointer(workdir, **CheckpointConfig.from_config(config.checkpoint).to_dict(),
-                        events=main_events)
+                        events=main_events, shared=trainer.frozen_params)
     heartbeat_s = DistributedConfig.from_config(config.distributed).heartbeat_timeout_s
     peers = PeerWatchdog(timeout_s=heartbeat_s * 2).start()
     clean = False
@@ -241,6 +251,7 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
                 key, init_from.load_params(source, trainer.config, base))
         else:
             state = trainer.state.init(key)
+        host_malloc.release()  # what reading the source's parameters freed
         note(0, True)
         return state, make_iterator(0), False
     state, meta, iterator = restored

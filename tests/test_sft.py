@@ -279,8 +279,18 @@ def test_lora_trains_only_the_adapters_and_the_base_stays_bitwise():
     before = jax.tree.map(np.asarray, state["params"])
     batch = trainer.to_global({**random_batch(rows=16, length=128),
                                "mask": np.ones(16, np.float32)})
+    base_arrays = jax.tree.leaves(lora.split(state["params"])[0])
     for _ in range(3):
         state, metrics = trainer.train_step(state, batch)
+    # the frozen base is not donated: the same arrays all along, which a save need not copy
+    assert all(a is b and not a.is_deleted()
+               for a, b in zip(base_arrays, jax.tree.leaves(lora.split(state["params"])[0])))
+    from infra.checkpoint.manager import _copy_on_device
+
+    copy = _copy_on_device(state, trainer.frozen_params)
+    (cb, ca), (sb, sa) = lora.split(copy["params"]), lora.split(state["params"])
+    assert all(a is b for a, b in zip(jax.tree.leaves(cb), jax.tree.leaves(sb)))
+    assert not any(a is b for a, b in zip(jax.tree.leaves(ca), jax.tree.leaves(sa)))
     after = jax.tree.map(np.asarray, state["params"])
     (b0, a0), (b1, a1) = lora.split(before), lora.split(after)
     for x, y in zip(jax.tree.leaves(b0), jax.tree.leaves(b1)):

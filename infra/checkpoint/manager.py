@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -55,9 +56,22 @@ def _versions() -> dict[str, str]:
 
 
 @jax.jit
-def _copy_on_device(state: Any) -> Any:
-    """A copy of every array where it lives (new buffers: the loop may donate the originals)."""
-    return jax.tree.map(jnp.copy, state)
+def _copy_all(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _copy_on_device(state: Any, shared: frozenset[tuple] = frozenset()) -> Any:
+    """A copy of every array where it lives (new buffers: the loop may donate the originals),
+    one program; the parameters at `shared` paths, which the loop does not donate (a LoRA run's
+    base), are not copied."""
+    if not shared:
+        return _copy_all(state)
+    flat = traverse_util.flatten_dict(state["params"])
+    moving = [p for p in flat if p not in shared]
+    rest, copies = _copy_all(({k: v for k, v in state.items() if k != "params"},
+                              [flat[p] for p in moving]))
+    flat.update(zip(moving, copies))
+    return {**rest, "params": traverse_util.unflatten_dict(flat)}
 
 
 class Checkpointer:
@@ -76,6 +90,7 @@ class Checkpointer:
         fallback: bool = True,
         storage_retries: int = 32,
         events=None,
+        shared: frozenset[tuple] = frozenset(),
     ):
         workdir = paths.path(workdir)
         set_storage_retries(storage_retries)
@@ -89,6 +104,7 @@ class Checkpointer:
         # background transfer has read it) and hand the copy to Orbax from a worker thread;
         # without the copy, `save` waits for Orbax's device-to-host transfer of the live state.
         self._device_copy = async_save and device_copy
+        self._shared = shared  # parameter paths the loop never donates: saved without a copy
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="infra-checkpoint")
         # (step, future) of the hand-off to Orbax still running on the worker. Orbax's manager
         # is not thread-safe: every use of it first waits for this (`_join`).
@@ -201,7 +217,7 @@ class Checkpointer:
         snapshot = IteratorSnapshot(data_iterator)
         failing = self._in_flight or step  # Orbax reports the previous save's failure here
         if self._device_copy:
-            copy = jax.block_until_ready(_copy_on_device(state))
+            copy = jax.block_until_ready(_copy_on_device(state, self._shared))
             self._handing_off = (failing, self._worker.submit(
                 self._hand_off, step, StateSave(copy), snapshot, meta))
         else:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from infra import host_malloc
 from infra.tasks import Task
 
 
@@ -28,6 +29,7 @@ class Evaluator:
             pending = out
         if pending is not None:
             outputs.append(jax.device_get(pending))
+        host_malloc.release()
         metrics = self.task.summarize_eval(outputs)
         if self.events is not None:
             self.events.record("eval", seconds=time.perf_counter() - t0)
