@@ -181,6 +181,7 @@ def test_init_from_loads_parameters_onto_the_runs_mesh(llama_dir, tmp_path):
             config.update_from_flattened_dict(overrides)
             config.lock()
         assert config.model.vocab_size == 320 and config.model.qkv_bias  # the source's model
+        assert config.model.max_seq_len == 128  # its context, not the experiment's 64
         assert config.data.tokenizer  # and its tokenizer
         trainer = train.build(config)
         ckpt = Checkpointer(workdir, every=10, keep=1)

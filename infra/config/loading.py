@@ -71,7 +71,8 @@ def _init_source(source: str) -> tuple[dict[str, Any], str]:
 
 def apply_init_from(config: ConfigDict) -> None:
     """Give the (unlocked) config the architecture (`ARCHITECTURE_KEYS`: shapes, vocabulary,
-    RoPE, biases, norms, tying) and, when it has none of its own, the tokenizer of its
+    RoPE, biases, norms, tying), the context (`max_seq_len`, where the source's is longer)
+    and, when it has none of its own, the tokenizer of its
     `init.from` source; run choices stay the run's. Done at load, so the saved config, `plan`
     and the sharding table describe the model actually trained."""
     source = config.init["from"]
@@ -83,6 +84,10 @@ def apply_init_from(config: ConfigDict) -> None:
                           f"trains {config.model.name!r}", key="init.from", value="''")
     if config.model.name == "transformer":
         changed = {k: model[k] for k in ARCHITECTURE_KEYS if k in model and config.model[k] != model[k]}
+        # the model's context stays the source's (serving and export see it), unless the run
+        # sets a longer one (training beyond it)
+        if model.get("max_seq_len", 0) > config.model.max_seq_len:
+            changed["max_seq_len"] = model["max_seq_len"]
         with config.model.unlocked():
             config.model.update(changed)
         if changed:

@@ -3,7 +3,8 @@
 `init.from` names a workdir of ours (any run, or an `hf import`) or a Hugging Face model
 directory. The run takes the source's *architecture* (`ARCHITECTURE_KEYS`: shapes, vocabulary,
 RoPE, biases, norms, tying) and, when it has none of its own, its tokenizer (`data.tokenizer`);
-run choices stay the run's (sequence length, dtypes, remat, scan_layers, mesh). That is applied
+run choices stay the run's (training sequence length, dtypes, remat, scan_layers, mesh; the
+context `max_seq_len` is the longer of the two). That is applied
 when the config is loaded (`infra.config.apply_init_from`), so the saved `config.json`, `plan`
 and the sharding table all describe the model actually trained. The parameters are loaded here
 when the run starts without a checkpoint of its own, straight onto the run's mesh: a workdir
