@@ -154,8 +154,7 @@ def _around(init: Callable[[jax.Array], State]) -> Callable[[jax.Array, dict], S
 
     def around(key: jax.Array, given: dict) -> State:
         state = init(key)
-        flat = traverse_util.flatten_dict(state["params"]) | traverse_util.flatten_dict(given)
-        return {**state, "params": traverse_util.unflatten_dict(flat)}
+        return {**state, "params": join_trained(given, state["params"])}
 
     return around
 
