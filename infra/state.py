@@ -57,10 +57,22 @@ def join_trained(trained: dict, frozen: dict | None) -> dict:
         traverse_util.flatten_dict(frozen) | traverse_util.flatten_dict(trained))
 
 
+class ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` while only shapes are built: every stream gives one fixed key
+    and counts nothing. A real `Rngs` advances a counter at each draw; under `eval_shape` each
+    update makes JAX format an error message (the tracer's origin) that flax discards, which
+    grows with the traced program: most of a large model's abstract build."""
+
+    def __getattr__(self, stream: str) -> Callable[[], jax.Array]:
+        if stream.startswith("__"):
+            raise AttributeError(stream)
+        return lambda: jax.random.key(0)
+
+
 def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
     """The model with shapes only: no memory allocated, no sharding applied yet."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: build(ShapeOnlyRngs()))
 
 
 def model_def(model: nnx.Module, trainable=None) -> ModelDef:

@@ -123,26 +123,32 @@ def path_name(path) -> str:
 
 
 @jax.jit
-def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
-    """A 32-bit checksum of each array: every element's bits, mixed with its position through a
-    murmur3-style finaliser, summed (computed where the array lives)."""
-    out = []
-    for x in leaves:
-        if x.dtype == jnp.bool_:
-            x = x.astype(jnp.uint8)
-        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-        h = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
-        h = h ^ (jnp.arange(h.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9))
-        h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-        h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-        out.append(jnp.sum(h ^ (h >> 16), dtype=jnp.uint32))
-    return out
+def _checksum(x: jax.Array) -> jax.Array:
+    """A 32-bit checksum of an array: every element's bits, mixed with its position through a
+    murmur3-style finaliser, summed (computed where the array lives). One small program per
+    shape and dtype, not one over the whole tree: a model has few distinct shapes, so a
+    restore traces and loads a few tiny programs instead of one as large as the model."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    h = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+    h = h ^ (jnp.arange(h.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
 
 
 def fingerprint_async(state: Any) -> tuple[list[str], list[jax.Array]]:
     """Leaf paths and their checksums, still being computed on the devices."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    return [path_name(path) for path, _ in flat], _fingerprint_leaves([leaf for _, leaf in flat])
+    sums = []
+    for _, leaf in flat:
+        sums.append(_checksum(leaf))
+        if len(leaf.sharding.device_set) > 1:
+            # one collective program at a time: XLA:CPU deadlocks (and aborts after 40 s)
+            # when several small collective programs are in flight on emulated devices
+            sums[-1].block_until_ready()
+    return [path_name(path) for path, _ in flat], sums
 
 
 def fingerprint(state: Any) -> dict[str, int]:
