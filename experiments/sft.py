@@ -41,8 +41,9 @@ def get_config(arg: str | None = None):
         c.checkpoint.every = 10
         return c
     # Fine-tuning memory is activations: layers scanned and recomputed in the backward pass
-    # (XLA:CPU reuses a recomputed layer's buffers only inside a scan)
-    c.model.update(TINY, scan_layers=True, remat="full")
+    # (XLA:CPU reuses a recomputed layer's buffers only inside a scan), and the logits of a
+    # large vocabulary, computed over 4 blocks of the sequence
+    c.model.update(TINY, scan_layers=True, remat="full", loss_blocks=4)
     c.data.seq_len = 256
     c.train.update(steps=200, batch_size=32, log_every=10, eval_every=50)
     c.optim.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)

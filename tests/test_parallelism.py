@@ -57,7 +57,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("switch", [{"model.remat": "full"}, {"model.remat": "save_dots"},
                                     {"model.scan_layers": True},
-                                    {"model.scan_layers": True, "model.remat": "full"}])
+                                    {"model.scan_layers": True, "model.remat": "full",
+                                     "model.loss_blocks": 4}])
 def test_remat_and_scan_change_nothing_but_memory(tmp_path, reference, switch):
     _, ref_losses = reference
     _, losses = train_smoke(tmp_path, "switch", **MESHES["data=8"], **switch)

@@ -93,6 +93,9 @@ def test_parallelism_and_memory_switches():
                       compile=False)
     assert micro.activation_bytes < none.activation_bytes
     assert micro.grads_bytes == 2 * micro.params_bytes  # the accumulator
+    blocked = plan.plan(config.load(SMOKE, {"model.loss_blocks": 4}), devices=8, mesh="fsdp=8",
+                        compile=False)
+    assert blocked.activation_bytes < none.activation_bytes  # a quarter of the logits at once
 
 
 def test_gpu_collectives_beyond_a_node_cross_the_network():

@@ -139,10 +139,41 @@ def test_causal_blocks_fall_back_to_one_when_length_is_sharded():
         assert len(attn._query_blocks(12)) == 4
 
 
+def test_loss_blocks_equal_all_logits_at_once_in_values_and_gradients():
+    """Blocked cross-entropy (packed rows: positions and segments) gives the per-token losses,
+    the argmax hits and every gradient of computing all logits at once."""
+    x, targets = tokens(batch=2, length=12), tokens(batch=2, length=12, seed=2)
+    positions = jnp.array([list(range(5)) + list(range(7))] * 2)
+    segments = jnp.array([[1] * 5 + [2] * 7] * 2)
+    results = {}
+    for blocks in (1, 3, 4):
+        graphdef, state = nnx.split(make(loss_blocks=blocks))
+
+        def loss(st):
+            nll, correct = nnx.merge(graphdef, st).token_losses(
+                x, targets, positions=positions, segment_ids=segments)
+            return jnp.mean(nll), (nll, correct)
+
+        results[blocks] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+    (_, (nll, correct)), grads = results[1]
+    logits = apply(make(), x)  # unpacked rows: only the argmax / shape contract is compared
+    assert nll.shape == correct.shape == logits.shape[:2]
+    for blocks in (3, 4):
+        (_, (nll_b, correct_b)), grads_b = results[blocks]
+        np.testing.assert_allclose(nll_b, nll, rtol=1e-6)
+        np.testing.assert_array_equal(correct_b, correct)
+        for a, b in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads)):
+            assert_close_at_scale(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="multiple of model.loss_blocks"):
+        make(loss_blocks=5).token_losses(x, targets)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5])
 def test_invalid_causal_blocks_raises_config_error(bad):
     with pytest.raises(ConfigError, match="causal_blocks"):
         make(causal_blocks=bad)
+    with pytest.raises(ConfigError, match="loss_blocks"):
+        make(loss_blocks=bad)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from infra.errors import ConfigError
@@ -362,6 +363,7 @@ class Transformer(nnx.Module):
         self.num_layers = c.num_layers
         self.remat = c.remat
         self.scan_layers = c.scan_layers
+        self.loss_blocks = c.loss_blocks
         out_scale = 1.0 / math.sqrt(2 * c.num_layers)  # GPT-2 residual-projection scaling
 
         self.embedding = param(rngs, normal(0.02), (c.vocab_size, c.d_model), storage_dtype,
@@ -389,6 +391,39 @@ class Transformer(nnx.Module):
         of their own segment (padding may be any id of its own). ``positions`` (batch, length):
         the RoPE positions (restarting at 0 in every segment of a packed row); default
         ``arange(length)`` for every row. Without both, plain causal attention."""
+        x = self.hidden(tokens, positions=positions, segment_ids=segment_ids)
+        return constrain(self.logits(x), ("batch", "length", "act_vocab"))
+
+    def token_losses(self, tokens: jax.Array, targets: jax.Array, *,
+                     positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+        """(negative log-likelihood of each target, 1.0 where it is the argmax), both (batch,
+        length) float32; arguments as for ``__call__``. With ``loss_blocks`` > 1 the output
+        projection and softmax run over that many blocks of the sequence, each recomputed in
+        the backward pass: one block's logits exist at a time instead of (batch, length,
+        vocab) of them, a large-vocabulary model's largest buffers."""
+        x = self.hidden(tokens, positions=positions, segment_ids=segment_ids)
+
+        def block(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+            logits = constrain(self.logits(x), ("batch", "length", "act_vocab"))
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            return nll, (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+        (batch, length), n = targets.shape, self.loss_blocks
+        if n == 1 or activation_shards("length") > 1:  # a block would cross devices
+            return block(x, targets)
+        if length % n:
+            raise ConfigError(f"the sequence length ({length}) must be a multiple of "
+                              f"model.loss_blocks ({n})")
+        split = lambda a: jnp.swapaxes(a.reshape(batch, n, length // n, *a.shape[2:]), 0, 1)  # noqa: E731
+        nll, correct = jax.lax.map(jax.checkpoint(lambda xt: block(*xt)), (split(x), split(targets)))
+        join = lambda a: jnp.swapaxes(a, 0, 1).reshape(batch, length)  # noqa: E731
+        return join(nll), join(correct)
+
+    def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        """The residual stream after the last block (batch, length, d_model), before the final
+        norm; arguments as for ``__call__``."""
         length = tokens.shape[1]
         if length > self.max_seq_len:
             raise ConfigError(f"sequence length {length} exceeds model.max_seq_len "
@@ -416,7 +451,7 @@ class Transformer(nnx.Module):
                 body = nnx.remat(body, policy=policy)
             for block in self.blocks:
                 x = body(block, x, positions, segment_ids)
-        return constrain(self.logits(x), ("batch", "length", "act_vocab"))
+        return x
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids (batch, length) -> the residual stream (batch, length, d_model)."""

@@ -43,6 +43,9 @@ class TransformerConfig(HyperParams):
     remat: str = "none"  # none | full | save_dots: recompute activations in the backward pass
     scan_layers: bool = False  # one stacked block applied with a scan: faster compiles
     causal_blocks: int = 4  # query blocks of causal attention (1 = the whole score matrix)
+    # blocks of the sequence the output projection and cross-entropy run over, each recomputed
+    # in the backward pass (1 = all logits at once; >1 bounds the (batch, length, vocab) logits)
+    loss_blocks: int = 1
 
     choices = {**HyperParams.choices, "remat": REMAT, "rope_scaling": ("none", "llama3")}
 
@@ -51,7 +54,7 @@ class TransformerConfig(HyperParams):
                             num_layers=self.num_layers, num_heads=self.num_heads,
                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                             mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
-                            causal_blocks=self.causal_blocks)
+                            causal_blocks=self.causal_blocks, loss_blocks=self.loss_blocks)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")

@@ -19,7 +19,8 @@ compute dtype, p = bytes of the param dtype):
              unless c = 4),
   save_dots: c·(3·d/t_d + H·h/t_H + 2·K·h/t_K + 2·F/t_F) per layer + one layer's "none" set,
   full:      c·d/t_d per layer + one layer's "none" set;
-  plus c·d/t_d + 8·V/t_V per token for the final norm and the f32 logits and their gradient.
+  plus c·d/t_d + 8·V/(t_V·n) per token for the final norm and the f32 logits and their
+  gradient, n = `model.loss_blocks` (one block of the sequence's logits exists at a time).
   Local tokens = B/(batch shards)/microbatches · T/(length shards).
 * FSDP gathered-weight buffers: 2 layers of weights gathered in the compute dtype
   (2 · N_layer / t · c), when weights are sharded over a data-parallel axis.
@@ -158,7 +159,7 @@ class AnalyticTransformer:
             per_layer = self.L * dots + full
         else:
             per_layer = self.L * full
-        final = c * d / t["d"] + 8 * V / t["V"]
+        final = c * d / t["d"] + 8 * V / t["V"] / self.config.loss_blocks
         return tokens * (per_layer + final)
 
 

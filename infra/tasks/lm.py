@@ -13,7 +13,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from infra import models
@@ -107,11 +106,8 @@ class LanguageModelTask(Task):
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng  # the model is deterministic
-        logits = model(batch["inputs"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        loss = jnp.mean(losses)
-        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["targets"])
-        return loss, {"accuracy": accuracy}
+        losses, correct = model.token_losses(batch["inputs"], batch["targets"])
+        return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
         return pipeline.train_iterator(

@@ -22,7 +22,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from infra.data import docstrings, sft
@@ -176,13 +175,12 @@ class SFTTask(LanguageModelTask):
     def token_losses(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(per-token nll, per-token correct, per-token weight) of a batch; the weight is the
         loss mask (times the row's `mask`: 0 on the held-out set's padding rows)."""
-        logits = model(batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        nll, correct = model.token_losses(batch["inputs"], batch["targets"],
+                                          positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])
         weight = batch["loss_mask"]
         if "mask" in batch:
             weight = weight * batch["mask"][:, None]
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         # `where`, not only a product: a masked token contributes exactly zero (even if its
         # nll were not finite) and gets exactly zero gradient
         return jnp.where(weight > 0, nll, 0.0), correct, weight
