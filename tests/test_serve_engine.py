@@ -168,6 +168,28 @@ def test_a_request_gives_the_same_tokens_alone_and_in_a_busy_batch():
     assert reference != alone  # it did sample
 
 
+def test_each_token_comes_with_its_log_probability_under_the_model():
+    """`Request.logprobs` (what RL learners and OpenAI `logprobs` read): for greedy and sampled
+    requests decoded in a busy batch, each equals the float32 log-softmax of the full forward
+    pass over prompt + completion at that token (the model's distribution, before temperature
+    and truncation)."""
+    config = make_config(**FEATURES)
+    engine = random_engine(config, slots=4)
+    full = jax.jit(lambda p, t: jax.nn.log_softmax(engine._model_def.merge(p)(t), axis=-1))
+    rng = random.Random(3)
+    ids = [rng.randrange(VOCAB) for _ in range(9)]
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.5, top_k=10, seed=7)):
+        target = _in_busy_batch(engine, Request(np.asarray(ids, np.int32), sampling,
+                                                max_tokens=12), rng)
+        assert len(target.logprobs) == len(target.token_ids) == 12
+        seq = np.asarray(ids + target.token_ids, np.int32)
+        with sharding.activation_rules(engine.mesh, engine.rules):
+            ref = np.asarray(full(engine.params, jnp.asarray(seq[None])))[0]
+        expected = [ref[len(ids) - 1 + i, t] for i, t in enumerate(target.token_ids)]
+        np.testing.assert_allclose(target.logprobs, expected, atol=1e-4)
+        assert max(expected) < 0  # real distributions, not all probability on one id
+
+
 def test_nothing_compiles_after_warm_up():
     """Every prefill bucket, the decode step and release are compiled by `warmup`; a mixed
     workload (all prompt lengths, greedy and sampled, cancellations) compiles nothing."""

@@ -3,8 +3,8 @@ over every slot, each step a precompiled executable.
 
     engine = Engine.from_workdir("runs/tiny", slots=8)
     engine.warmup()                      # compiles every prefill bucket and the decode step
-    first = engine.insert(slot, ids, SamplingParams(temperature=0))
-    tokens = engine.step()               # one new token for every slot, numpy (slots,)
+    first, logprob = engine.insert(slot, ids, SamplingParams(temperature=0))
+    tokens, logprobs = engine.step()     # one new token for every slot, numpy (slots,) each
     engine.release(slot)
 
 Shapes are fixed so that nothing compiles after start-up: prompts are padded to a bucket (powers
@@ -13,7 +13,9 @@ runs all slots (a free slot decodes a token nobody reads: cheaper than a recompi
 function is compiled ahead of time (`jit(...).lower(...).compile()`), so a call with an
 unexpected shape fails loudly instead of compiling. The device state of a slot is its last
 token, position, active flag and sampling parameters; stop conditions that need text (stop
-strings, max_tokens) are the scheduler's (`infra/serve/scheduler.py`).
+strings, max_tokens) are the scheduler's (`infra/serve/scheduler.py`). Each drawn token comes
+with its log-probability under the model (float32 log-softmax of the logits, before temperature
+and truncation: what an OpenAI `logprobs` field and an RL learner's importance ratio use).
 
 Layout: the cache is ``[layers, slots, max_len, kv_heads, head_dim]`` (keys and values), placed
 by the run's logical-axis rules: slots are the decode batch (``batch`` -> data axes), kv heads
@@ -176,10 +178,11 @@ class Engine:
             key = sampling.keys_at(seed[None], length[None])
             first = sampling.sample(logits[None], jnp.asarray(allowed), temperature[None],
                                     top_k[None], top_p[None], key)[0]
+            logprob = sampling.logprobs_of(logits[None], first[None])[0]
             new = {"tokens": first, "pos": length, "active": True, "temperature": temperature,
                    "top_k": top_k, "top_p": top_p, "seed": seed}
             state = {k: state[k].at[slot].set(v) for k, v in new.items()}
-            return cache, state, first
+            return cache, state, first, logprob
 
         r = self._replicated
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=r)  # noqa: E731
@@ -192,7 +195,7 @@ class Engine:
         cache_sh = (self._cache_sharding, self._cache_sharding)
         compiled = self._compile(
             run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 7,
-            (cache_sh, self._state_shardings(), r), donate=(1, 2))
+            (cache_sh, self._state_shardings(), r, r), donate=(1, 2))
         self._prefills[bucket] = compiled
         return compiled
 
@@ -212,7 +215,7 @@ class Engine:
             active = state["active"] & (nxt < max_len)
             state = {**state, "tokens": jnp.where(active, new, state["tokens"]),
                      "pos": jnp.where(active, nxt, pos)}
-            return cache, state, new
+            return cache, state, new, sampling.logprobs_of(logits, new)
 
         cache_sh = (self._cache_sharding, self._cache_sharding)
         args = (self._abstract(self.params, self._param_shardings),
@@ -220,7 +223,8 @@ class Engine:
                 self._abstract(self.state, self._state_shardings()))
         self._decode = self._compile(
             run, args, (self._param_shardings, cache_sh, self._state_shardings()),
-            (cache_sh, self._state_shardings(), self._slot_sharding), donate=(1, 2))
+            (cache_sh, self._state_shardings(), self._slot_sharding, self._slot_sharding),
+            donate=(1, 2))
         return self._decode
 
     def _release_fn(self):
@@ -261,9 +265,9 @@ class Engine:
         raise UserError(f"a prompt of {length} tokens does not fit the context of "
                         f"{self.max_len} tokens")
 
-    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams) -> int:
-        """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token (returned:
-        the token at position len(ids))."""
+    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams) -> tuple[int, float]:
+        """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token: (the token
+        at position len(ids), its log-probability)."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
@@ -272,19 +276,20 @@ class Engine:
         padded[0, :n] = ids
         r = self._replicated
         put = lambda x: jax.device_put(x, r)  # noqa: E731
-        self.cache, self.state, first = self._prefill_fn(bucket)(
+        self.cache, self.state, first, logprob = self._prefill_fn(bucket)(
             self.params, self.cache, self.state, put(padded), put(np.int32(n)),
             put(np.int32(slot)), put(np.float32(sp.temperature)),
             put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
             put(sampling.seed_words(sp.seed)))
-        return int(first)
+        return int(first), float(logprob)
 
-    def step(self) -> np.ndarray:
-        """One decode step over every slot: the next token of each (numpy, (slots,)); only the
-        active slots' are meaningful. Each active slot advances one position (not beyond the
-        context's last)."""
-        self.cache, self.state, tokens = self._decode_fn()(self.params, self.cache, self.state)
-        return np.asarray(tokens)
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step over every slot: the next token of each and its log-probability
+        (numpy, (slots,) each); only the active slots' are meaningful. Each active slot
+        advances one position (not beyond the context's last)."""
+        self.cache, self.state, tokens, logprobs = self._decode_fn()(
+            self.params, self.cache, self.state)
+        return np.asarray(tokens), np.asarray(logprobs)
 
     def release(self, slot: int) -> None:
         self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),

@@ -54,3 +54,10 @@ def sample(logits: jax.Array, allowed: jax.Array, temperature: jax.Array, top_k:
     filtered = jnp.where(scaled >= floor, scaled, -jnp.inf)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def logprobs_of(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """(batch,) float32 log-probabilities of `tokens` under `logits` (batch, vocab): the
+    model's distribution itself, before temperature, top-k / top-p and the allowed-ids mask."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]

@@ -70,6 +70,8 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     detokenizer: Detokenizer | None = None  # the completion's token ids and text
+    # log-probability of each of `token_ids` under the model (RL learners, OpenAI logprobs)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     finished: Finished | None = None
     cancelled: bool = False
@@ -169,11 +171,11 @@ class Scheduler:
         self._admit()
         if self.busy == 0:
             return
-        tokens = self.engine.step()
+        tokens, logprobs = self.engine.step()
         now = time.perf_counter()
         for s, r in enumerate(self.slots):
             if r is not None:
-                self._take(s, r, int(tokens[s]), now)
+                self._take(s, r, int(tokens[s]), float(logprobs[s]), now)
 
     def _admit(self) -> None:
         if self.static and self.busy:
@@ -191,11 +193,12 @@ class Scheduler:
             if request is None:
                 return
             self.slots[s] = request
-            first = self.engine.insert(s, request.ids, request.sampling)
-            self._take(s, request, first, time.perf_counter())
+            first, logprob = self.engine.insert(s, request.ids, request.sampling)
+            self._take(s, request, first, logprob, time.perf_counter())
 
-    def _take(self, s: int, r: Request, token: int, now: float) -> None:
-        """Token `token` was produced for request `r` in slot `s`."""
+    def _take(self, s: int, r: Request, token: int, logprob: float, now: float) -> None:
+        """Token `token` (of log-probability `logprob`) was produced for request `r` in slot
+        `s`."""
         if r.first_token_at is None:
             r.first_token_at = now
             self.metrics.ttft(now - r.arrived)
@@ -205,6 +208,7 @@ class Scheduler:
         if r.detokenizer is None:
             r.detokenizer = Detokenizer(self.tok)
         out = r.detokenizer
+        r.logprobs.append(logprob)
         if token == self.tok.eos_id and not r.ignore_eos:
             out.ids.append(token)
             self._free(s, "stop", out.full_text(-1))
