@@ -7,6 +7,7 @@ does. Without them tensorstore cannot rewrite an OCDBT manifest ("Malformed Stor
 `python tests/gcs_emulator.py <the emulator's own arguments>` runs it by hand.
 """
 
+import os
 import socket
 import subprocess
 import sys
@@ -94,8 +95,24 @@ def _insert(request, response, storage, *args, **kwargs):
     return _original_insert(request, response, storage, *args, **kwargs)
 
 
+def _atomic_write_bytes(store, rel: str, data: bytes) -> None:
+    """The emulator's file store rewrites its metadata (`.meta`) in place; killed mid-write
+    (as the outage test kills it) it would not start again. Write a temporary file, rename."""
+    path = store._disk_path(store._norm(rel)) if store._root is not None else None
+    if path is None:
+        return _original_write_bytes(store, rel, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 if __name__ == "__main__":
+    from gcp_storage_emulator import storage as emulator_storage
     from gcp_storage_emulator.handlers import objects
+
+    _original_write_bytes = emulator_storage._FileStore.write_bytes
+    emulator_storage._FileStore.write_bytes = _atomic_write_bytes
 
     _original_download, _original_insert = objects.download, objects.insert
     objects.download, objects.insert = _download, _insert  # before the server builds its routes
