@@ -90,7 +90,7 @@ def test_cached_logits_equal_the_full_forward(features, extra):
 
     with sharding.activation_rules(engine.mesh, engine.rules):
         full = jax.jit(lambda p, t: model_def.merge(p)(t))
-        pre = jax.jit(lambda p, c, t, n, s: forward.prefill(model_def.merge(p), c, t, n, s))
+        pre = jax.jit(lambda p, c, t, n, s: forward.prefill(model_def.merge(p), c, t, n, s)[:2])
         dec = jax.jit(lambda p, c, t, pos: forward.decode(model_def.merge(p), c, t, pos))
         cache = engine.cache
         worst = 0.0
@@ -188,6 +188,57 @@ def test_each_token_comes_with_its_log_probability_under_the_model():
         expected = [ref[len(ids) - 1 + i, t] for i, t in enumerate(target.token_ids)]
         np.testing.assert_allclose(target.logprobs, expected, atol=1e-4)
         assert max(expected) < 0  # real distributions, not all probability on one id
+
+
+def test_prompt_scores_and_top_logprobs_equal_the_full_forward(monkeypatch):
+    """`score_prompt` (OpenAI's `echo` + `logprobs`) gives each prompt token's log-probability
+    and `top_logprobs` each position's likeliest ids, both equal to the full forward pass
+    (float32, 1e-4) over prompt + completion; alternatives are sorted, the greedy token is the
+    first of them. The prompt spans several scoring blocks and the request runs in a busy
+    batch."""
+    monkeypatch.setattr(forward, "SCORE_BLOCK", 16)  # a 40-token prompt: blocks of its bucket
+    config = make_config(**FEATURES)
+    engine = random_engine(config, slots=4)
+    allowed = np.ones(VOCAB, bool)
+    allowed[7] = False  # never drawn: never listed among the alternatives either
+    engine._allowed = allowed
+    full = jax.jit(lambda p, t: jax.nn.log_softmax(engine._model_def.merge(p)(t), axis=-1))
+    rng = random.Random(5)
+    ids = [rng.randrange(VOCAB) for _ in range(40)]
+    target = _in_busy_batch(engine, Request(np.asarray(ids, np.int32), SamplingParams(),
+                                            max_tokens=6, top_logprobs=5, score_prompt=True), rng)
+    seq = np.asarray(ids + target.token_ids, np.int32)
+    with sharding.activation_rules(engine.mesh, engine.rules):
+        ref = np.asarray(full(engine.params, jnp.asarray(seq[None])))[0]
+    masked = np.where(allowed[None], ref, -np.inf)
+
+    chosen, top_ids, top_values = target.prompt_scores
+    assert chosen.shape == (39,) and top_ids.shape == (39, 20)
+    np.testing.assert_allclose(chosen, [ref[i, ids[i + 1]] for i in range(39)], atol=1e-4)
+    np.testing.assert_allclose(top_values, -np.sort(-masked[:39], axis=-1)[:, :20], atol=1e-4)
+    np.testing.assert_allclose(top_values, np.take_along_axis(ref[:39], top_ids, -1), atol=1e-4)
+    assert 7 not in top_ids
+
+    assert len(target.top) == len(target.token_ids) == 6
+    for i, (token, (alt_ids, alt_values)) in enumerate(zip(target.token_ids, target.top)):
+        row = ref[len(ids) - 1 + i]
+        assert len(alt_ids) == 5 and alt_ids[0] == token  # greedy: the likeliest
+        assert np.all(np.diff(alt_values) <= 0)
+        np.testing.assert_allclose(alt_values, row[alt_ids], atol=1e-4)
+        np.testing.assert_allclose(alt_values, -np.sort(-masked[len(ids) - 1 + i])[:5], atol=1e-4)
+        assert target.logprobs[i] == pytest.approx(float(alt_values[0]), abs=1e-6)
+
+
+def test_a_prompt_only_request_scores_the_prompt_and_draws_nothing():
+    """`max_tokens` 0 with `score_prompt` (an evaluation's log-likelihood): the prompt is scored,
+    no token is produced, the slot is free at once."""
+    engine = random_engine(make_config(), slots=2)
+    s = Scheduler(engine, Tok())
+    r = s.submit(Request(np.arange(1, 12, dtype=np.int32), max_tokens=0, score_prompt=True))
+    s.run_until_idle()
+    assert r.finished.reason == "length" and r.token_ids == [] and r.finished.text == ""
+    assert r.prompt_scores[0].shape == (10,) and np.all(r.prompt_scores[0] < 0)
+    assert s.busy == 0
 
 
 def test_nothing_compiles_after_warm_up():

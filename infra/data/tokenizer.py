@@ -57,6 +57,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
+    def token_text(self, token: int) -> str: ...
+
     def encode_document(self, text: str) -> np.ndarray: ...
 
 
@@ -100,6 +102,11 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return text.decode(ids)
+
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens by name (what `logprobs` lists)."""
+        names = {i: name for name, i in self._SPECIAL_IDS.items()}
+        return names.get(int(token)) or text.decode([token])
 
     @property
     def prefix_ids(self) -> tuple[int, ...]:
@@ -204,6 +211,10 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                 skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens by name (what `logprobs` lists)."""
+        return self._tok.decode([int(token)], skip_special_tokens=False)
 
     @functools.cached_property
     def _added(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

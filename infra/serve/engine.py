@@ -5,6 +5,7 @@ over every slot, each step a precompiled executable.
     engine.warmup()                      # compiles every prefill bucket and the decode step
     first, logprob = engine.insert(slot, ids, SamplingParams(temperature=0))
     tokens, logprobs = engine.step()     # one new token for every slot, numpy (slots,) each
+    ids, values = engine.top_logprobs()  # the 20 likeliest at the last step, on demand
     engine.release(slot)
 
 Shapes are fixed so that nothing compiles after start-up: prompts are padded to a bucket (powers
@@ -15,7 +16,11 @@ unexpected shape fails loudly instead of compiling. The device state of a slot i
 token, position, active flag and sampling parameters; stop conditions that need text (stop
 strings, max_tokens) are the scheduler's (`infra/serve/scheduler.py`). Each drawn token comes
 with its log-probability under the model (float32 log-softmax of the logits, before temperature
-and truncation: what an OpenAI `logprobs` field and an RL learner's importance ratio use).
+and truncation: what an OpenAI `logprobs` field and an RL learner's importance ratio use), and
+the 20 likeliest alternatives (`top_logprobs`); a prefill can also score the prompt's own
+tokens (`prompt_logprobs`: OpenAI's `echo`, evaluation harnesses' log-likelihoods). Both are
+computed in the compiled steps and copied to the host only when asked for; the prompt's scores
+run under a `lax.cond`, so a prefill that does not ask pays nothing for them.
 
 Layout: the cache is ``[layers, slots, max_len, kv_heads, head_dim]`` (keys and values), placed
 by the run's logical-axis rules: slots are the decode batch (``batch`` -> data axes), kv heads
@@ -47,6 +52,7 @@ from infra.serve import forward, sampling
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
+TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's `top_logprobs` at most 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,7 @@ class Engine:
         self._cache_sharding = self._sharding(forward.CACHE_AXES, shape)
         self._slot_sharding = self._sharding(("batch",), (self.slots,))
         self._seed_sharding = self._sharding(("batch", None), (self.slots, 2))
+        self._top_sharding = self._sharding(("batch", None), (self.slots, TOP_LOGPROBS))
         self._replicated = NamedSharding(mesh, P())
         self._cache_abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=self._cache_sharding)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sharding)
@@ -109,6 +116,7 @@ class Engine:
         self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self._prefills: dict[int, Any] = {}
         self._decode = self._release = None
+        self._top = self._prompt = None  # device outputs of the last step / prefill
         self.compile_seconds = 0.0
 
     # --- construction -------------------------------------------------------------------------
@@ -172,17 +180,25 @@ class Engine:
             return self._prefills[bucket]
         model_def, allowed = self._model_def, self._allowed
 
-        def run(params, cache, state, tokens, length, slot, temperature, top_k, top_p, seed):
+        def run(params, cache, state, tokens, length, slot, temperature, top_k, top_p, seed,
+                score):
             model = model_def.merge(params)
-            cache, logits = forward.prefill(model, cache, tokens, length, slot)
+            cache, logits, x = forward.prefill(model, cache, tokens, length, slot)
             key = sampling.keys_at(seed[None], length[None])
-            first = sampling.sample(logits[None], jnp.asarray(allowed), temperature[None],
-                                    top_k[None], top_p[None], key)[0]
-            logprob = sampling.logprobs_of(logits[None], first[None])[0]
+            ok = jnp.asarray(allowed)
+            first = sampling.sample(logits[None], ok, temperature[None], top_k[None],
+                                    top_p[None], key)[0]
+            logprob, top_ids, top_values = sampling.logprobs_of(logits[None], first[None], ok,
+                                                                TOP_LOGPROBS)
+            prompt = jax.lax.cond(  # only computed for requests that ask (`echo`)
+                score, lambda: forward.prompt_logprobs(model, x, tokens, ok, TOP_LOGPROBS),
+                lambda: (jnp.zeros(bucket, jnp.float32),
+                         jnp.zeros((bucket, TOP_LOGPROBS), jnp.int32),
+                         jnp.zeros((bucket, TOP_LOGPROBS), jnp.float32)))
             new = {"tokens": first, "pos": length, "active": True, "temperature": temperature,
                    "top_k": top_k, "top_p": top_p, "seed": seed}
             state = {k: state[k].at[slot].set(v) for k, v in new.items()}
-            return cache, state, first, logprob
+            return cache, state, first, (logprob[0], top_ids[0], top_values[0]), prompt
 
         r = self._replicated
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=r)  # noqa: E731
@@ -191,11 +207,11 @@ class Engine:
                 self._abstract(self.state, self._state_shardings()),
                 jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=r), scalar(jnp.int32),
                 scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
-                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r))
+                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r), scalar(jnp.bool_))
         cache_sh = (self._cache_sharding, self._cache_sharding)
         compiled = self._compile(
-            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 7,
-            (cache_sh, self._state_shardings(), r, r), donate=(1, 2))
+            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 8,
+            (cache_sh, self._state_shardings(), r, (r,) * 3, (r,) * 3), donate=(1, 2))
         self._prefills[bucket] = compiled
         return compiled
 
@@ -215,7 +231,8 @@ class Engine:
             active = state["active"] & (nxt < max_len)
             state = {**state, "tokens": jnp.where(active, new, state["tokens"]),
                      "pos": jnp.where(active, nxt, pos)}
-            return cache, state, new, sampling.logprobs_of(logits, new)
+            return cache, state, new, sampling.logprobs_of(logits, new, jnp.asarray(allowed),
+                                                           TOP_LOGPROBS)
 
         cache_sh = (self._cache_sharding, self._cache_sharding)
         args = (self._abstract(self.params, self._param_shardings),
@@ -223,7 +240,8 @@ class Engine:
                 self._abstract(self.state, self._state_shardings()))
         self._decode = self._compile(
             run, args, (self._param_shardings, cache_sh, self._state_shardings()),
-            (cache_sh, self._state_shardings(), self._slot_sharding, self._slot_sharding),
+            (cache_sh, self._state_shardings(), self._slot_sharding,
+             (self._slot_sharding, self._top_sharding, self._top_sharding)),
             donate=(1, 2))
         return self._decode
 
@@ -252,7 +270,8 @@ class Engine:
         """Compile every prefill bucket, the decode step and release; run each once. Returns
         the seconds spent compiling (all of it: nothing compiles later)."""
         self.compile()
-        self.insert(0, np.zeros(1, np.int32), SamplingParams(temperature=1.0, top_k=5, top_p=0.9))
+        self.insert(0, np.zeros(1, np.int32), SamplingParams(temperature=1.0, top_k=5, top_p=0.9),
+                    score_prompt=True)
         self.step()
         self.release(0)
         return self.compile_seconds
@@ -265,9 +284,11 @@ class Engine:
         raise UserError(f"a prompt of {length} tokens does not fit the context of "
                         f"{self.max_len} tokens")
 
-    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams) -> tuple[int, float]:
+    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
+               score_prompt: bool = False) -> tuple[int, float]:
         """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token: (the token
-        at position len(ids), its log-probability)."""
+        at position len(ids), its log-probability). With `score_prompt`, the prompt's own
+        log-probabilities are computed too (`prompt_logprobs`)."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
@@ -276,20 +297,35 @@ class Engine:
         padded[0, :n] = ids
         r = self._replicated
         put = lambda x: jax.device_put(x, r)  # noqa: E731
-        self.cache, self.state, first, logprob = self._prefill_fn(bucket)(
+        self.cache, self.state, first, (logprob, *top), self._prompt = self._prefill_fn(bucket)(
             self.params, self.cache, self.state, put(padded), put(np.int32(n)),
             put(np.int32(slot)), put(np.float32(sp.temperature)),
             put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
-            put(sampling.seed_words(sp.seed)))
+            put(sampling.seed_words(sp.seed)), put(np.bool_(score_prompt)))
+        self._top = tuple(t[None] for t in top)
         return int(first), float(logprob)
 
     def step(self) -> tuple[np.ndarray, np.ndarray]:
         """One decode step over every slot: the next token of each and its log-probability
         (numpy, (slots,) each); only the active slots' are meaningful. Each active slot
         advances one position (not beyond the context's last)."""
-        self.cache, self.state, tokens, logprobs = self._decode_fn()(
+        self.cache, self.state, tokens, (logprobs, *top) = self._decode_fn()(
             self.params, self.cache, self.state)
+        self._top = tuple(top)
         return np.asarray(tokens), np.asarray(logprobs)
+
+    def top_logprobs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The `TOP_LOGPROBS` most likely ids (that may be drawn) and their log-probabilities,
+        most likely first, at the position of the last `insert` ((1, K) each) or `step`
+        ((slots, K)): fetched from the device only when asked."""
+        return np.asarray(self._top[0]), np.asarray(self._top[1])
+
+    def prompt_logprobs(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the last `insert(..., score_prompt=True)` of an `n`-token prompt: the
+        log-probability of each prompt token after the first ((n - 1,)), and the top
+        `TOP_LOGPROBS` (ids, log-probabilities) at those positions ((n - 1, K) each)."""
+        chosen, ids, values = (np.asarray(a)[:n - 1] for a in self._prompt)
+        return chosen, ids, values
 
     def release(self, slot: int) -> None:
         self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),

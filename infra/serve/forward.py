@@ -18,16 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from infra.models.transformer import Transformer
+from infra.serve import sampling
 
+SCORE_BLOCK = 256  # prompt positions whose logits `prompt_logprobs` computes at once
 CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # logical names of a cache array
 Cache = tuple[jax.Array, jax.Array]
 
 
 def prefill(model: Transformer, cache: Cache, tokens: jax.Array, length: jax.Array,
-            slot: jax.Array) -> tuple[Cache, jax.Array]:
+            slot: jax.Array) -> tuple[Cache, jax.Array, jax.Array]:
     """Run one prompt, ``tokens`` (1, bucket) whose first ``length`` are real, and write its
-    keys / values into ``slot``'s rows ``[0, bucket)`` of the cache. Returns the cache and the
-    float32 logits (vocab,) at position ``length - 1``."""
+    keys / values into ``slot``'s rows ``[0, bucket)`` of the cache. Returns the cache, the
+    float32 logits (vocab,) at position ``length - 1`` and the residual stream (1, bucket,
+    d_model) after the last block (for `prompt_logprobs`)."""
     bucket = tokens.shape[1]
     positions = jnp.arange(bucket)[None]
     causal = (positions[0][:, None] >= positions[0][None, :])[None]  # (1, bucket, bucket)
@@ -44,7 +47,29 @@ def prefill(model: Transformer, cache: Cache, tokens: jax.Array, length: jax.Arr
 
     x = model.cached_layers(model.embed(tokens), positions, layer)
     last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)  # (1, 1, d_model)
-    return (ks, vs), model.logits(last)[0, 0]
+    return (ks, vs), model.logits(last)[0, 0], x
+
+
+def prompt_logprobs(model: Transformer, x: jax.Array, tokens: jax.Array, allowed: jax.Array,
+                    k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What each prompt position predicts for the next: the log-probability of ``tokens[0, i +
+    1]`` and the top ``k`` (ids, log-probabilities) at each position ``i`` of the residual
+    stream ``x`` (1, bucket, d_model); (bucket,), (bucket, k), (bucket, k). The output
+    projection runs over blocks of `SCORE_BLOCK` positions, so that (block, vocab) logits exist
+    at a time, not (bucket, vocab)."""
+    bucket, d = x.shape[1], x.shape[2]
+    block = min(SCORE_BLOCK, bucket)
+    blocks = -(-bucket // block)
+    pad = blocks * block - bucket
+    targets = jnp.pad(jnp.roll(tokens[0], -1), (0, pad)).reshape(blocks, block)
+    xs = jnp.pad(x[0], ((0, pad), (0, 0))).reshape(blocks, 1, block, d)
+
+    def score(args):
+        xb, tb = args
+        return sampling.logprobs_of(model.logits(xb)[0], tb, allowed, k)
+
+    chosen, ids, values = jax.lax.map(score, (xs, targets))
+    return chosen.reshape(-1)[:bucket], ids.reshape(-1, k)[:bucket], values.reshape(-1, k)[:bucket]
 
 
 def decode(model: Transformer, cache: Cache, tokens: jax.Array,

@@ -56,8 +56,13 @@ def sample(logits: jax.Array, allowed: jax.Array, temperature: jax.Array, top_k:
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-def logprobs_of(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """(batch,) float32 log-probabilities of `tokens` under `logits` (batch, vocab): the
-    model's distribution itself, before temperature, top-k / top-p and the allowed-ids mask."""
+def logprobs_of(logits: jax.Array, tokens: jax.Array, allowed: jax.Array,
+               k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities under `logits` (batch, vocab): of `tokens` (batch,), and the `k` most
+    likely ids that may be drawn (`allowed`) with theirs, most likely first ((batch, k) int32 and
+    float32). The model's distribution itself: float32 log-softmax over the whole vocabulary,
+    before temperature and top-k / top-p."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(jnp.where(allowed[None], logp, -jnp.inf), k)
+    return chosen, top_ids.astype(jnp.int32), top_values

@@ -63,6 +63,8 @@ class Request:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate past EOS (benchmarks that need exact output lengths)
+    top_logprobs: int = 0  # alternatives kept per token (<= engine.TOP_LOGPROBS), in `top`
+    score_prompt: bool = False  # the prompt's own log-probabilities, in `prompt_scores`
     emit: Callable[[object], None] = lambda event: None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     # filled in by the scheduler
@@ -72,6 +74,10 @@ class Request:
     detokenizer: Detokenizer | None = None  # the completion's token ids and text
     # log-probability of each of `token_ids` under the model (RL learners, OpenAI logprobs)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    # per token of `token_ids`: the `top_logprobs` likeliest (ids, log-probabilities)
+    top: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    # (log-probability of ids[1:], top ids, top log-probabilities) when `score_prompt`
+    prompt_scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     sent: int = 0  # characters of the decoded text already emitted
     finished: Finished | None = None
     cancelled: bool = False
@@ -105,15 +111,21 @@ class Scheduler:
 
     # --- other threads ------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue all of `requests` (the choices of one API call) or none of them."""
         with self._cv:
             if not self.accepting:
                 raise Draining("the server is shutting down")
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are already waiting")
-            request.arrived = time.perf_counter()
-            self.queue.append(request)
+            now = time.perf_counter()
+            for request in requests:
+                request.arrived = now
+                self.queue.append(request)
             self._cv.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Stop `request` (a client went away): its slot is freed before the next step."""
@@ -173,9 +185,13 @@ class Scheduler:
             return
         tokens, logprobs = self.engine.step()
         now = time.perf_counter()
+        top = None
+        if any(r is not None and r.top_logprobs for r in self.slots):
+            top = self.engine.top_logprobs()
         for s, r in enumerate(self.slots):
             if r is not None:
-                self._take(s, r, int(tokens[s]), float(logprobs[s]), now)
+                self._take(s, r, int(tokens[s]), float(logprobs[s]),
+                           None if top is None else (top[0][s], top[1][s]), now)
 
     def _admit(self) -> None:
         if self.static and self.busy:
@@ -193,12 +209,21 @@ class Scheduler:
             if request is None:
                 return
             self.slots[s] = request
-            first, logprob = self.engine.insert(s, request.ids, request.sampling)
-            self._take(s, request, first, logprob, time.perf_counter())
+            first, logprob = self.engine.insert(s, request.ids, request.sampling,
+                                                score_prompt=request.score_prompt)
+            if request.score_prompt:
+                request.prompt_scores = self.engine.prompt_logprobs(len(request.ids))
+            if request.max_tokens == 0:  # the prompt's scores only (`echo`)
+                self._free(s, "length")
+                continue
+            top = self.engine.top_logprobs() if request.top_logprobs else None
+            self._take(s, request, first, logprob, None if top is None else (top[0][0], top[1][0]),
+                       time.perf_counter())
 
-    def _take(self, s: int, r: Request, token: int, logprob: float, now: float) -> None:
-        """Token `token` (of log-probability `logprob`) was produced for request `r` in slot
-        `s`."""
+    def _take(self, s: int, r: Request, token: int, logprob: float,
+              top: tuple[np.ndarray, np.ndarray] | None, now: float) -> None:
+        """Token `token` (of log-probability `logprob`, likeliest alternatives `top`) was
+        produced for request `r` in slot `s`."""
         if r.first_token_at is None:
             r.first_token_at = now
             self.metrics.ttft(now - r.arrived)
@@ -209,6 +234,8 @@ class Scheduler:
             r.detokenizer = Detokenizer(self.tok)
         out = r.detokenizer
         r.logprobs.append(logprob)
+        if r.top_logprobs:
+            r.top.append((top[0][:r.top_logprobs], top[1][:r.top_logprobs]))
         if token == self.tok.eos_id and not r.ignore_eos:
             out.ids.append(token)
             self._free(s, "stop", out.full_text(-1))
