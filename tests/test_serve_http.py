@@ -35,10 +35,10 @@ def workdir(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, workdir, *extra):
-        self.proc = popen("serve", "--workdir", str(workdir), "--port", "0", "--slots", "2",
-                          "--max_queue", "2", "--model_name", "smoke", *extra,
-                          env={"INFRA_CPU_DEVICES": "1"})
+    def __init__(self, workdir, *extra, slots: int = 2, max_queue: int = 2, name: str = "smoke"):
+        self.proc = popen("serve", "--workdir", str(workdir), "--port", "0", "--slots",
+                          str(slots), "--max_queue", str(max_queue), "--model_name", name,
+                          *extra, env={"INFRA_CPU_DEVICES": "1"})
         line = self.proc.stdout.readline()  # printed once warmed up and listening
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
@@ -140,7 +140,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (b"[1, 2]", 400, None),
         (json.dumps({"model": "smoke", "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
         (json.dumps({"model": "smoke", "prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
-        (json.dumps({"model": "smoke", "prompt": "x", "n": 2}).encode(), 400, "n"),
+        (json.dumps({"model": "smoke", "prompt": "x", "n": 17}).encode(), 400, "n"),
+        (json.dumps({"model": "smoke", "prompt": ["x"] * 9, "n": 16}).encode(), 400, "n"),
         (json.dumps({"model": "smoke", "prompt": 5}).encode(), 400, "prompt"),
         (json.dumps({"model": "smoke", "prompt": "x" * 600}).encode(), 400, "prompt"),
         (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "model"),

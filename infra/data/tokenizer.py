@@ -59,6 +59,8 @@ class Tokenizer(Protocol):
 
     def token_text(self, token: int) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes: ...
+
     def encode_document(self, text: str) -> np.ndarray: ...
 
 
@@ -103,10 +105,14 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return text.decode(ids)
 
-    def token_text(self, token: int) -> str:
-        """One token as text, special tokens by name (what `logprobs` lists)."""
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a special token: its name)."""
         names = {i: name for name, i in self._SPECIAL_IDS.items()}
-        return names.get(int(token)) or text.decode([token])
+        return names[int(token)].encode() if int(token) in names else bytes([int(token)])
+
+    def token_text(self, token: int) -> str:
+        """One token as text (what `logprobs` lists): see `bytes_as_text`."""
+        return bytes_as_text(self.token_bytes(token))
 
     @property
     def prefix_ids(self) -> tuple[int, ...]:
@@ -212,9 +218,27 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                 skip_special_tokens=True)
 
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether the decoder maps each character of a piece to a byte (GPT-2's byte level)."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders") or [decoder]
+        return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: a byte-level piece's bytes, a byte-fallback piece
+        (`<0xE2>`)'s byte, else its decoded text (special tokens by name)."""
+        piece = self._tok.id_to_token(int(token)) or ""
+        if self._byte_level and piece and all(c in UNICODE_TO_BYTE for c in piece):
+            return bytes(UNICODE_TO_BYTE[c] for c in piece)
+        if (m := BYTE_FALLBACK.fullmatch(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+        return self._tok.decode([int(token)], skip_special_tokens=False).encode()
+
     def token_text(self, token: int) -> str:
-        """One token as text, special tokens by name (what `logprobs` lists)."""
-        return self._tok.decode([int(token)], skip_special_tokens=False)
+        """One token as text (what `logprobs` lists): see `bytes_as_text`."""
+        text = self._tok.decode([int(token)], skip_special_tokens=False)
+        return text if REPLACEMENT not in text else bytes_as_text(self.token_bytes(token))
 
     @functools.cached_property
     def _added(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -250,6 +274,36 @@ class HFTokenizer:
         if self.eos_id is not None and end[-1:] != [self.eos_id]:
             end.append(self.eos_id)
         return np.concatenate([self.prefix_ids, ids, end]).astype(np.int32)
+
+
+def _byte_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are
+    shifted past 255 in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+UNICODE_TO_BYTE = _byte_to_unicode()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+REPLACEMENT = "\ufffd"
+
+
+def bytes_as_text(data: bytes) -> str:
+    """A token's bytes as text: the text itself when they are whole UTF-8 characters, else
+    `bytes:\\xe2\\x80` (OpenAI's form), so tokens holding different parts of a character stay
+    apart instead of all reading as U+FFFD."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 def with_specials(tok, prompt: str | np.ndarray) -> np.ndarray:

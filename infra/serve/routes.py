@@ -3,15 +3,15 @@
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events)
     GET  /v1/models, /health, /metrics
 
-A request is read (`infra.serve.protocol`), validated into a scheduler request (`Api.parse`),
-submitted, and answered as one `Completion` / `ChatCompletion` or as a stream of chunks
-(`infra.serve.schemas`). Every failure is OpenAI's error shape with its status; an unexpected
+A request is read (`infra.serve.protocol`), validated into scheduler requests, one per choice
+(`Api.parse`), submitted together, and answered as one `Completion` / `ChatCompletion` or as a
+stream of chunks (`infra.serve.responses`). Every failure is OpenAI's error shape with its status; an unexpected
 exception while handling one is a 500 in that shape too, and the server keeps serving.
 
-Each request gets an asyncio queue that the scheduler's thread feeds
+Each call gets an asyncio queue that the scheduler's thread feeds with (choice, event)
 (`loop.call_soon_threadsafe`); a client that goes away (a closed stream, or a dropped
-connection while waiting for a non-streamed answer) cancels its request, which frees its slot
-before the next decode step.
+connection while waiting for a non-streamed answer) cancels its requests, which frees their
+slots before the next decode step.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from infra.serve import protocol, schemas
+from infra.serve import protocol
 from infra.serve.protocol import ApiError
-from infra.serve.scheduler import Draining, Finished, QueueFull, Request, Token
-from infra.serve.server import Api
+from infra.serve.responses import Answer
+from infra.serve.scheduler import Draining, Finished, QueueFull
+from infra.serve.server import Api, Call
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 async def _generate(api: Api, http: HttpRequest, chat_api: bool):
-    """Read, validate and submit one completion request; answer it whole or streamed."""
+    """Read, validate and submit one call's requests; answer them whole or streamed."""
     if api.draining:
         api.metrics.c_rejected.labels("draining").inc()
         return error(ApiError(503, "the server is shutting down; retry elsewhere",
@@ -106,16 +107,18 @@ async def _generate(api: Api, http: HttpRequest, chat_api: bool):
     try:
         protocol.check_api_key(http.headers.get("authorization"), api.api_key)
         body = await protocol.read_json(http, api.max_body_bytes)
-        request, stream, include_usage = await api.parse(body, chat_api=chat_api)
+        call = await api.parse(body, chat_api=chat_api)
     except ApiError as e:
         if e.status == 429:
             api.metrics.c_rejected.labels("template_busy").inc()
         return error(e)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    request.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    for i, request in enumerate(call.requests):
+        request.emit = lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait,
+                                                                    (i, event))
     try:
-        api.scheduler.submit(request)
+        api.scheduler.submit_all(call.requests)
     except QueueFull as e:
         api.metrics.c_rejected.labels("queue_full").inc()
         return error(ApiError(429, f"the server is at capacity ({e}); retry later",
@@ -125,88 +128,56 @@ async def _generate(api: Api, http: HttpRequest, chat_api: bool):
         return error(ApiError(503, "the server is shutting down", "server_error",
                               code="draining"))
     ident = ("chatcmpl-" if chat_api else "cmpl-") + secrets.token_hex(12)
-    base = {"id": ident, "created": int(time.time()), "model": api.model_name}
-    if stream:
-        return StreamingResponse(_stream(api, request, events, base, chat_api, include_usage),
+    answer = Answer(api.tok, call, {"id": ident, "created": int(time.time()),
+                                    "model": api.model_name}, chat_api)
+    if call.stream:
+        return StreamingResponse(_stream(api, call, events, answer),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    return await _whole(api, http, request, events, base, chat_api)
+    return await _whole(api, http, call, events, answer)
 
 
-def _usage(f: Finished) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
-                         total_tokens=f.prompt_tokens + f.completion_tokens)
+def _cancel_unfinished(api: Api, call: Call) -> None:
+    for request in call.requests:
+        if request.finished is None:
+            api.scheduler.cancel(request)
 
 
-def _reason(f: Finished) -> str:
-    return f.reason if f.reason in ("stop", "length") else "stop"
-
-
-async def _whole(api: Api, http, request: Request, events: asyncio.Queue, base: dict,
-                 chat_api: bool):
-    """Wait for the whole completion; a client that disconnects meanwhile cancels it."""
+async def _whole(api: Api, http, call: Call, events: asyncio.Queue, answer: Answer):
+    """Wait for every choice; a client that disconnects meanwhile cancels them."""
     try:
-        while True:
+        left = len(call.requests)
+        while left:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.25)
+                _, event = await asyncio.wait_for(events.get(), timeout=0.25)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
-                    api.scheduler.cancel(request)
+                    _cancel_unfinished(api, call)
                     return JSONResponse({}, status_code=499)
                 continue
-            if isinstance(event, Finished):
-                break
+            left -= isinstance(event, Finished)
     finally:
-        if request.finished is None:
-            api.scheduler.cancel(request)
-    f = event
-    if f.reason == "error":
+        _cancel_unfinished(api, call)
+    if any(r.finished.reason == "error" for r in call.requests):
         return error(ApiError(500, "the engine failed", "server_error"))
-    if chat_api:
-        answer = schemas.ChatCompletion(**base, usage=_usage(f), choices=[schemas.ChatChoice(
-            message=schemas.AssistantMessage(content=f.text), finish_reason=_reason(f))])
-    else:
-        answer = schemas.Completion(**base, usage=_usage(f), choices=[schemas.CompletionChoice(
-            text=f.text, finish_reason=_reason(f))])
-    return JSONResponse(answer.model_dump(mode="json"))
+    if call.logprobs is not None:  # decoding every token and alternative: off the event loop
+        return JSONResponse(await asyncio.to_thread(answer.whole))
+    return JSONResponse(answer.whole())
 
 
-async def _stream(api: Api, request: Request, events: asyncio.Queue, base: dict,
-                  chat_api: bool, include_usage: bool):
-    """Server-sent events: one chunk per piece of text, the finish reason, optionally the
-    usage, then `data: [DONE]`. Closing the stream (client gone) cancels the request."""
-    # `usage` is null in every chunk but the last when the client asked for it, else absent
-    exclude = None if include_usage else {"usage"}
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat_api:
-            delta = schemas.Delta(role="assistant", content="") if first else schemas.Delta(
-                content=text)
-            out = schemas.ChatCompletionChunk(**base, choices=[schemas.ChatChunkChoice(
-                delta=delta, finish_reason=finish)])
-        else:
-            out = schemas.Completion(**base, choices=[schemas.CompletionChoice(
-                text=text or "", finish_reason=finish)])
-        return f"data: {out.model_dump_json(exclude=exclude)}\n\n"
-
-    def usage(f: Finished) -> str:
-        kind = schemas.ChatCompletionChunk if chat_api else schemas.Completion
-        return f"data: {kind(**base, choices=[], usage=_usage(f)).model_dump_json()}\n\n"
-
+async def _stream(api: Api, call: Call, events: asyncio.Queue, answer: Answer):
+    """Server-sent events (`infra.serve.responses`). Closing the stream (client gone) cancels
+    every unfinished choice."""
     try:
-        if chat_api:
-            yield chunk(None, None, first=True)
-        while True:
-            event = await events.get()
-            if isinstance(event, Token):
-                if event.text:
-                    yield chunk(event.text, None)
-                continue
-            yield chunk(None, _reason(event))
-            if include_usage:
-                yield usage(event)
-            yield "data: [DONE]\n\n"
-            return
+        for chunk in answer.opening():
+            yield chunk
+        left = len(call.requests)
+        while left:
+            i, event = await events.get()
+            left -= isinstance(event, Finished)
+            for chunk in answer.event(i, event):
+                yield chunk
+        for chunk in answer.closing(call.include_usage):
+            yield chunk
     finally:
-        if request.finished is None:
-            api.scheduler.cancel(request)
+        _cancel_unfinished(api, call)

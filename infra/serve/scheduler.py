@@ -43,6 +43,7 @@ class Draining(Exception):
 class Token:
     text: str  # new text (may be "" while bytes of a character or a stop string are held back)
     token_id: int
+    count: int = 0  # completion tokens produced so far (the text covers at most these)
 
 
 @dataclasses.dataclass
@@ -254,7 +255,7 @@ class Scheduler:
     def _send(self, r: Request, text: str) -> None:
         delta = text[r.sent:]
         r.sent = max(r.sent, len(text))
-        r.emit(Token(delta, r.token_ids[-1] if r.token_ids else -1))
+        r.emit(Token(delta, r.token_ids[-1] if r.token_ids else -1, len(r.token_ids)))
 
     def _free(self, s: int, reason: str, text: str | None = None) -> None:
         r = self.slots[s]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_serializer)
+                      model_serializer, model_validator)
 
 from infra.serve.protocol import ApiError
 
@@ -22,13 +22,14 @@ MAX_STOPS = 4
 MAX_STOP_CHARS = 256  # each token is checked against every stop string's prefixes
 SEED_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
+MAX_TOP_LOGPROBS = 20  # the engine computes this many alternatives per token
+MAX_N = 16
 
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 # Fields of the API this server does not implement, with the values that mean "not asked for".
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
-               "logprobs": (None, False), "top_logprobs": (None, 0), "suffix": (None,),
-               "tools": (None, [])}
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None,), "tools": (None, [])}
+TopCount = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class _Strict(BaseModel):
@@ -50,6 +51,7 @@ class Sampled(_Strict):
     top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # an extension (as vLLM)
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -78,20 +80,35 @@ class Sampled(_Strict):
 
 
 class CompletionRequest(Sampled):
-    """`POST /v1/completions`: one prompt, as text or token ids."""
+    """`POST /v1/completions`: one prompt or several, each a text or token ids (taken as they
+    are); `echo` puts the prompt before each completion (with `logprobs`: its tokens' too);
+    `max_tokens` 0 with `echo` scores the prompt alone (a log-likelihood)."""
 
-    prompt: str | list[int]
+    prompt: list[str | list[int]]
+    echo: bool = False
+    logprobs: TopCount | None = None  # the likeliest alternatives listed per token
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            return prompt[0]
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    def _prompts(cls, prompt):
+        def ids(p):
+            return isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+        if isinstance(prompt, str) or ids(prompt):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(p, str) or ids(p) for p in prompt):
             return prompt
-        raise ValueError("'prompt' must be a string, a list of one string, or a non-empty "
-                         "list of token ids (one prompt: n = 1)")
+        raise ValueError("'prompt' must be a string, a non-empty list of token ids, or a "
+                         "non-empty list of those")
+
+    @model_validator(mode="after")
+    def _zero_tokens_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("'max_tokens' may be 0 only with 'echo' (to score the prompt)")
+        return self
 
 
 class TextPart(_Strict):
@@ -127,6 +144,14 @@ class ChatRequest(Sampled):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    logprobs: bool = False
+    top_logprobs: TopCount | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
 
 
 def _where(loc: tuple) -> str:
@@ -137,7 +162,7 @@ def _where(loc: tuple) -> str:
             out += f"[{part}]"
         elif not out:
             out = str(part)
-        elif part not in ("str", "list[str]", "list[TextPart]"):  # union members: not fields
+        elif part not in ("str", "list[str]", "list[int]", "list[TextPart]"):  # union members
             out += f".{part}"
     return out
 
@@ -175,11 +200,35 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of a completion's text (the echoed prompt's first, whose first has None)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
 
 
 class AssistantMessage(BaseModel):
@@ -190,7 +239,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -208,7 +257,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 
 

@@ -9,14 +9,22 @@ thread (the Rust tokenizer releases the GIL), after a prompt too long for any co
 refused by its length alone. With an API key set, the `/v1` routes need `Authorization: Bearer
 <key>` (401 otherwise); `/health` and `/metrics` stay open for probes and scrapers.
 
-Not supported (400 when asked for): n > 1, best_of > 1, echo, logprobs, suffix, tools.
-`top_k` and `ignore_eos` are accepted as extensions (as vLLM does). `max_tokens` defaults to 16 for
-completions (OpenAI's default) and to the rest of the context for chat.
+A call becomes one scheduler request per choice: `n` per prompt (completions take several
+prompts; choice `index` = prompt * n + j), each with its own seed. Prompts given as token ids
+are taken as they are (no BOS added: the client tokenized them). `logprobs` / `top_logprobs`
+list each token's log-probability and alternatives (`infra.serve.logprobs`); `echo` with
+`logprobs` scores the prompt in its prefill, and `max_tokens` 0 then scores it alone (what
+lm-evaluation-harness's `local-completions` asks for log-likelihoods).
+
+Not supported (400 when asked for): best_of > 1, suffix, tools. `top_k` and `ignore_eos` are
+accepted as extensions (as vLLM does). `max_tokens` defaults to 16 for completions (OpenAI's
+default) and to the rest of the context for chat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from typing import Any
@@ -36,6 +44,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 # A prompt of more characters than this many times (context x longest token) cannot fit any
 # context; it is refused without tokenizing it (slack for normalizers that drop characters).
 PROMPT_CHARS_SLACK = 4
+SEED_STRIDE = 0x9E3779B97F4A7C15  # between the seeds of a request's choices (odd: a bijection)
 
 
 class Api:
@@ -57,11 +66,15 @@ class Api:
         self.max_prompt_chars = PROMPT_CHARS_SLACK * self.max_len * tokenizer.longest_token_chars
         self.created = int(time.time())
 
-    def _sampling(self, body: schemas.Sampled) -> SamplingParams:
+    def _sampling(self, body: schemas.Sampled, choice: int = 0) -> SamplingParams:
+        """Choice `choice` of `n`: the request's seed for the first, seeds derived from it for
+        the others (so `n` seeded choices differ from each other and repeat exactly)."""
+        seed = secrets.randbelow(2**31) if body.seed is None else (
+            body.seed + choice * SEED_STRIDE) % (schemas.SEED_MAX + 1)
         return SamplingParams(
             temperature=1.0 if body.temperature is None else float(body.temperature),
             top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else float(body.top_p),
-            seed=secrets.randbelow(2**31) if body.seed is None else body.seed)
+            seed=seed)
 
     def _check_model(self, body: schemas.Sampled) -> None:
         if body.model is not None and body.model != self.model_name:
@@ -73,25 +86,20 @@ class Api:
                         f"the prompt has {n:,} {unit} (it needs at least one more for the "
                         f"completion)", param="prompt", code="context_length_exceeded")
 
-    async def _prompt_ids(self, body: schemas.CompletionRequest) -> np.ndarray:
-        prompt = body.prompt
+    async def _prompt_ids(self, prompt: str | list[int]) -> np.ndarray:
+        """A text as the tokenizer encodes it (BOS for Llama 3, none for Qwen); token ids as
+        they are (the client tokenized: an evaluation harness's context + continuation)."""
         if isinstance(prompt, str):
             if len(prompt) > self.max_prompt_chars:
                 raise self._too_long(len(prompt), "characters")
-            ids = await asyncio.to_thread(self.tok.encode, prompt)
-        else:
-            if len(prompt) >= self.max_len:
-                raise self._too_long(len(prompt))
-            ids = np.asarray(prompt, np.int64)
-            if ids.min() < 0 or ids.max() >= self.tok.vocab_size:
-                raise ApiError(400, f"token ids must be in [0, {self.tok.vocab_size})",
-                               param="prompt")
-            ids = ids.astype(np.int32)
-        return self._with_bos(ids)
-
-    def _with_bos(self, ids: np.ndarray) -> np.ndarray:
-        """The tokenizer's own special tokens around a prompt (BOS for Llama 3, none for Qwen)."""
-        return self._checked(self.tok.encode_prompt(ids))
+            return self._checked(await asyncio.to_thread(self.tok.encode_prompt, prompt))
+        if len(prompt) >= self.max_len:
+            raise self._too_long(len(prompt))
+        ids = np.asarray(prompt, np.int64)
+        if ids.min() < 0 or ids.max() >= self.tok.vocab_size:
+            raise ApiError(400, f"token ids must be in [0, {self.tok.vocab_size})",
+                           param="prompt")
+        return self._checked(ids)
 
     def _checked(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int32)
@@ -116,19 +124,52 @@ class Api:
             raise ApiError(400, str(e), param="messages") from None
         return self._checked(ids)  # the template decides BOS, as in fine-tuning
 
-    async def parse(self, body: Any, *, chat_api: bool) -> tuple[Request, bool, bool]:
-        """(request, stream, include_usage) of a JSON body, or ApiError."""
+    async def parse(self, body: Any, *, chat_api: bool) -> Call:
+        """The scheduler requests of a JSON body and how to answer them, or ApiError."""
         request = schemas.parse(schemas.ChatRequest if chat_api else schemas.CompletionRequest,
                                 body)
         self._check_model(request)
+        prompts = [None] if chat_api else request.prompt
+        if len(prompts) * request.n > self.scheduler.max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={request.n} completions: at most "
+                           f"{self.scheduler.max_queue} per request (the server's --max_queue)",
+                           param="n")
         max_tokens = request.max_tokens
         if chat_api and request.max_completion_tokens is not None:
             max_tokens = request.max_completion_tokens
-        ids = await (self._chat_ids(request) if chat_api else self._prompt_ids(request))
-        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context
-            max_tokens = self.max_len - len(ids) if chat_api else 16
+        if chat_api:
+            top = request.top_logprobs or 0 if request.logprobs else None
+        else:
+            top = request.logprobs
+        echo = not chat_api and request.echo
+        requests, echoes, prompt_tokens = [], [], 0
+        for prompt in prompts:
+            ids = await (self._chat_ids(request) if chat_api else self._prompt_ids(prompt))
+            prompt_tokens += len(ids)
+            limit = max_tokens
+            if limit is None:  # OpenAI's defaults: 16 for completions, the rest of the context
+                limit = self.max_len - len(ids) if chat_api else 16
+            for choice in range(request.n):
+                requests.append(Request(
+                    ids, self._sampling(request, choice), max_tokens=limit, stop=request.stops,
+                    ignore_eos=request.ignore_eos, top_logprobs=top or 0,
+                    score_prompt=echo and top is not None))
+                if echo:
+                    echoes.append(prompt if isinstance(prompt, str) else self.tok.decode(ids))
         include_usage = request.stream_options is not None and (
             request.stream_options.include_usage)
-        return (Request(ids, self._sampling(request), max_tokens=max_tokens,
-                        stop=request.stops, ignore_eos=request.ignore_eos),
-                request.stream, include_usage)
+        return Call(requests, request.stream, include_usage, top, echoes if echo else None,
+                    prompt_tokens)
+
+
+@dataclasses.dataclass
+class Call:
+    """One API call: its choices (a scheduler request each, `index` = position) and how to
+    answer them."""
+
+    requests: list[Request]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives listed per token; None: no logprobs asked for
+    echo: list[str] | None  # per choice: the prompt's text, put before the completion
+    prompt_tokens: int  # of every prompt once (usage counts a prompt once for n choices)
