@@ -241,6 +241,73 @@ def test_a_prompt_only_request_scores_the_prompt_and_draws_nothing():
     assert s.busy == 0
 
 
+def test_several_adapters_in_one_batch_equal_each_served_alone():
+    """Two LoRA adapters (ranks 4 and 2) and the bare base, stacked in one engine: requests of
+    all three, greedy and seeded, mixed in a busy batch, give exactly the tokens of an engine
+    that serves that adapter alone."""
+    from infra.models import lora
+    from infra.serve.adapters import stack_params
+
+    config = make_config(LORA, **FEATURES)
+    first = random_engine(config, slots=4, seed=0)
+    base, one = lora.split(first.params)
+    # a rank-2 adapter: a (*in, 2), b (2, *out), unlike the first
+    two = _map_adapters(lora.split(random_engine(config, slots=1, seed=3).params)[1],
+                        lambda a, b: (a[..., :2], -1.5 * b[:2] + 0.3))
+    four = _map_adapters(two, lambda a, b: (  # the same adapter zero-padded to rank 4
+        jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 2)]), jnp.pad(b, [(0, 2)] + [(0, 0)] * (b.ndim - 1))))
+    scale = lora.scale_of(config)
+    zeros = jax.tree.map(jnp.zeros_like, one)
+    alone = [Engine(first._model_def, lora.join(base, ad), config, mesh=first.mesh,
+                    rules=first.rules, slots=2, allowed=np.ones(VOCAB, bool))
+             for ad in (zeros, one, four)]
+    stacked = Engine(first._model_def, stack_params(base, [None, (one, scale), (two, scale)],
+                                                    first.mesh),
+                     config, mesh=first.mesh, rules=first.rules, slots=4,
+                     allowed=np.ones(VOCAB, bool), adapters=3)
+    rng = random.Random(4)
+    requests = []
+    for i in range(9):
+        ids = np.asarray([rng.randrange(VOCAB) for _ in range(rng.randint(3, 30))], np.int32)
+        sp = SamplingParams() if i % 2 else SamplingParams(temperature=1.0, top_k=8, seed=i)
+        requests.append(Request(ids, sp, max_tokens=rng.randint(4, 12), adapter=i % 3))
+    s = Scheduler(stacked, Tok())
+    for r in requests:
+        s.submit(r)
+    s.run_until_idle()
+    outputs = {}
+    for r in requests:
+        ref = Request(r.ids, r.sampling, max_tokens=r.max_tokens)
+        sched = Scheduler(alone[r.adapter], Tok())
+        sched.submit(ref)
+        sched.run_until_idle()
+        assert r.token_ids == ref.token_ids, r.adapter
+        np.testing.assert_allclose(r.logprobs, ref.logprobs, atol=1e-5)
+        outputs[r.adapter] = outputs.get(r.adapter, 0) + 1
+    assert outputs == {0: 3, 1: 3, 2: 3}
+    # the adapters matter: one prompt, three different greedy continuations
+    ids = requests[1].ids
+    got = []
+    for adapter in range(3):
+        r = s.submit(Request(ids, SamplingParams(), max_tokens=12, adapter=adapter))
+        s.run_until_idle()
+        got.append(tuple(r.token_ids))
+    assert len(set(got)) == 3, got
+
+
+def _map_adapters(adapters: dict, fn) -> dict:
+    """`fn(a, b) -> (a, b)` applied to every adapter of a `lora.split` tree."""
+    from infra.models import lora
+
+    out = {}
+    for k, v in adapters.items():
+        if isinstance(k, str) and k.endswith(lora.SUFFIX):
+            out[k] = dict(zip(("a", "b"), fn(v["a"], v["b"])))
+        else:
+            out[k] = _map_adapters(v, fn)
+    return out
+
+
 def test_nothing_compiles_after_warm_up():
     """Every prefill bucket, the decode step and release are compiled by `warmup`; a mixed
     workload (all prompt lengths, greedy and sampled, cancellations) compiles nothing."""

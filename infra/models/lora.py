@@ -67,11 +67,37 @@ class LoRA(nnx.Module):
         self.scale = float(scale)
         self.n_in = n_in
         self.dtype = dtype
+        self.rows = None  # several adapters stacked: `select_adapters`
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
+        if self.rows is not None:
+            return self._per_row(x.astype(dt))
         h = dense(x.astype(dt), self.a[...].astype(dt), self.n_in)  # (..., rank)
         return dense(h, self.b[...].astype(dt)) * jnp.asarray(self.scale, dt)
+
+    def _per_row(self, x: jax.Array) -> jax.Array:
+        """Batch row i through adapter ``rows[i]`` of ``a`` (N, *in, r) and ``b`` (N, r, *out)
+        (scales folded into ``b``)."""
+        dt, batch = self.dtype, x.shape[0]
+        a = self.a[...][self.rows].astype(dt)  # (batch, *in, r)
+        b = self.b[...][self.rows].astype(dt)  # (batch, r, *out)
+        rank, outs = a.shape[-1], b.shape[2:]
+        lead = x.shape[1:x.ndim - self.n_in]
+        h = jnp.einsum("bli,bir->blr", x.reshape(batch, -1, math.prod(a.shape[1:-1])),
+                       a.reshape(batch, -1, rank))
+        y = jnp.einsum("blr,bro->blo", h, b.reshape(batch, rank, -1))
+        return y.reshape(batch, *lead, *outs)
+
+
+def select_adapters(model: nnx.Module, rows: jax.Array) -> None:
+    """Serve several adapters at once: every `LoRA` of `model` holds them stacked on a leading
+    axis (``a`` (N, *in, r), ``b`` (N, r, *out), each adapter's scale folded into its ``b``;
+    `infra.serve.adapters` builds them) and batch row i goes through adapter ``rows[i]``
+    ((batch,) int32). Set on a model merged for one traced call."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoRA):
+            node.rows = rows
 
 
 def _path(path: tuple) -> str:

@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor", type=int, default=None,
                    help="devices per model replica along kv heads (default: the most that divide them)")
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=WORKDIR",
+                   help="also serve this LoRA run (fine-tuned from --workdir) as model NAME; "
+                        "repeat for several, mixed in one batch")
     p.add_argument("--drain_timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish")
     p.add_argument("--api_key", default=None,
@@ -97,6 +100,21 @@ def _check_arguments(args) -> None:
         raise UserError("--max_body_mb and --template_timeout must be > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty; pass a key, or leave it out to serve without one")
+    adapter_names(args)
+
+
+def adapter_names(args) -> dict[str, str]:
+    """{name: workdir} of the `--adapter NAME=WORKDIR` flags, checked."""
+    named = {}
+    for item in args.adapter:
+        name, sep, workdir = item.partition("=")
+        if not sep or not name.strip() or not workdir.strip():
+            raise UserError(f"--adapter {item!r}: expected NAME=WORKDIR (e.g. "
+                            "--adapter sql=runs/sql-lora)")
+        if name in named or name == args.model_name:
+            raise UserError(f"--adapter {name!r}: the name is used twice")
+        named[name] = workdir
+    return named
 
 
 def run_cli(args) -> int:
@@ -118,8 +136,10 @@ def run_cli(args) -> int:
     template = chat.run_template(config, load_tokenizer(config.data.tokenizer))
     sandbox = template_sandbox.TemplateSandbox(2, timeout_s=args.template_timeout).start()
     sandbox.check(template)  # one that does not parse fails before the warm-up
+    adapters = adapter_names(args)
     engine = Engine.from_workdir(args.workdir, slots=args.slots,
-                                 mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len)
+                                 mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len,
+                                 adapters=adapters)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]
@@ -132,13 +152,13 @@ def run_cli(args) -> int:
     metrics.bind(scheduler)
     scheduler.start()
     name = args.model_name or paths.path(args.workdir).name
-    api = Api(scheduler, engine.tokenizer, name, metrics, template, sandbox=sandbox,
+    api = Api(scheduler, engine.tokenizer, [name, *adapters], metrics, template, sandbox=sandbox,
               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
               max_body_bytes=int(args.max_body_mb * 2**20))
     server, thread = _start_http(api, sock)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} on http://{shown}:{port}/v1 ({engine.slots} slots x "
+    print(f"serving {', '.join([name, *adapters])} on http://{shown}:{port}/v1 ({engine.slots} slots x "
           f"{engine.max_len} tokens, mesh {dict(engine.mesh.shape)}, checkpoint step "
           f"{engine.step_restored}{', static batching' if args.static else ''}"
           f"{', API key required' if api.api_key else ''})", flush=True)

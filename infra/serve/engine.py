@@ -48,6 +48,8 @@ from infra.data.tokenizer import load_tokenizer
 from infra.errors import UserError
 from infra.mesh import serve_mesh
 from infra.run import load_config
+from infra.models import lora
+from infra.serve import adapters as serve_adapters
 from infra.serve import forward, sampling
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ class Engine:
     """KV cache + slot state on the devices; prefill / decode / release as compiled steps."""
 
     def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
-                 allowed: np.ndarray, max_len: int | None = None):
+                 allowed: np.ndarray, max_len: int | None = None, adapters: int = 0):
+        """`adapters` > 0: `params` hold that many LoRA adapters stacked
+        (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`)."""
         self.config = config
         self.mesh, self.rules = mesh, rules
         self.slots = int(slots)
@@ -100,6 +104,7 @@ class Engine:
         self.buckets = buckets(self.max_len)
         self.params = params
         self._model_def = model_def
+        self.adapters = int(adapters)
         self._allowed = np.asarray(allowed, bool)
         m = config.model
         dtype = jnp.dtype(m.dtype)
@@ -122,20 +127,27 @@ class Engine:
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_workdir(cls, workdir: paths.PathLike, *, slots: int = 8, mesh: Mesh | None = None,
-                     step: int | None = None, max_len: int | None = None) -> "Engine":
+                     step: int | None = None, max_len: int | None = None,
+                     adapters: dict[str, paths.PathLike] | None = None) -> "Engine":
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
-        with the run's tokenizer (`engine.tokenizer`)."""
+        with the run's tokenizer (`engine.tokenizer`); `adapters` {name: LoRA workdir}: served
+        beside it (adapter 0 is `workdir` itself, then these in order)."""
         if slots < 1:
             raise UserError(f"--slots must be >= 1, got {slots}")
         config = load_config(workdir)
         mesh = mesh or serve_mesh(config)
         config, model_def, params, step, rules = load_model(workdir, mesh, step=step)
+        stacked = 0
+        if adapters:
+            params, model_def, stacked = serve_adapters.stack(workdir, config, params, adapters,
+                                                              mesh, load_model)
         tok = load_tokenizer(config.data.tokenizer)
         limit = int(config.model.max_seq_len)
         if max_len is not None and not 1 < max_len <= limit:
             raise UserError(f"--max_len must be in [2, {limit}] (model.max_seq_len), got {max_len}")
         engine = cls(model_def, params, config, mesh=mesh, rules=rules, slots=slots,
-                     allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len)
+                     allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len,
+                     adapters=stacked)
         engine.tokenizer, engine.step_restored, engine.workdir = tok, step, paths.path(workdir)
         log.info("engine: checkpoint step %d of %s, %d slots x %d tokens, mesh %s", step,
                  workdir, slots, engine.max_len, dict(mesh.shape))
@@ -149,7 +161,8 @@ class Engine:
         s = self.slots
         host = {"tokens": np.zeros(s, np.int32), "pos": np.zeros(s, np.int32),
                 "active": np.zeros(s, bool), "temperature": np.zeros(s, np.float32),
-                "top_k": np.zeros(s, np.int32), "top_p": np.ones(s, np.float32)}
+                "top_k": np.zeros(s, np.int32), "top_p": np.ones(s, np.float32),
+                "adapter": np.zeros(s, np.int32)}
         state = {k: jax.device_put(v, self._slot_sharding) for k, v in host.items()}
         state["seed"] = jax.device_put(np.zeros((s, 2), np.uint32), self._seed_sharding)
         return state
@@ -178,11 +191,13 @@ class Engine:
     def _prefill_fn(self, bucket: int):
         if bucket in self._prefills:
             return self._prefills[bucket]
-        model_def, allowed = self._model_def, self._allowed
+        model_def, allowed, stacked = self._model_def, self._allowed, self.adapters
 
         def run(params, cache, state, tokens, length, slot, temperature, top_k, top_p, seed,
-                score):
+                score, adapter):
             model = model_def.merge(params)
+            if stacked:
+                lora.select_adapters(model, adapter[None])
             cache, logits, x = forward.prefill(model, cache, tokens, length, slot)
             key = sampling.keys_at(seed[None], length[None])
             ok = jnp.asarray(allowed)
@@ -196,7 +211,7 @@ class Engine:
                          jnp.zeros((bucket, TOP_LOGPROBS), jnp.int32),
                          jnp.zeros((bucket, TOP_LOGPROBS), jnp.float32)))
             new = {"tokens": first, "pos": length, "active": True, "temperature": temperature,
-                   "top_k": top_k, "top_p": top_p, "seed": seed}
+                   "top_k": top_k, "top_p": top_p, "seed": seed, "adapter": adapter}
             state = {k: state[k].at[slot].set(v) for k, v in new.items()}
             return cache, state, first, (logprob[0], top_ids[0], top_values[0]), prompt
 
@@ -207,10 +222,11 @@ class Engine:
                 self._abstract(self.state, self._state_shardings()),
                 jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=r), scalar(jnp.int32),
                 scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
-                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r), scalar(jnp.bool_))
+                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r), scalar(jnp.bool_),
+                scalar(jnp.int32))
         cache_sh = (self._cache_sharding, self._cache_sharding)
         compiled = self._compile(
-            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 8,
+            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 9,
             (cache_sh, self._state_shardings(), r, (r,) * 3, (r,) * 3), donate=(1, 2))
         self._prefills[bucket] = compiled
         return compiled
@@ -219,9 +235,12 @@ class Engine:
         if self._decode is not None:
             return self._decode
         model_def, allowed, max_len = self._model_def, self._allowed, self.max_len
+        stacked = self.adapters
 
         def run(params, cache, state):
             model = model_def.merge(params)
+            if stacked:
+                lora.select_adapters(model, state["adapter"])
             pos = state["pos"]
             cache, logits = forward.decode(model, cache, state["tokens"], pos)
             nxt = pos + 1
@@ -285,13 +304,16 @@ class Engine:
                         f"{self.max_len} tokens")
 
     def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
-               score_prompt: bool = False) -> tuple[int, float]:
+               score_prompt: bool = False, adapter: int = 0) -> tuple[int, float]:
         """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token: (the token
         at position len(ids), its log-probability). With `score_prompt`, the prompt's own
-        log-probabilities are computed too (`prompt_logprobs`)."""
+        log-probabilities are computed too (`prompt_logprobs`); `adapter`: which of the stacked
+        adapters the slot decodes with."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
+        if not 0 <= adapter < max(self.adapters, 1):
+            raise UserError(f"adapter {adapter} is not one of the {self.adapters} served")
         bucket = self.bucket_for(n)
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :n] = ids
@@ -301,7 +323,8 @@ class Engine:
             self.params, self.cache, self.state, put(padded), put(np.int32(n)),
             put(np.int32(slot)), put(np.float32(sp.temperature)),
             put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
-            put(sampling.seed_words(sp.seed)), put(np.bool_(score_prompt)))
+            put(sampling.seed_words(sp.seed)), put(np.bool_(score_prompt)),
+            put(np.int32(adapter)))
         self._top = tuple(t[None] for t in top)
         return int(first), float(logprob)
 

@@ -61,9 +61,10 @@ def create_app(api: Api) -> FastAPI:
             protocol.check_api_key(http.headers.get("authorization"), api.api_key)
         except ApiError as e:
             return error(e)
-        return {"object": "list", "data": [{"id": api.model_name, "object": "model",
+        return {"object": "list", "data": [{"id": name, "object": "model",
                                             "created": api.created, "owned_by": "infra",
-                                            "max_model_len": api.max_len}]}
+                                            "max_model_len": api.max_len}
+                                           for name in api.models]}
 
     @app.get("/metrics")
     async def metrics():
@@ -129,7 +130,7 @@ async def _generate(api: Api, http: HttpRequest, chat_api: bool):
                               code="draining"))
     ident = ("chatcmpl-" if chat_api else "cmpl-") + secrets.token_hex(12)
     answer = Answer(api.tok, call, {"id": ident, "created": int(time.time()),
-                                    "model": api.model_name}, chat_api)
+                                    "model": call.model}, chat_api)
     if call.stream:
         return StreamingResponse(_stream(api, call, events, answer),
                                  media_type="text/event-stream",

@@ -66,6 +66,7 @@ class Request:
     ignore_eos: bool = False  # generate past EOS (benchmarks that need exact output lengths)
     top_logprobs: int = 0  # alternatives kept per token (<= engine.TOP_LOGPROBS), in `top`
     score_prompt: bool = False  # the prompt's own log-probabilities, in `prompt_scores`
+    adapter: int = 0  # which of the engine's stacked LoRA adapters (0: the served workdir's)
     emit: Callable[[object], None] = lambda event: None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     # filled in by the scheduler
@@ -211,7 +212,8 @@ class Scheduler:
                 return
             self.slots[s] = request
             first, logprob = self.engine.insert(s, request.ids, request.sampling,
-                                                score_prompt=request.score_prompt)
+                                                score_prompt=request.score_prompt,
+                                                adapter=request.adapter)
             if request.score_prompt:
                 request.prompt_scores = self.engine.prompt_logprobs(len(request.ids))
             if request.max_tokens == 0:  # the prompt's scores only (`echo`)

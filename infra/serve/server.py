@@ -51,11 +51,14 @@ class Api:
     """What the endpoints share: scheduler, tokenizer, template and its sandbox, model name,
     metrics, limits, API key and drain state."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str,
+    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str | list[str],
                  metrics: PrometheusMetrics, template: str | None = None, *,
                  sandbox: TemplateSandbox | None = None, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-        self.scheduler, self.tok, self.model_name = scheduler, tokenizer, model_name
+        # the served models: the workdir's, then its stacked adapters' (`--adapter`), in the
+        # engine's adapter order
+        self.models = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.scheduler, self.tok, self.model_name = scheduler, tokenizer, self.models[0]
         self.metrics = metrics
         self.max_len = scheduler.engine.max_len
         self.draining = False
@@ -76,10 +79,16 @@ class Api:
             top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else float(body.top_p),
             seed=seed)
 
-    def _check_model(self, body: schemas.Sampled) -> None:
-        if body.model is not None and body.model != self.model_name:
+    def _adapter(self, body: schemas.Sampled) -> int:
+        """Which served model (the engine's adapter index) the request names; None = the
+        first."""
+        if body.model is None:
+            return 0
+        if body.model not in self.models:
             raise ApiError(404, f"The model '{body.model[:200]}' does not exist; this server "
-                           f"serves '{self.model_name}'", param="model", code="model_not_found")
+                           f"serves {', '.join(repr(m) for m in self.models)}", param="model",
+                           code="model_not_found")
+        return self.models.index(body.model)
 
     def _too_long(self, n: int, unit: str = "tokens") -> ApiError:
         return ApiError(400, f"This model's maximum context length is {self.max_len} tokens; "
@@ -128,7 +137,7 @@ class Api:
         """The scheduler requests of a JSON body and how to answer them, or ApiError."""
         request = schemas.parse(schemas.ChatRequest if chat_api else schemas.CompletionRequest,
                                 body)
-        self._check_model(request)
+        adapter = self._adapter(request)
         prompts = [None] if chat_api else request.prompt
         if len(prompts) * request.n > self.scheduler.max_queue:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={request.n} completions: at most "
@@ -153,13 +162,13 @@ class Api:
                 requests.append(Request(
                     ids, self._sampling(request, choice), max_tokens=limit, stop=request.stops,
                     ignore_eos=request.ignore_eos, top_logprobs=top or 0,
-                    score_prompt=echo and top is not None))
+                    score_prompt=echo and top is not None, adapter=adapter))
                 if echo:
                     echoes.append(prompt if isinstance(prompt, str) else self.tok.decode(ids))
         include_usage = request.stream_options is not None and (
             request.stream_options.include_usage)
         return Call(requests, request.stream, include_usage, top, echoes if echo else None,
-                    prompt_tokens)
+                    prompt_tokens, self.models[adapter])
 
 
 @dataclasses.dataclass
@@ -173,3 +182,4 @@ class Call:
     logprobs: int | None  # alternatives listed per token; None: no logprobs asked for
     echo: list[str] | None  # per choice: the prompt's text, put before the completion
     prompt_tokens: int  # of every prompt once (usage counts a prompt once for n choices)
+    model: str  # the served model (adapter) it names
