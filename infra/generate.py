@@ -136,7 +136,7 @@ def _engine(workdir: PathLike, config, tok, max_len: int):
         _ENGINES[key] = engine
     else:
         *_, params, step, _ = load_model(workdir, engine.mesh)
-        engine.params = params
+        engine.set_params(params)
     log.info("generating from checkpoint step %d in %s", step, workdir)
     return engine
 

@@ -5,6 +5,7 @@ quoted in docs/benchmarks.md ("Serving").
 
     python scripts/bench_serve.py                 # everything, ~10 min on 2 cores
     python scripts/bench_serve.py --quick         # fewer rates and requests (a smoke run)
+    python scripts/bench_serve.py --parts paged,prefix,chunked,transformers  # the engine's own
 
 Model: `lm.py:tiny`'s shape (3.4M parameters, byte-level, d_model 256, 4 layers, GQA 4/2)
 with a 512-token context, trained for 1 step (the weights do not matter for speed; greedy
@@ -30,6 +31,10 @@ output of such a model is ASCII, so every token streams as one chunk). 1 CPU dev
   numpy copy, the faster). A step faster than that "bound" reads part of its bytes from the
   CPU caches (the tiny model's 14 MiB of parameters nearly fit in L3).
 
+* The engine's own figures (`scripts/bench_serve_engine.py`): paged vs dense decode, prefix
+  caching's time to first token, chunked prefill's effect on other streams' inter-token p99,
+  and transformers' batched greedy `generate` on the same model and prompts.
+
 The client runs on the same 2 cores as the server (its share is part of every figure).
 """
 
@@ -50,17 +55,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+PARTS = ("decode", "cache", "sweep", "paged", "prefix", "chunked", "transformers")
 PROMPT_LEN = (8, 120)
 OUTPUT_LEN = (16, 128)
 
 
 # --- the model --------------------------------------------------------------------------------------
-def make_workdir(directory: Path) -> Path:
+def make_workdir(directory: Path, max_len: int = 512) -> Path:
     env = {**os.environ, "INFRA_CPU_DEVICES": "1"}
     cmd = [sys.executable, "-m", "infra", "train", "--config", "experiments/lm.py:tiny",
            "--workdir", str(directory), "--config.train.steps=1", "--config.checkpoint.every=1",
-           "--config.train.eval_every=1000", "--config.model.max_seq_len=512",
+           "--config.train.eval_every=1000", f"--config.model.max_seq_len={max_len}",
            "--config.sharding.print_table=false", "--config.train.progress_bar=false"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     return directory
@@ -195,6 +202,29 @@ def cache_vs_no_cache(workdir: Path, new_tokens: int = 256, prompt_len: int = 16
     print(f"cache vs no cache: engine {t_engine:.3f} s, old generate {t_old:.3f} s for "
           f"{new_tokens} tokens: x{t_old / t_engine:.1f}", flush=True)
     return out
+
+
+def engine_figures(workdir: Path, tmp: Path, parts: set[str], old: dict, quick: bool) -> dict:
+    """The figures of `scripts/bench_serve_engine.py` asked for in `parts` (the others from
+    `old`): paged vs dense and transformers on the 512-context model; prefix caching and
+    chunked prefill on the same shape with a 2,048-token context."""
+    import bench_serve_engine as figures
+
+    out = {}
+    if "paged" in parts:
+        out["paged_vs_dense"] = figures.paged_vs_dense(workdir, steps=30 if quick else 100)
+    if "transformers" in parts:
+        out["vs_transformers"] = figures.transformers_baseline(workdir, tmp / "export")
+    if parts & {"prefix", "chunked"}:
+        long = make_workdir(tmp / "tiny-2k", max_len=2048)
+        if "prefix" in parts:
+            out["prefix_caching"] = figures.prefix_ttft(long)
+        if "chunked" in parts:
+            out["chunked_prefill"] = figures.chunked_itl(long, [256, 512] if quick else
+                                                         [128, 256, 512, 2048])
+    keys = {"paged": "paged_vs_dense", "transformers": "vs_transformers",
+            "prefix": "prefix_caching", "chunked": "chunked_prefill"}
+    return {key: out.get(key, old.get(key)) for key in keys.values()}
 
 
 # --- the live server ----------------------------------------------------------------------------------
@@ -348,7 +378,7 @@ def main() -> None:
     p.add_argument("--slot_counts", default="1,2,4,8,16")
     p.add_argument("--ttft_p99_target", type=float, default=1.0, help="seconds")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", default="decode,cache,sweep",
+    p.add_argument("--parts", default=",".join(PARTS),
                    help="what to measure; the others are kept from an existing <out>.json")
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -358,8 +388,9 @@ def main() -> None:
         workdir = Path(args.workdir) if args.workdir else make_workdir(Path(tmp) / "tiny")
         parts = set(args.parts.split(","))
         old = {}
-        if parts != {"decode", "cache", "sweep"}:
+        if parts != set(PARTS):
             old = json.loads(Path(args.out).with_suffix(".json").read_text())
+        engine_parts = engine_figures(workdir, Path(tmp), parts, old, args.quick)
         if "decode" in parts:
             bw = bandwidth()
             print(f"memory bandwidth (256 MiB read + written): {bw / 1e9:.1f} GB/s", flush=True)
@@ -395,6 +426,7 @@ def main() -> None:
         "continuous_over_static_goodput": ratio,
         "goodput_by_ttft_p99_target_s": by_target,
         "full_slot_step_over_bound": full[0]["ratio_to_bound"] if full else None,
+        **engine_parts,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

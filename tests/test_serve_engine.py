@@ -38,7 +38,7 @@ def make_config(extra: dict | None = None, **model):
     return config_lib.load("experiments/lm.py:smoke", overrides)
 
 
-def random_engine(config, *, devices=None, slots=4, seed=0) -> Engine:
+def random_engine(config, *, devices=None, slots=4, seed=0, **engine) -> Engine:
     mesh = serve_mesh(config, devices)
     rules = sharding.normalize_rules(logical_rules(config), mesh)
     sharded = shard_state(get_task(config).build_model, optax.identity(), mesh, rules)
@@ -54,7 +54,7 @@ def random_engine(config, *, devices=None, slots=4, seed=0) -> Engine:
     params = jax.device_put(params, shardings)
     allowed = np.ones(VOCAB, bool)
     return Engine(sharded.model, params, config, mesh=mesh, rules=rules, slots=slots,
-                  allowed=allowed)
+                  allowed=allowed, **engine)
 
 
 class Tok:
@@ -67,6 +67,7 @@ class Tok:
 
 
 def test_buckets():
+    assert buckets(512) == [16, 32, 64, 128, 256, 512]
     assert buckets(64) == [16, 32, 64]
     assert buckets(100) == [16, 32, 64, 100]
     assert buckets(8) == [8]
@@ -79,36 +80,46 @@ LORA = {"finetune.lora.rank": 4, "finetune.lora.targets": "attn/(q|k|v|o)|mlp/(g
                          ids=["llama-family-options", "plain-tied", "lora-adapters"])
 def test_cached_logits_equal_the_full_forward(features, extra):
     """Prefill one prompt into a slot, then decode; another slot decodes its own sequence at the
-    same time. Every logit row equals the training forward pass over the same tokens (LoRA: the
-    adapters, perturbed from their zero init, on every projection)."""
+    same time. Each sequence's pages are scattered over the cache in no order, one prompt is
+    prefilled in two chunks. Every logit row equals the training forward pass over the same
+    tokens (LoRA: the adapters, perturbed from their zero init, on every projection)."""
     config = make_config(extra, **features)
     engine = random_engine(config, devices=jax.devices()[:1])
     model_def, params = engine._model_def, engine.params
     rng = np.random.default_rng(0)
     seqs = {1: rng.integers(0, VOCAB, 40), 3: rng.integers(0, VOCAB, 30)}
     prompt = {1: 11, 3: 20}  # prompt lengths; the rest is fed one token per decode step
+    chunks = {1: [(0, 7), (7, 4)], 3: [(0, 20)]}  # (start, length)
+    table = np.zeros((engine.slots, engine.pages_per_seq), np.int32)
+    table[1], table[3] = [9, 2, 14, 5], [1, 16, 7, 3]
+    assert engine.page_size == 16 and engine.pages_per_seq == 4
 
     with sharding.activation_rules(engine.mesh, engine.rules):
         full = jax.jit(lambda p, t: model_def.merge(p)(t))
-        pre = jax.jit(lambda p, c, t, n, s: forward.prefill(model_def.merge(p), c, t, n, s)[:2])
-        dec = jax.jit(lambda p, c, t, pos: forward.decode(model_def.merge(p), c, t, pos))
+        pre = jax.jit(lambda p, c, t, start, n, row: forward.prefill(
+            model_def.merge(p), c, t, start, n, row)[:2])
+        dec = jax.jit(lambda p, c, t, pos, active, tab: forward.decode(
+            model_def.merge(p), c, t, pos, active, tab))
         cache = engine.cache
         worst = 0.0
         for slot, seq in seqs.items():
             ref = np.asarray(full(params, jnp.asarray(seq[None])))[0]
-            n = prompt[slot]
-            tokens = np.zeros((1, 32), np.int32)
-            tokens[0, :n] = seq[:n]
-            cache, last = pre(params, cache, tokens, jnp.int32(n), jnp.int32(slot))
-            worst = max(worst, float(np.abs(np.asarray(last) - ref[n - 1]).max()))
+            for start, n in chunks[slot]:
+                tokens = np.zeros((1, 32), np.int32)
+                tokens[0, :n] = seq[start:start + n]
+                cache, last = pre(params, cache, tokens, jnp.int32(start), jnp.int32(n),
+                                  table[slot])
+                worst = max(worst, float(np.abs(np.asarray(last) - ref[start + n - 1]).max()))
         refs = {s: np.asarray(full(params, jnp.asarray(seq[None])))[0] for s, seq in seqs.items()}
+        active = np.zeros(engine.slots, bool)
+        active[list(seqs)] = True
         for step in range(9):
-            pos = np.zeros(engine.slots, np.int32)
+            pos = np.full(engine.slots, 5, np.int32)  # inactive slots: their writes go to trash
             tok = np.zeros(engine.slots, np.int32)
             for slot, seq in seqs.items():
                 pos[slot] = prompt[slot] + step
                 tok[slot] = seq[pos[slot]]
-            cache, logits = dec(params, cache, tok, pos)
+            cache, logits = dec(params, cache, tok, pos, active, table)
             logits = np.asarray(logits)
             for slot in seqs:
                 worst = max(worst, float(np.abs(logits[slot] - refs[slot][pos[slot]]).max()))
@@ -308,6 +319,93 @@ def _map_adapters(adapters: dict, fn) -> dict:
     return out
 
 
+def _mixed_requests(seed: int, n: int = 32) -> list[Request]:
+    """`n` requests of mixed prompt and output lengths, greedy and seeded; a third of them
+    share a 35-token prefix (a system prompt)."""
+    rng = random.Random(seed)
+    system = [rng.randrange(VOCAB) for _ in range(35)]
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 24))]
+        if i % 3 == 0:
+            prompt = system + prompt[:rng.randint(1, 8)]
+        sampling = SamplingParams() if i % 2 else SamplingParams(temperature=0.9, top_k=12,
+                                                                 seed=rng.randrange(1000))
+        out.append(Request(np.asarray(prompt, np.int32), sampling,
+                           max_tokens=rng.randint(1, 63 - len(prompt)), top_logprobs=2))
+    return out
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_paged_cache_gives_the_tokens_of_a_dense_one(devices):
+    """32 concurrent mixed-length requests (greedy and seeded) through a paged cache too small
+    for all of them at once (admissions wait, the newest requests are preempted and resumed),
+    prefilled in 16-token chunks with a shared prefix reused from cached pages, give the
+    tokens and log-probabilities of a dense cache (one context-long page per slot)."""
+    config = make_config(**FEATURES)
+    devs = jax.devices()[:devices]
+    dense = random_engine(config, devices=devs, slots=4, page_size=64)
+    paged = random_engine(config, devices=devs, slots=4, page_size=8, num_pages=13,
+                          prefill_chunk=16)
+    assert dense.pool.num_pages == 5 and paged.cache_bytes() < dense.cache_bytes() / 2
+    results = []
+    for engine in (dense, paged):
+        s = Scheduler(engine, Tok(), max_queue=64)
+        requests = [s.submit(r) for r in _mixed_requests(devices)]
+        s.run_until_idle()
+        results.append(requests)
+        assert engine.pool.available() == engine.pool.num_pages - 1  # every page came back
+    for a, b in zip(*results):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == a.max_tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        for (ia, va), (ib, vb) in zip(a.top, b.top):
+            assert list(ia) == list(ib)
+    assert sum(r.preemptions for r in results[1]) > 0  # the small cache did preempt
+    assert paged.pool.hits >= 8 * 4  # the shared prefix's 4 full pages, reused
+
+
+def test_an_8192_context_with_16_slots_in_a_quarter_of_the_dense_memory():
+    """16 slots of an 8,192-token context with `kv_tokens` = 32,768: the cache takes exactly
+    2 x layers x kv_heads x head_dim x 4 bytes per token held (a quarter of 16 full contexts),
+    and serves 16 concurrent requests, two of them 2,500-token prompts."""
+    config = make_config(max_seq_len=8192)
+    engine = random_engine(config, devices=jax.devices()[:1], slots=16,
+                           num_pages=1 + 32768 // 16)
+    m = config.model
+    per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4
+    assert engine.cache_bytes() == per_token * (32768 + 16)  # + the trash page
+    assert engine.cache_bytes() < per_token * 16 * 8192 / 3.9
+    rng = random.Random(8)
+    s = Scheduler(engine, Tok())
+    requests = [s.submit(Request(np.asarray([rng.randrange(VOCAB) for _ in range(
+        2500 if i < 2 else rng.randint(1, 40))], np.int32), max_tokens=8)) for i in range(16)]
+    s.run_until_idle()
+    assert all(len(r.token_ids) == 8 for r in requests)
+    assert engine.pool.available() == engine.pool.num_pages - 1
+
+
+def test_a_cached_prefix_is_not_computed_again():
+    """The second request with a 40-token prefix prefills only what follows its cached full
+    pages (one chunk instead of three), and decodes exactly as the first did."""
+    config = make_config()
+    engine = random_engine(config, slots=2, page_size=8, prefill_chunk=16)
+    rng = random.Random(7)
+    ids = np.asarray([rng.randrange(VOCAB) for _ in range(45)], np.int32)
+    chunks = []
+    original = engine.prefill
+    engine.prefill = lambda slot: chunks.append(slot) or original(slot)
+    s = Scheduler(engine, Tok())
+    first = s.submit(Request(ids, max_tokens=8))
+    s.run_until_idle()
+    calls = len(chunks)
+    second = s.submit(Request(ids, max_tokens=8))
+    s.run_until_idle()
+    assert calls == 3 and len(chunks) - calls == 1  # 45 tokens: 16+16+13; then 40 cached
+    assert engine.pool.hits == 40
+    assert second.token_ids == first.token_ids
+    np.testing.assert_allclose(second.logprobs, first.logprobs, atol=1e-5)
+
+
 def test_nothing_compiles_after_warm_up():
     """Every prefill bucket, the decode step and release are compiled by `warmup`; a mixed
     workload (all prompt lengths, greedy and sampled, cancellations) compiles nothing."""
@@ -349,9 +447,9 @@ def test_the_cache_sharded_over_8_devices_gives_the_tokens_of_1_device():
     eight = random_engine(config, devices=jax.devices(), slots=4)
     assert dict(eight.mesh.shape)["tensor"] == 2 and dict(eight.mesh.shape)["data"] == 4
     spec = eight.cache[0].sharding.spec
-    assert spec[1] in ("data", ("data", "fsdp"), ("data",)) and spec[3] == "tensor", spec
+    assert spec[3] == "tensor" and not any(spec[:3]), spec  # kv heads split, pages whole
     shard = eight.cache[0].addressable_shards[0].data.shape
-    assert shard[1] == 1 and shard[3] == 1  # one slot, one kv head per device
+    assert shard[3] == 1 and shard[1] == eight.pool.num_pages  # one kv head per device
     rng = random.Random(2)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 18, 33, 9, 12)]
     outputs = []

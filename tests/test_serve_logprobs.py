@@ -130,7 +130,10 @@ def test_chat_logprobs_and_top_logprobs(server):
                                             stream=True))
     streamed = [t for ch in chunks for choice in ch.choices if choice.logprobs
                 for t in choice.logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    # (the second call reuses the first's cached prompt pages: the same values up to rounding)
+    np.testing.assert_allclose([t.logprob for t in streamed], [t.logprob for t in content],
+                               atol=1e-5)
 
 
 @pytest.mark.slow

@@ -59,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a slot before new ones get 429")
     p.add_argument("--max_len", type=int, default=None,
                    help="context per slot (default model.max_seq_len)")
+    p.add_argument("--page_size", type=int, default=16,
+                   help="positions per KV-cache page (= --max_len: one dense page per slot)")
+    p.add_argument("--kv_tokens", type=int, default=None,
+                   help="positions the KV cache holds in all (default: every slot's whole "
+                        "context); fewer: requests wait, or the newest are preempted, when full")
+    p.add_argument("--prefill_chunk", type=int, default=256,
+                   help="the most prompt tokens prefilled per step (longer prompts take several "
+                        "steps, decoding goes on between)")
     p.add_argument("--tensor", type=int, default=None,
                    help="devices per model replica along kv heads (default: the most that divide them)")
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
@@ -100,6 +108,8 @@ def _check_arguments(args) -> None:
         raise UserError("--max_body_mb and --template_timeout must be > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty; pass a key, or leave it out to serve without one")
+    if args.page_size < 1 or args.prefill_chunk < 1 or (args.kv_tokens or 1) < 1:
+        raise UserError("--page_size, --prefill_chunk and --kv_tokens must be >= 1")
     adapter_names(args)
 
 
@@ -137,9 +147,11 @@ def run_cli(args) -> int:
     sandbox = template_sandbox.TemplateSandbox(2, timeout_s=args.template_timeout).start()
     sandbox.check(template)  # one that does not parse fails before the warm-up
     adapters = adapter_names(args)
+    pages = None if args.kv_tokens is None else 1 + -(-args.kv_tokens // args.page_size)
     engine = Engine.from_workdir(args.workdir, slots=args.slots,
                                  mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len,
-                                 adapters=adapters)
+                                 adapters=adapters, page_size=args.page_size, num_pages=pages,
+                                 prefill_chunk=args.prefill_chunk)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]
@@ -158,8 +170,10 @@ def run_cli(args) -> int:
     server, thread = _start_http(api, sock)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {', '.join([name, *adapters])} on http://{shown}:{port}/v1 ({engine.slots} slots x "
-          f"{engine.max_len} tokens, mesh {dict(engine.mesh.shape)}, checkpoint step "
+    print(f"serving {', '.join([name, *adapters])} on http://{shown}:{port}/v1 ({engine.slots} "
+          f"slots x {engine.max_len} tokens, KV cache {engine.cache_bytes() / 2**20:.1f} MiB in "
+          f"{engine.pool.num_pages} pages of {engine.page_size}, mesh "
+          f"{dict(engine.mesh.shape)}, checkpoint step "
           f"{engine.step_restored}{', static batching' if args.static else ''}"
           f"{', API key required' if api.api_key else ''})", flush=True)
     try:

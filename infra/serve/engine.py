@@ -51,9 +51,12 @@ from infra.run import load_config
 from infra.models import lora
 from infra.serve import adapters as serve_adapters
 from infra.serve import forward, sampling
+from infra.serve.pages import PagePool
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
+PAGE_SIZE = 16  # positions per KV-cache page (vLLM's default block size)
+PREFILL_CHUNK = 256  # the most prompt tokens one prefill call computes
 TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's `top_logprobs` at most 20)
 
 
@@ -65,6 +68,19 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A slot's prompt being prefilled: its ids, how many are done (cached prefix pages
+    count), and what the last chunk needs."""
+
+    ids: np.ndarray
+    done: int
+    sampling: SamplingParams
+    score: bool
+    adapter: int
+    scores: list = dataclasses.field(default_factory=list)  # per chunk, with `score`
 
 
 def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
@@ -94,21 +110,36 @@ class Engine:
     """KV cache + slot state on the devices; prefill / decode / release as compiled steps."""
 
     def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
-                 allowed: np.ndarray, max_len: int | None = None, adapters: int = 0):
+                 allowed: np.ndarray, max_len: int | None = None, adapters: int = 0,
+                 page_size: int = PAGE_SIZE, num_pages: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         """`adapters` > 0: `params` hold that many LoRA adapters stacked
-        (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`)."""
+        (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`).
+        `page_size` positions per cache page (the context: a dense cache); `num_pages` in all
+        (default: every slot's whole context, plus the trash page); prompts are prefilled in
+        chunks of at most `prefill_chunk` tokens."""
         self.config = config
         self.mesh, self.rules = mesh, rules
         self.slots = int(slots)
         self.max_len = int(max_len or config.model.max_seq_len)
-        self.buckets = buckets(self.max_len)
+        self.page_size = int(min(page_size, self.max_len))
+        self.pages_per_seq = -(-self.max_len // self.page_size)
+        num_pages = int(num_pages or self.slots * self.pages_per_seq + 1)
+        if num_pages < self.pages_per_seq + 1:
+            raise UserError(f"a KV cache of {num_pages} pages cannot hold one {self.max_len}-"
+                            f"token sequence ({self.pages_per_seq} pages of {self.page_size} "
+                            "positions, plus the trash page); give it more pages")
+        self.pool = PagePool(num_pages, self.page_size)
+        self.prefill_chunk = int(min(prefill_chunk, self.max_len))
+        self.buckets = buckets(self.prefill_chunk)
         self.params = params
         self._model_def = model_def
         self.adapters = int(adapters)
         self._allowed = np.asarray(allowed, bool)
         m = config.model
         dtype = jnp.dtype(m.dtype)
-        shape = (int(m.num_layers), self.slots, self.max_len, int(m.num_kv_heads), int(m.head_dim))
+        shape = (int(m.num_layers), num_pages, self.page_size, int(m.num_kv_heads),
+                 int(m.head_dim))
         self._cache_sharding = self._sharding(forward.CACHE_AXES, shape)
         self._slot_sharding = self._sharding(("batch",), (self.slots,))
         self._seed_sharding = self._sharding(("batch", None), (self.slots, 2))
@@ -118,6 +149,14 @@ class Engine:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sharding)
         self.cache = (zeros(), zeros())
         self.state = self._initial_state()
+        # host bookkeeping: each slot's pages (its block-table row), its prompt still to
+        # prefill, and where its next token goes
+        self.table = np.zeros((self.slots, self.pages_per_seq), np.int32)
+        self._table_device = None
+        self.slot_pages: list[list[int]] = [[] for _ in range(self.slots)]
+        self.pending: list[_Prefill | None] = [None] * self.slots
+        self.position = np.zeros(self.slots, np.int64)
+        self.decoding = np.zeros(self.slots, bool)
         self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
         self._prefills: dict[int, Any] = {}
         self._decode = self._release = None
@@ -128,10 +167,12 @@ class Engine:
     @classmethod
     def from_workdir(cls, workdir: paths.PathLike, *, slots: int = 8, mesh: Mesh | None = None,
                      step: int | None = None, max_len: int | None = None,
-                     adapters: dict[str, paths.PathLike] | None = None) -> "Engine":
+                     adapters: dict[str, paths.PathLike] | None = None,
+                     **cache: Any) -> "Engine":
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
         with the run's tokenizer (`engine.tokenizer`); `adapters` {name: LoRA workdir}: served
-        beside it (adapter 0 is `workdir` itself, then these in order)."""
+        beside it (adapter 0 is `workdir` itself, then these in order); `cache`: the paged
+        cache's `page_size`, `num_pages`, `prefill_chunk`."""
         if slots < 1:
             raise UserError(f"--slots must be >= 1, got {slots}")
         config = load_config(workdir)
@@ -147,10 +188,12 @@ class Engine:
             raise UserError(f"--max_len must be in [2, {limit}] (model.max_seq_len), got {max_len}")
         engine = cls(model_def, params, config, mesh=mesh, rules=rules, slots=slots,
                      allowed=allowed_ids(tok, int(config.model.vocab_size)), max_len=max_len,
-                     adapters=stacked)
+                     adapters=stacked, **cache)
         engine.tokenizer, engine.step_restored, engine.workdir = tok, step, paths.path(workdir)
-        log.info("engine: checkpoint step %d of %s, %d slots x %d tokens, mesh %s", step,
-                 workdir, slots, engine.max_len, dict(mesh.shape))
+        log.info("engine: checkpoint step %d of %s, %d slots x %d tokens, KV cache %d pages x "
+                 "%d positions (%.1f MiB), mesh %s", step, workdir, slots, engine.max_len,
+                 engine.pool.num_pages, engine.page_size, engine.cache_bytes() / 2**20,
+                 dict(mesh.shape))
         return engine
 
     def _sharding(self, logical, shape) -> NamedSharding:
@@ -193,26 +236,29 @@ class Engine:
             return self._prefills[bucket]
         model_def, allowed, stacked = self._model_def, self._allowed, self.adapters
 
-        def run(params, cache, state, tokens, length, slot, temperature, top_k, top_p, seed,
-                score, adapter):
+        def run(params, cache, state, tokens, start, length, slot, temperature, top_k, top_p,
+                seed, score, adapter, after, final, table):
             model = model_def.merge(params)
             if stacked:
                 lora.select_adapters(model, adapter[None])
-            cache, logits, x = forward.prefill(model, cache, tokens, length, slot)
-            key = sampling.keys_at(seed[None], length[None])
+            cache, logits, x = forward.prefill(model, cache, tokens, start, length, table)
+            end = start + length
+            key = sampling.keys_at(seed[None], end[None])
             ok = jnp.asarray(allowed)
             first = sampling.sample(logits[None], ok, temperature[None], top_k[None],
                                     top_p[None], key)[0]
             logprob, top_ids, top_values = sampling.logprobs_of(logits[None], first[None], ok,
                                                                 TOP_LOGPROBS)
+            targets = jnp.roll(tokens[0], -1).at[length - 1].set(after)
             prompt = jax.lax.cond(  # only computed for requests that ask (`echo`)
-                score, lambda: forward.prompt_logprobs(model, x, tokens, ok, TOP_LOGPROBS),
+                score, lambda: forward.prompt_logprobs(model, x, targets, ok, TOP_LOGPROBS),
                 lambda: (jnp.zeros(bucket, jnp.float32),
                          jnp.zeros((bucket, TOP_LOGPROBS), jnp.int32),
                          jnp.zeros((bucket, TOP_LOGPROBS), jnp.float32)))
-            new = {"tokens": first, "pos": length, "active": True, "temperature": temperature,
+            new = {"tokens": first, "pos": end, "active": True, "temperature": temperature,
                    "top_k": top_k, "top_p": top_p, "seed": seed, "adapter": adapter}
-            state = {k: state[k].at[slot].set(v) for k, v in new.items()}
+            state = {k: state[k].at[slot].set(jnp.where(final, v, state[k][slot]))
+                     for k, v in new.items()}
             return cache, state, first, (logprob[0], top_ids[0], top_values[0]), prompt
 
         r = self._replicated
@@ -221,12 +267,13 @@ class Engine:
                 (self._cache_abstract, self._cache_abstract),
                 self._abstract(self.state, self._state_shardings()),
                 jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=r), scalar(jnp.int32),
-                scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32),
-                jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r), scalar(jnp.bool_),
-                scalar(jnp.int32))
+                scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
+                scalar(jnp.float32), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r),
+                scalar(jnp.bool_), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.bool_),
+                jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32, sharding=r))
         cache_sh = (self._cache_sharding, self._cache_sharding)
         compiled = self._compile(
-            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 9,
+            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 13,
             (cache_sh, self._state_shardings(), r, (r,) * 3, (r,) * 3), donate=(1, 2))
         self._prefills[bucket] = compiled
         return compiled
@@ -237,12 +284,13 @@ class Engine:
         model_def, allowed, max_len = self._model_def, self._allowed, self.max_len
         stacked = self.adapters
 
-        def run(params, cache, state):
+        def run(params, cache, state, table):
             model = model_def.merge(params)
             if stacked:
                 lora.select_adapters(model, state["adapter"])
             pos = state["pos"]
-            cache, logits = forward.decode(model, cache, state["tokens"], pos)
+            cache, logits = forward.decode(model, cache, state["tokens"], pos, state["active"],
+                                           table)
             nxt = pos + 1
             keys = sampling.keys_at(state["seed"], nxt)
             new = sampling.sample(logits, jnp.asarray(allowed), state["temperature"],
@@ -256,9 +304,11 @@ class Engine:
         cache_sh = (self._cache_sharding, self._cache_sharding)
         args = (self._abstract(self.params, self._param_shardings),
                 (self._cache_abstract, self._cache_abstract),
-                self._abstract(self.state, self._state_shardings()))
+                self._abstract(self.state, self._state_shardings()),
+                jax.ShapeDtypeStruct(self.table.shape, jnp.int32, sharding=self._replicated))
         self._decode = self._compile(
-            run, args, (self._param_shardings, cache_sh, self._state_shardings()),
+            run, args, (self._param_shardings, cache_sh, self._state_shardings(),
+                        self._replicated),
             (cache_sh, self._state_shardings(), self._slot_sharding,
              (self._slot_sharding, self._top_sharding, self._top_sharding)),
             donate=(1, 2))
@@ -300,42 +350,117 @@ class Engine:
         for b in self.buckets:
             if length <= b:
                 return b
-        raise UserError(f"a prompt of {length} tokens does not fit the context of "
-                        f"{self.max_len} tokens")
+        raise UserError(f"a prompt chunk of {length} tokens exceeds the largest bucket "
+                        f"({self.buckets[-1]})")
 
-    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
-               score_prompt: bool = False, adapter: int = 0) -> tuple[int, float]:
-        """Prefill `ids` (1 <= len < max_len) into `slot` and draw its first token: (the token
-        at position len(ids), its log-probability). With `score_prompt`, the prompt's own
-        log-probabilities are computed too (`prompt_logprobs`); `adapter`: which of the stacked
-        adapters the slot decodes with."""
+    def admit(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
+              score_prompt: bool = False, adapter: int = 0) -> bool:
+        """Give free `slot` the pages of prompt `ids` (1 <= len < max_len): its cached prefix
+        pages shared (unless `score_prompt`: every prompt token is computed), new ones for the
+        rest. False (nothing changed) when there are not enough free pages: try again after a
+        release. Then `prefill(slot)` until it returns the first token."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
         if not 0 <= adapter < max(self.adapters, 1):
             raise UserError(f"adapter {adapter} is not one of the {self.adapters} served")
-        bucket = self.bucket_for(n)
+        size = self.page_size
+        cached = [] if score_prompt else self.pool.lookup(ids, adapter, (n - 1) // size)
+        need = -(-n // size) - len(cached)
+        if self.pool.available() < need:
+            self.pool.release(cached)
+            return False
+        pages = cached + [self.pool.allocate() for _ in range(need)]
+        self._set_pages(slot, pages)
+        self.pending[slot] = _Prefill(np.asarray(ids, np.int32), len(cached) * size, sp,
+                                      score_prompt, adapter)
+        return True
+
+    def prefill(self, slot: int) -> tuple[int, float] | None:
+        """Run the next chunk of `slot`'s prompt (at most `prefill_chunk` tokens): None while
+        more remain, else its first token and that token's log-probability (the slot then
+        decodes). With `score_prompt`, `prompt_logprobs` has the prompt's scores after the
+        last chunk."""
+        job = self.pending[slot]
+        n, start = len(job.ids), job.done
+        length = min(n - start, self.prefill_chunk)
+        bucket = self.bucket_for(length)
         padded = np.zeros((1, bucket), np.int32)
-        padded[0, :n] = ids
+        padded[0, :length] = job.ids[start:start + length]
+        end = start + length
+        final = end == n
         r = self._replicated
         put = lambda x: jax.device_put(x, r)  # noqa: E731
-        self.cache, self.state, first, (logprob, *top), self._prompt = self._prefill_fn(bucket)(
-            self.params, self.cache, self.state, put(padded), put(np.int32(n)),
-            put(np.int32(slot)), put(np.float32(sp.temperature)),
+        sp = job.sampling
+        self.cache, self.state, first, (logprob, *top), scores = self._prefill_fn(bucket)(
+            self.params, self.cache, self.state, put(padded), put(np.int32(start)),
+            put(np.int32(length)), put(np.int32(slot)), put(np.float32(sp.temperature)),
             put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
-            put(sampling.seed_words(sp.seed)), put(np.bool_(score_prompt)),
-            put(np.int32(adapter)))
+            put(sampling.seed_words(sp.seed)), put(np.bool_(job.score)),
+            put(np.int32(job.adapter)), put(np.int32(0 if final else job.ids[end])),
+            put(np.bool_(final)), put(self.table[slot]))
+        job.done = end
+        if job.score:
+            job.scores.append(tuple(np.asarray(a)[:length] for a in scores))
+        if not final:
+            return None
+        self.pending[slot] = None
+        self.pool.register(job.ids, job.adapter, self.slot_pages[slot][:n // self.page_size])
+        if job.score:
+            self._prompt = tuple(np.concatenate(parts)[:n - 1] for parts in zip(*job.scores))
         self._top = tuple(t[None] for t in top)
+        self.position[slot], self.decoding[slot] = n, True
         return int(first), float(logprob)
+
+    def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
+               score_prompt: bool = False, adapter: int = 0) -> tuple[int, float]:
+        """`admit` + every `prefill` chunk: the prompt's first token and its log-probability.
+        With `score_prompt`, the prompt's own log-probabilities are computed too
+        (`prompt_logprobs`); `adapter`: which of the stacked adapters the slot decodes with."""
+        if not self.admit(slot, ids, sp, score_prompt=score_prompt, adapter=adapter):
+            raise UserError(f"the KV cache has no room for a {len(ids)}-token prompt "
+                            f"({self.pool.available()} pages free)")
+        while (out := self.prefill(slot)) is None:
+            pass
+        return out
+
+    def set_params(self, params: Any) -> None:
+        """Serve new weights (same shapes and shardings): cached prefix pages, computed with
+        the old ones, are dropped."""
+        self.params = params
+        self.pool.forget()
+
+    def grow(self) -> list[int]:
+        """Give every decoding slot the page its next token goes to; the slots that could not
+        get one (all pages held: the scheduler preempts)."""
+        starved = []
+        for slot in np.flatnonzero(self.decoding):
+            if self.position[slot] // self.page_size >= len(self.slot_pages[slot]):
+                page = self.pool.allocate()
+                if page is None:
+                    starved.append(int(slot))
+                else:
+                    self._set_pages(slot, self.slot_pages[slot] + [page])
+        return starved
 
     def step(self) -> tuple[np.ndarray, np.ndarray]:
         """One decode step over every slot: the next token of each and its log-probability
-        (numpy, (slots,) each); only the active slots' are meaningful. Each active slot
-        advances one position (not beyond the context's last)."""
+        (numpy, (slots,) each); only the decoding slots' are meaningful. Each decoding slot
+        advances one position (not beyond the context's last). Call `grow` first."""
+        if self._table_device is None:
+            self._table_device = jax.device_put(self.table, self._replicated)
         self.cache, self.state, tokens, (logprobs, *top) = self._decode_fn()(
-            self.params, self.cache, self.state)
+            self.params, self.cache, self.state, self._table_device)
         self._top = tuple(top)
+        self.position = np.where(self.decoding & (self.position + 1 < self.max_len),
+                                 self.position + 1, self.position)
         return np.asarray(tokens), np.asarray(logprobs)
+
+    def _set_pages(self, slot: int, pages: list[int]) -> None:
+        self.slot_pages[slot] = pages
+        self.table[slot] = 0
+        self.table[slot, :len(pages)] = pages
+        self._table_device = None
 
     def top_logprobs(self) -> tuple[np.ndarray, np.ndarray]:
         """The `TOP_LOGPROBS` most likely ids (that may be drawn) and their log-probabilities,
@@ -343,24 +468,34 @@ class Engine:
         ((slots, K)): fetched from the device only when asked."""
         return np.asarray(self._top[0]), np.asarray(self._top[1])
 
-    def prompt_logprobs(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For the last `insert(..., score_prompt=True)` of an `n`-token prompt: the
-        log-probability of each prompt token after the first ((n - 1,)), and the top
-        `TOP_LOGPROBS` (ids, log-probabilities) at those positions ((n - 1, K) each)."""
-        chosen, ids, values = (np.asarray(a)[:n - 1] for a in self._prompt)
-        return chosen, ids, values
+    def prompt_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the last prompt prefilled with `score_prompt` (n tokens): the log-probability
+        of each prompt token after the first ((n - 1,)), and the top `TOP_LOGPROBS` (ids,
+        log-probabilities) at those positions ((n - 1, K) each)."""
+        return self._prompt
 
     def release(self, slot: int) -> None:
+        """Free `slot`: it stops decoding and its pages go back to the pool (prefix pages stay
+        cached for later prompts)."""
+        self.pool.release(self.slot_pages[slot])
+        self._set_pages(slot, [])
+        self.pending[slot] = None
+        self.decoding[slot] = False
         self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),
                                                                   self._replicated))
 
     # --- figures for the benchmark --------------------------------------------------------------
     def decode_bytes(self) -> int:
-        """Bytes a decode step must read at least: every parameter, and the whole KV cache
-        (each slot's full length is read: the step's shapes are fixed)."""
+        """Bytes a decode step must read at least: every parameter, and every slot's whole
+        context of keys and values (the step's shapes are fixed)."""
         params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-        cache = 2 * math.prod(self._cache_abstract.shape) * self._cache_abstract.dtype.itemsize
-        return params + cache
+        layers, _, size, heads, dim = self._cache_abstract.shape
+        per_slot = layers * self.pages_per_seq * size * heads * dim
+        return params + 2 * self.slots * per_slot * self._cache_abstract.dtype.itemsize
+
+    def cache_bytes(self) -> int:
+        """Device bytes of the KV cache (keys and values, every page)."""
+        return 2 * math.prod(self._cache_abstract.shape) * self._cache_abstract.dtype.itemsize
 
 
 def allowed_ids(tok, vocab_size: int) -> np.ndarray:

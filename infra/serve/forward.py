@@ -5,9 +5,11 @@ The model computes everything (`Transformer.embed`, its blocks with `Attention`'
 in the cache and which of them each query may see, so cached logits equal a full forward pass
 to float32 rounding (tests/test_serve_engine.py checks 1e-5).
 
-The cache is two arrays ``[layers, slots, max_len, kv_heads, head_dim]`` (keys, values),
-contiguous per slot. A slot's keys beyond its position hold whatever was there before (an
-earlier request, the padding of a prefill bucket): the mask never lets a query see them.
+The cache is paged: two arrays ``[layers, num_pages, page_size, kv_heads, head_dim]`` (keys,
+values); a sequence's positions are its pages in the order of its block-table row
+(`infra.serve.pages`), gathered for attention. A sequence's keys beyond its position hold
+whatever was there before (an earlier request): the mask never lets a query see them. With
+``page_size`` = the context and one page per slot this is the dense cache of earlier versions.
 Models are in the loop layout (`blocks/<i>`): a `scan_layers` checkpoint is converted at load
 (`infra.serve.engine.load_model`).
 """
@@ -19,49 +21,65 @@ import jax.numpy as jnp
 
 from infra.models.transformer import Transformer
 from infra.serve import sampling
+from infra.serve.pages import TRASH
 
 SCORE_BLOCK = 256  # prompt positions whose logits `prompt_logprobs` computes at once
-CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # logical names of a cache array
+CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # logical names of a cache array
 Cache = tuple[jax.Array, jax.Array]
 
 
-def prefill(model: Transformer, cache: Cache, tokens: jax.Array, length: jax.Array,
-            slot: jax.Array) -> tuple[Cache, jax.Array, jax.Array]:
-    """Run one prompt, ``tokens`` (1, bucket) whose first ``length`` are real, and write its
-    keys / values into ``slot``'s rows ``[0, bucket)`` of the cache. Returns the cache, the
-    float32 logits (vocab,) at position ``length - 1`` and the residual stream (1, bucket,
-    d_model) after the last block (for `prompt_logprobs`)."""
-    bucket = tokens.shape[1]
-    positions = jnp.arange(bucket)[None]
-    causal = (positions[0][:, None] >= positions[0][None, :])[None]  # (1, bucket, bucket)
+def _gather(cache: jax.Array, table: jax.Array) -> jax.Array:
+    """The keys (or values) of the sequences whose pages `table` (batch, pages) lists, from one
+    layer's cache (num_pages, page_size, kv_heads, head_dim): (batch, pages * page_size, ...)."""
+    batch, pages = table.shape
+    return cache[table].reshape(batch, pages * cache.shape[1], *cache.shape[2:])
+
+
+def prefill(model: Transformer, cache: Cache, tokens: jax.Array, start: jax.Array,
+            length: jax.Array, table: jax.Array) -> tuple[Cache, jax.Array, jax.Array]:
+    """Run one chunk of a prompt: ``tokens`` (1, chunk) at positions ``start`` + [0, chunk),
+    whose first ``length`` are real, for the sequence whose pages ``table`` (pages,) lists. Its
+    keys / values go into those pages (the padding's into the trash page); the chunk attends to
+    the sequence's positions up to its own (earlier chunks and cached prefix pages included).
+    Returns the cache, the float32 logits (vocab,) at position ``start + length - 1`` and the
+    residual stream (1, chunk, d_model) after the last block (for `prompt_logprobs`)."""
+    chunk = tokens.shape[1]
     ks, vs = cache
+    size = ks.shape[2]
+    index = jnp.arange(chunk)
+    positions = start + index
+    real = index < length
+    pages = jnp.where(real, table[jnp.minimum(positions // size, table.shape[0] - 1)], TRASH)
+    offsets = positions % size
+    seen = table.shape[0] * size
+    allowed = (jnp.arange(seen)[None, :] <= positions[:, None])[None]  # (1, chunk, seen)
 
     def layer(i: int):
         def update(k, v):
             nonlocal ks, vs
-            at = (i, slot, 0, 0, 0)
-            ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), at)
-            vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), at)
-            return k, v, causal  # the prompt attends to its own keys
+            ks = ks.at[i, pages, offsets].set(k[0].astype(ks.dtype))
+            vs = vs.at[i, pages, offsets].set(v[0].astype(vs.dtype))
+            return _gather(ks[i], table[None]), _gather(vs[i], table[None]), allowed
         return update
 
-    x = model.cached_layers(model.embed(tokens), positions, layer)
+    x = model.cached_layers(model.embed(tokens), positions[None], layer)
     last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)  # (1, 1, d_model)
     return (ks, vs), model.logits(last)[0, 0], x
 
 
-def prompt_logprobs(model: Transformer, x: jax.Array, tokens: jax.Array, allowed: jax.Array,
+def prompt_logprobs(model: Transformer, x: jax.Array, targets: jax.Array, allowed: jax.Array,
                     k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """What each prompt position predicts for the next: the log-probability of ``tokens[0, i +
-    1]`` and the top ``k`` (ids, log-probabilities) at each position ``i`` of the residual
-    stream ``x`` (1, bucket, d_model); (bucket,), (bucket, k), (bucket, k). The output
+    """What each prompt position predicts for the next: the log-probability of ``targets[i]``
+    (the prompt token after position ``i``) and the top ``k`` (ids, log-probabilities) at each
+    position ``i`` of the residual stream ``x`` (1, bucket, d_model); (bucket,), (bucket, k),
+    (bucket, k). The output
     projection runs over blocks of `SCORE_BLOCK` positions, so that (block, vocab) logits exist
     at a time, not (bucket, vocab)."""
     bucket, d = x.shape[1], x.shape[2]
     block = min(SCORE_BLOCK, bucket)
     blocks = -(-bucket // block)
     pad = blocks * block - bucket
-    targets = jnp.pad(jnp.roll(tokens[0], -1), (0, pad)).reshape(blocks, block)
+    targets = jnp.pad(targets, (0, pad)).reshape(blocks, block)
     xs = jnp.pad(x[0], ((0, pad), (0, 0))).reshape(blocks, 1, block, d)
 
     def score(args):
@@ -72,22 +90,26 @@ def prompt_logprobs(model: Transformer, x: jax.Array, tokens: jax.Array, allowed
     return chosen.reshape(-1)[:bucket], ids.reshape(-1, k)[:bucket], values.reshape(-1, k)[:bucket]
 
 
-def decode(model: Transformer, cache: Cache, tokens: jax.Array,
-           positions: jax.Array) -> tuple[Cache, jax.Array]:
-    """One token per slot: ``tokens`` (slots,) at ``positions`` (slots,) are written into the
-    cache and attend to their slot's keys ``[0, position]``. Returns the cache and float32
+def decode(model: Transformer, cache: Cache, tokens: jax.Array, positions: jax.Array,
+           active: jax.Array, table: jax.Array) -> tuple[Cache, jax.Array]:
+    """One token per slot: ``tokens`` (slots,) at ``positions`` (slots,) are written into each
+    active slot's pages (``table`` (slots, pages); an inactive slot's into the trash page) and
+    attend to their sequence's positions ``[0, position]``. Returns the cache and float32
     logits (slots, vocab) for the next position."""
     ks, vs = cache
-    slots, max_len = ks.shape[1], ks.shape[2]
-    rows = jnp.arange(slots)
-    allowed = (jnp.arange(max_len)[None, :] <= positions[:, None])[:, None]  # (slots, 1, len)
+    size = ks.shape[2]
+    slots = tokens.shape[0]
+    pages = jnp.where(active, table[jnp.arange(slots), positions // size], TRASH)
+    offsets = positions % size
+    seen = table.shape[1] * size
+    allowed = (jnp.arange(seen)[None, :] <= positions[:, None])[:, None]  # (slots, 1, seen)
 
     def layer(i: int):
         def update(k, v):
             nonlocal ks, vs
-            ks = ks.at[i, rows, positions].set(k[:, 0].astype(ks.dtype))
-            vs = vs.at[i, rows, positions].set(v[:, 0].astype(vs.dtype))
-            return ks[i], vs[i], allowed
+            ks = ks.at[i, pages, offsets].set(k[:, 0].astype(ks.dtype))
+            vs = vs.at[i, pages, offsets].set(v[:, 0].astype(vs.dtype))
+            return _gather(ks[i], table), _gather(vs[i], table), allowed
         return update
 
     x = model.cached_layers(model.embed(tokens[:, None]), positions[:, None], layer)

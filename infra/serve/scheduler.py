@@ -81,6 +81,8 @@ class Request:
     # (log-probability of ids[1:], top ids, top log-probabilities) when `score_prompt`
     prompt_scores: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     sent: int = 0  # characters of the decoded text already emitted
+    resume_ids: np.ndarray | None = None  # preempted: prompt + generated, to prefill again
+    preemptions: int = 0
     finished: Finished | None = None
     cancelled: bool = False
 
@@ -105,6 +107,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * engine.slots
+        self.order: list[int] = []  # busy slots, oldest admission first
         self.accepting = True
         self._cv = threading.Condition()
         self._stop = False
@@ -178,20 +181,24 @@ class Scheduler:
             self.step()
 
     def step(self) -> None:
-        """Cancellations, admissions, then one decode step over every slot."""
+        """Cancellations; admissions (pages for the queued prompts that fit); prompt chunks
+        up to one chunk's worth of tokens; then, if any slot decodes, pages for the next
+        tokens (preempting the newest requests when there are none) and one decode step."""
         for s, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self._free(s, "cancelled")
         self._admit()
-        if self.busy == 0:
+        self._prefill()
+        if not self.engine.decoding.any():
             return
+        self._grow()
         tokens, logprobs = self.engine.step()
         now = time.perf_counter()
         top = None
         if any(r is not None and r.top_logprobs for r in self.slots):
             top = self.engine.top_logprobs()
         for s, r in enumerate(self.slots):
-            if r is not None:
+            if r is not None and self.engine.decoding[s]:
                 self._take(s, r, int(tokens[s]), float(logprobs[s]),
                            None if top is None else (top[0][s], top[1][s]), now)
 
@@ -208,20 +215,57 @@ class Scheduler:
                     if request.cancelled:  # gone before it started
                         self._finish(request, "cancelled")
                         request = None
-            if request is None:
-                return
+                if request is None:
+                    return
+                resumed = request.resume_ids is not None
+                ids = request.resume_ids if resumed else request.ids
+                if not self.engine.admit(s, ids, request.sampling, adapter=request.adapter,
+                                         score_prompt=request.score_prompt and not resumed):
+                    self.queue.appendleft(request)  # waits for pages to be released
+                    return
             self.slots[s] = request
-            first, logprob = self.engine.insert(s, request.ids, request.sampling,
-                                                score_prompt=request.score_prompt,
-                                                adapter=request.adapter)
-            if request.score_prompt:
-                request.prompt_scores = self.engine.prompt_logprobs(len(request.ids))
-            if request.max_tokens == 0:  # the prompt's scores only (`echo`)
-                self._free(s, "length")
-                continue
-            top = self.engine.top_logprobs() if request.top_logprobs else None
-            self._take(s, request, first, logprob, None if top is None else (top[0][0], top[1][0]),
-                       time.perf_counter())
+            self.order.append(s)
+
+    def _prefill(self) -> None:
+        """Prompt chunks, oldest admission first, up to `prefill_chunk` tokens in all (at least
+        one chunk): a long prompt is prefilled over several steps, decoding goes on between."""
+        budget = self.engine.prefill_chunk
+        for s in list(self.order):
+            while budget > 0 and self.engine.pending[s] is not None:
+                job = self.engine.pending[s]
+                budget -= min(len(job.ids) - job.done, self.engine.prefill_chunk)
+                out = self.engine.prefill(s)
+                if out is not None:
+                    self._first(s, self.slots[s], *out)
+
+    def _first(self, s: int, request: Request, first: int, logprob: float) -> None:
+        """The prefill of `request` in slot `s` finished with token `first`."""
+        if request.resume_ids is not None:  # after a preemption: the next token, as decoded
+            request.resume_ids = None
+        elif request.score_prompt:
+            request.prompt_scores = self.engine.prompt_logprobs()
+        if request.max_tokens == 0:  # the prompt's scores only (`echo`)
+            self._free(s, "length")
+            return
+        top = self.engine.top_logprobs() if request.top_logprobs else None
+        self._take(s, request, first, logprob, None if top is None else (top[0][0], top[1][0]),
+                   time.perf_counter())
+
+    def _grow(self) -> None:
+        """A page for every decoding slot's next token; while there is none, the newest
+        decoding request is preempted: its pages are freed and it goes back to the front of
+        the queue, to be prefilled again with what it has generated (the same tokens follow:
+        a token's sampling key depends only on the seed and its position)."""
+        while self.engine.grow():
+            victim = next(s for s in reversed(self.order) if self.engine.decoding[s])
+            r = self.slots[victim]
+            r.resume_ids = np.concatenate([r.ids, np.asarray(r.token_ids, np.int32)])
+            r.preemptions += 1
+            self.slots[victim] = None
+            self.order.remove(victim)
+            self.engine.release(victim)
+            with self._cv:
+                self.queue.appendleft(r)
 
     def _take(self, s: int, r: Request, token: int, logprob: float,
               top: tuple[np.ndarray, np.ndarray] | None, now: float) -> None:
@@ -262,6 +306,7 @@ class Scheduler:
     def _free(self, s: int, reason: str, text: str | None = None) -> None:
         r = self.slots[s]
         self.slots[s] = None
+        self.order.remove(s)
         self.engine.release(s)
         self._finish(r, reason, text)
 
