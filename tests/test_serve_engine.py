@@ -386,7 +386,8 @@ def test_an_8192_context_with_16_slots_in_a_quarter_of_the_dense_memory():
 
 def test_a_cached_prefix_is_not_computed_again():
     """The second request with a 40-token prefix prefills only what follows its cached full
-    pages (one chunk instead of three), and decodes exactly as the first did."""
+    pages (one chunk instead of three), and decodes exactly as the first did; two requests
+    with one prefix arriving together share it too."""
     config = make_config()
     engine = random_engine(config, slots=2, page_size=8, prefill_chunk=16)
     rng = random.Random(7)
@@ -404,6 +405,12 @@ def test_a_cached_prefix_is_not_computed_again():
     assert engine.pool.hits == 40
     assert second.token_ids == first.token_ids
     np.testing.assert_allclose(second.logprobs, first.logprobs, atol=1e-5)
+    # arriving together (the `n` choices of one request): the second waits for the first's
+    # prefix pages instead of computing them too
+    other = np.asarray([rng.randrange(VOCAB) for _ in range(45)], np.int32)
+    pair = [s.submit(Request(other, max_tokens=8)) for _ in range(2)]
+    s.run_until_idle()
+    assert engine.pool.hits == 80 and pair[0].token_ids == pair[1].token_ids
 
 
 def test_nothing_compiles_after_warm_up():

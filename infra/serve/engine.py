@@ -80,6 +80,7 @@ class _Prefill:
     sampling: SamplingParams
     score: bool
     adapter: int
+    computing: list[bytes]  # its full pages' hashes, marked as being computed
     scores: list = dataclasses.field(default_factory=list)  # per chunk, with `score`
 
 
@@ -357,8 +358,9 @@ class Engine:
               score_prompt: bool = False, adapter: int = 0) -> bool:
         """Give free `slot` the pages of prompt `ids` (1 <= len < max_len): its cached prefix
         pages shared (unless `score_prompt`: every prompt token is computed), new ones for the
-        rest. False (nothing changed) when there are not enough free pages: try again after a
-        release. Then `prefill(slot)` until it returns the first token."""
+        rest. False (nothing changed) when there are not enough free pages, or when its prefix
+        is being prefilled in another slot: try again next step. Then `prefill(slot)` until it
+        returns the first token."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise UserError(f"a prompt must have 1 to {self.max_len - 1} tokens, got {n}")
@@ -366,6 +368,8 @@ class Engine:
             raise UserError(f"adapter {adapter} is not one of the {self.adapters} served")
         size = self.page_size
         cached = [] if score_prompt else self.pool.lookup(ids, adapter, (n - 1) // size)
+        if cached is None:  # its next prefix page is being prefilled in another slot
+            return False
         need = -(-n // size) - len(cached)
         if self.pool.available() < need:
             self.pool.release(cached)
@@ -373,7 +377,8 @@ class Engine:
         pages = cached + [self.pool.allocate() for _ in range(need)]
         self._set_pages(slot, pages)
         self.pending[slot] = _Prefill(np.asarray(ids, np.int32), len(cached) * size, sp,
-                                      score_prompt, adapter)
+                                      score_prompt, adapter,
+                                      [] if score_prompt else self.pool.begin(ids, adapter))
         return True
 
     def prefill(self, slot: int) -> tuple[int, float] | None:
@@ -406,6 +411,7 @@ class Engine:
             return None
         self.pending[slot] = None
         self.pool.register(job.ids, job.adapter, self.slot_pages[slot][:n // self.page_size])
+        self.pool.end(job.computing)
         if job.score:
             self._prompt = tuple(np.concatenate(parts)[:n - 1] for parts in zip(*job.scores))
         self._top = tuple(t[None] for t in top)
@@ -479,6 +485,8 @@ class Engine:
         cached for later prompts)."""
         self.pool.release(self.slot_pages[slot])
         self._set_pages(slot, [])
+        if self.pending[slot] is not None:
+            self.pool.end(self.pending[slot].computing)
         self.pending[slot] = None
         self.decoding[slot] = False
         self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),

@@ -31,6 +31,7 @@ class PagePool:
         self.refs = np.zeros(num_pages, np.int32)
         self.cached: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.hash_of: dict[int, bytes] = {}  # page -> its prefix hash (cached pages)
+        self.computing: collections.Counter[bytes] = collections.Counter()  # being prefilled
         self.hits = 0  # prompt tokens served from cached pages
 
     def available(self) -> int:
@@ -68,19 +69,36 @@ class PagePool:
             out.append(h)
         return out
 
-    def lookup(self, ids: np.ndarray, salt: int, most: int) -> list[int]:
+    def lookup(self, ids: np.ndarray, salt: int, most: int) -> list[int] | None:
         """The cached pages of `ids`' longest cached prefix of full pages (at most `most`),
-        each now held once more."""
+        each now held once more; None (nothing held) when the page after them is being
+        prefilled for another sequence: wait for it (the `n` choices of one request, or
+        requests with one system prompt arriving together, share it that way)."""
         pages = []
         for h in self._hashes(ids, salt)[:most]:
             page = self.cached.get(h)
             if page is None:
+                if self.computing[h]:
+                    return None
                 break
             pages.append(page)
         for page in pages:
             self.refs[page] += 1
         self.hits += len(pages) * self.page_size
         return pages
+
+    def begin(self, ids: np.ndarray, salt: int) -> list[bytes]:
+        """`ids` starts being prefilled: its full pages' hashes, marked as being computed until
+        `end`."""
+        hashes = self._hashes(ids, salt)
+        self.computing.update(hashes)
+        return hashes
+
+    def end(self, hashes: list[bytes]) -> None:
+        self.computing.subtract(hashes)
+        for h in hashes:
+            if self.computing[h] <= 0:
+                del self.computing[h]
 
     def forget(self) -> None:
         """Drop every cached prefix (the weights that computed them changed)."""
