@@ -220,8 +220,8 @@ def engine_figures(workdir: Path, tmp: Path, parts: set[str], old: dict, quick: 
         if "prefix" in parts:
             out["prefix_caching"] = figures.prefix_ttft(long)
         if "chunked" in parts:
-            out["chunked_prefill"] = figures.chunked_itl(long, [256, 512] if quick else
-                                                         [128, 256, 512, 2048])
+            out["chunked_prefill"] = figures.chunked_itl(long, [64, 256] if quick else
+                                                         [32, 64, 128, 256, 512, 2048])
     keys = {"paged": "paged_vs_dense", "transformers": "vs_transformers",
             "prefix": "prefix_caching", "chunked": "chunked_prefill"}
     return {key: out.get(key, old.get(key)) for key in keys.values()}

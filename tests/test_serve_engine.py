@@ -205,11 +205,11 @@ def test_prompt_scores_and_top_logprobs_equal_the_full_forward(monkeypatch):
     """`score_prompt` (OpenAI's `echo` + `logprobs`) gives each prompt token's log-probability
     and `top_logprobs` each position's likeliest ids, both equal to the full forward pass
     (float32, 1e-4) over prompt + completion; alternatives are sorted, the greedy token is the
-    first of them. The prompt spans several scoring blocks and the request runs in a busy
-    batch."""
-    monkeypatch.setattr(forward, "SCORE_BLOCK", 16)  # a 40-token prompt: blocks of its bucket
+    first of them. The prompt is prefilled in 3 chunks of several scoring blocks each, and the
+    request runs in a busy batch."""
+    monkeypatch.setattr(forward, "SCORE_BLOCK", 8)  # 16-token chunks: blocks of each chunk
     config = make_config(**FEATURES)
-    engine = random_engine(config, slots=4)
+    engine = random_engine(config, slots=4, prefill_chunk=16)  # the prompt in 3 chunks
     allowed = np.ones(VOCAB, bool)
     allowed[7] = False  # never drawn: never listed among the alternatives either
     engine._allowed = allowed

@@ -64,9 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv_tokens", type=int, default=None,
                    help="positions the KV cache holds in all (default: every slot's whole "
                         "context); fewer: requests wait, or the newest are preempted, when full")
-    p.add_argument("--prefill_chunk", type=int, default=256,
+    p.add_argument("--prefill_chunk", type=int, default=None,
                    help="the most prompt tokens prefilled per step (longer prompts take several "
-                        "steps, decoding goes on between)")
+                        "steps, decoding goes on between; default 64 on CPU, 512 elsewhere)")
     p.add_argument("--tensor", type=int, default=None,
                    help="devices per model replica along kv heads (default: the most that divide them)")
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
@@ -108,7 +108,7 @@ def _check_arguments(args) -> None:
         raise UserError("--max_body_mb and --template_timeout must be > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty; pass a key, or leave it out to serve without one")
-    if args.page_size < 1 or args.prefill_chunk < 1 or (args.kv_tokens or 1) < 1:
+    if args.page_size < 1 or (args.prefill_chunk or 1) < 1 or (args.kv_tokens or 1) < 1:
         raise UserError("--page_size, --prefill_chunk and --kv_tokens must be >= 1")
     adapter_names(args)
 

@@ -56,7 +56,11 @@ from infra.serve.pages import PagePool
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
 PAGE_SIZE = 16  # positions per KV-cache page (vLLM's default block size)
-PREFILL_CHUNK = 256  # the most prompt tokens one prefill call computes
+# the most prompt tokens one prefill call computes, by backend: a CPU computes a chunk at a
+# fraction of its decode step's speed, so small chunks keep other streams' latency within ~2x
+# (docs/benchmarks.md); on accelerators prefill is cheap per token
+PREFILL_CHUNK = {"cpu": 64}
+PREFILL_CHUNK_DEFAULT = 512
 TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's `top_logprobs` at most 20)
 
 
@@ -113,12 +117,12 @@ class Engine:
     def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
                  allowed: np.ndarray, max_len: int | None = None, adapters: int = 0,
                  page_size: int = PAGE_SIZE, num_pages: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         """`adapters` > 0: `params` hold that many LoRA adapters stacked
         (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`).
         `page_size` positions per cache page (the context: a dense cache); `num_pages` in all
         (default: every slot's whole context, plus the trash page); prompts are prefilled in
-        chunks of at most `prefill_chunk` tokens."""
+        chunks of at most `prefill_chunk` tokens (default: by backend, `PREFILL_CHUNK`)."""
         self.config = config
         self.mesh, self.rules = mesh, rules
         self.slots = int(slots)
@@ -131,6 +135,8 @@ class Engine:
                             f"token sequence ({self.pages_per_seq} pages of {self.page_size} "
                             "positions, plus the trash page); give it more pages")
         self.pool = PagePool(num_pages, self.page_size)
+        if prefill_chunk is None:
+            prefill_chunk = PREFILL_CHUNK.get(mesh.devices.flat[0].platform, PREFILL_CHUNK_DEFAULT)
         self.prefill_chunk = int(min(prefill_chunk, self.max_len))
         self.buckets = buckets(self.prefill_chunk)
         self.params = params
