@@ -120,7 +120,8 @@ def _engine(workdir: PathLike, config, tok, max_len: int):
     import jax
 
     from infra.mesh import serve_mesh
-    from infra.serve.engine import Engine, allowed_ids, load_model
+    from infra.serve.engine import Engine
+    from infra.serve.loading import allowed_ids, load_model
 
     key = (json.dumps(config.model.to_dict(), sort_keys=True, default=str),
            json.dumps(config.finetune.to_dict(), sort_keys=True),

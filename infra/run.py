@@ -1,7 +1,7 @@
 """A run in a workdir, read: its saved config, its model's abstract parameters, its parameters.
 
 Everything that uses a run it did not train itself goes through here: `generate` and serving
-(`infra.serve.engine.load_model`), `hf export`, `init.from` and `hf import` (which builds the
+(`infra.serve.loading.load_model`), `hf export`, `init.from` and `hf import` (which builds the
 abstract parameters to stream a checkpoint onto). Nothing here changes the workdir: the
 parameters come from `infra.checkpoint.restore_params` (read-only, checksums verified).
 

@@ -173,7 +173,7 @@ def test_prompts_and_documents_follow_the_tokenizers_own_convention(tok_path, tm
     import transformers
 
     from infra.data import sft
-    from infra.serve.engine import allowed_ids
+    from infra.serve.loading import allowed_ids
 
     d = _convention(tok_path, tmp_path / ("llama3" if adds_bos else "qwen"), adds_bos)
     ours, theirs = HFTokenizer(d), transformers.AutoTokenizer.from_pretrained(d)

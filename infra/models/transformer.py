@@ -475,7 +475,7 @@ class Transformer(nnx.Module):
         ``kv_cache(i)`` is layer i's `KVUpdate`; ``positions`` (batch, length)."""
         if self.scan_layers:
             raise ValueError("a KV cache needs the loop layout; convert scan_layers parameters "
-                             "first (infra.serve.engine.load_model does)")
+                             "first (infra.serve.loading.load_model does)")
         for i, block in enumerate(self.blocks):
             x = block(x, positions, kv_cache=kv_cache(i))
         return x

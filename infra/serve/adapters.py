@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from infra import paths
 from infra.errors import UserError
 from infra.models import lora
+from infra.serve.loading import load_model
 
 
 def _equal(x: Any, y: Any) -> bool:
@@ -67,10 +68,10 @@ def stack_params(base: dict, entries: list[tuple[dict, float] | None], mesh) -> 
 
 
 def stack(base_workdir: paths.PathLike, base_config, base_params: dict,
-          named: dict[str, paths.PathLike], mesh, load_model) -> tuple[dict, Any, int]:
+          named: dict[str, paths.PathLike], mesh) -> tuple[dict, Any, int]:
     """(parameters with every adapter stacked, a model definition that has the adapters, the
     number of stacked adapters): adapter 0 the base workdir's own (or zeros), then `named`'s
-    in order. `load_model(workdir, mesh)` restores a run as the engine does."""
+    in order. Each run is restored as the engine restores one (`loading.load_model`)."""
     base, own = lora.split(base_params)
     entries = [(own, lora.scale_of(base_config)) if own else None]
     model_def = None

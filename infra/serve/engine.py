@@ -8,8 +8,8 @@ over every slot, each step a precompiled executable.
     ids, values = engine.top_logprobs()  # the 20 likeliest at the last step, on demand
     engine.release(slot)
 
-Shapes are fixed so that nothing compiles after start-up: prompts are padded to a bucket (powers
-of two from 16 up to the context length, and the context length itself), the decode step always
+Shapes are fixed so that nothing compiles after start-up: prompt chunks are padded to a bucket
+(powers of two from 16 up to `prefill_chunk`, and that itself), the decode step always
 runs all slots (a free slot decodes a token nobody reads: cheaper than a recompile), and every
 function is compiled ahead of time (`jit(...).lower(...).compile()`), so a call with an
 unexpected shape fails loudly instead of compiling. The device state of a slot is its last
@@ -22,11 +22,13 @@ tokens (`prompt_logprobs`: OpenAI's `echo`, evaluation harnesses' log-likelihood
 computed in the compiled steps and copied to the host only when asked for; the prompt's scores
 run under a `lax.cond`, so a prefill that does not ask pays nothing for them.
 
-Layout: the cache is ``[layers, slots, max_len, kv_heads, head_dim]`` (keys and values), placed
-by the run's logical-axis rules: slots are the decode batch (``batch`` -> data axes), kv heads
-go on ``tensor`` like the k / v weights, so each device reads only its heads' cache. Parameters
-are restored onto the serving mesh (`infra.mesh.serve_mesh`) by `infra.run.load_params`: a
-`scan_layers` checkpoint is read in its layout and unstacked to the loop layout at load.
+Layout: the cache is paged, ``[layers, pages, page_size, kv_heads, head_dim]`` (keys and
+values; `infra.serve.pages` keeps which sequence holds which page, `forward` writes and gathers
+them): kv heads go on ``tensor`` like the k / v weights, so each device reads only its heads'
+cache; pages are not split over the data axes. The slot state is the decode batch (``batch``
+-> data axes). A prompt is admitted (`admit`: pages, its cached prefix shared), prefilled
+chunk by chunk (`prefill`), then decodes; `grow` gives decoding slots their next page. The
+model is restored onto the serving mesh by `infra.serve.loading.load_model`.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import ConfigDict
 
-from infra import paths, run, sharding
+from infra import paths, sharding
 from infra.data.tokenizer import load_tokenizer
 from infra.errors import UserError
 from infra.mesh import serve_mesh
@@ -51,6 +52,7 @@ from infra.run import load_config
 from infra.models import lora
 from infra.serve import adapters as serve_adapters
 from infra.serve import forward, sampling
+from infra.serve.loading import allowed_ids, load_model
 from infra.serve.pages import PagePool
 
 log = logging.getLogger(__name__)
@@ -95,20 +97,6 @@ def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
         out.append(b)
         b *= 2
     return out + [max_len]
-
-
-def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
-    """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
-    `mesh`, in the loop layer layout (compute path of `forward`)."""
-    workdir = paths.path(workdir)
-    config = run.load_config(workdir)
-    run.require_checkpoint(workdir)
-    serving = ConfigDict(config.to_dict())
-    serving.model.scan_layers = False
-    serving.model.remat = "none"
-    sharded, rules = run.sharded_model(serving, mesh)
-    params, step = run.load_params(workdir, serving, sharded.abstract["params"], step=step)
-    return serving, sharded.model, params, step, rules
 
 
 class Engine:
@@ -188,7 +176,7 @@ class Engine:
         stacked = 0
         if adapters:
             params, model_def, stacked = serve_adapters.stack(workdir, config, params, adapters,
-                                                              mesh, load_model)
+                                                              mesh)
         tok = load_tokenizer(config.data.tokenizer)
         limit = int(config.model.max_seq_len)
         if max_len is not None and not 1 < max_len <= limit:
@@ -510,12 +498,3 @@ class Engine:
     def cache_bytes(self) -> int:
         """Device bytes of the KV cache (keys and values, every page)."""
         return 2 * math.prod(self._cache_abstract.shape) * self._cache_abstract.dtype.itemsize
-
-
-def allowed_ids(tok, vocab_size: int) -> np.ndarray:
-    """Ids that may be sampled: the tokenizer's, less PAD (unless PAD is EOS). Other special
-    tokens are text the model may produce (a chat model's `<|im_start|>`)."""
-    allowed = np.arange(vocab_size) < tok.vocab_size
-    if tok.pad_id is not None and tok.pad_id != tok.eos_id:
-        allowed[tok.pad_id] = False
-    return allowed

@@ -11,7 +11,7 @@ values); a sequence's positions are its pages in the order of its block-table ro
 whatever was there before (an earlier request): the mask never lets a query see them. With
 ``page_size`` = the context and one page per slot this is the dense cache of earlier versions.
 Models are in the loop layout (`blocks/<i>`): a `scan_layers` checkpoint is converted at load
-(`infra.serve.engine.load_model`).
+(`infra.serve.loading.load_model`).
 """
 
 from __future__ import annotations

@@ -258,12 +258,9 @@ class Scheduler:
         a token's sampling key depends only on the seed and its position)."""
         while self.engine.grow():
             victim = next(s for s in reversed(self.order) if self.engine.decoding[s])
-            r = self.slots[victim]
+            r = self._vacate(victim)
             r.resume_ids = np.concatenate([r.ids, np.asarray(r.token_ids, np.int32)])
             r.preemptions += 1
-            self.slots[victim] = None
-            self.order.remove(victim)
-            self.engine.release(victim)
             with self._cv:
                 self.queue.appendleft(r)
 
@@ -303,12 +300,16 @@ class Scheduler:
         r.sent = max(r.sent, len(text))
         r.emit(Token(delta, r.token_ids[-1] if r.token_ids else -1, len(r.token_ids)))
 
-    def _free(self, s: int, reason: str, text: str | None = None) -> None:
+    def _vacate(self, s: int) -> Request:
+        """Slot `s` is free again (its pages released); returns the request it held."""
         r = self.slots[s]
         self.slots[s] = None
         self.order.remove(s)
         self.engine.release(s)
-        self._finish(r, reason, text)
+        return r
+
+    def _free(self, s: int, reason: str, text: str | None = None) -> None:
+        self._finish(self._vacate(s), reason, text)
 
     def _finish(self, r: Request, reason: str, text: str | None = None) -> None:
         """Send what was held back of the final `text` (None: nothing more), then Finished."""
