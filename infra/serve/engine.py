@@ -58,9 +58,8 @@ from infra.serve.pages import PagePool
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
 PAGE_SIZE = 16  # positions per KV-cache page (vLLM's default block size)
-# the most prompt tokens one prefill call computes, by backend: a CPU computes a chunk at a
-# fraction of its decode step's speed, so small chunks keep other streams' latency within ~2x
-# (docs/benchmarks.md); on accelerators prefill is cheap per token
+# the most prompt tokens one prefill call computes, by backend: small on CPU, where a chunk costs
+# many decode steps (docs/benchmarks.md "chunked prefill"); on accelerators prefill is cheap
 PREFILL_CHUNK = {"cpu": 64}
 PREFILL_CHUNK_DEFAULT = 512
 TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's `top_logprobs` at most 20)
@@ -78,15 +77,15 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class _Prefill:
-    """A slot's prompt being prefilled: its ids, how many are done (cached prefix pages
-    count), and what the last chunk needs."""
+    """A slot's prompt being prefilled: its ids, how many are done (cached pages count)."""
 
     ids: np.ndarray
     done: int
     sampling: SamplingParams
     score: bool
     adapter: int
-    computing: list[bytes]  # its full pages' hashes, marked as being computed
+    hashes: list[bytes]  # of its full pages (`PagePool.hashes`); marked as being computed
+    computing: list[bytes]  # (`PagePool.begin`) unless `score`
     scores: list = dataclasses.field(default_factory=list)  # per chunk, with `score`
 
 
@@ -361,7 +360,8 @@ class Engine:
         if not 0 <= adapter < max(self.adapters, 1):
             raise UserError(f"adapter {adapter} is not one of the {self.adapters} served")
         size = self.page_size
-        cached = [] if score_prompt else self.pool.lookup(ids, adapter, (n - 1) // size)
+        hashes = self.pool.hashes(ids, adapter)
+        cached = [] if score_prompt else self.pool.lookup(hashes[:(n - 1) // size])
         if cached is None:  # its next prefix page is being prefilled in another slot
             return False
         need = -(-n // size) - len(cached)
@@ -371,8 +371,8 @@ class Engine:
         pages = cached + [self.pool.allocate() for _ in range(need)]
         self._set_pages(slot, pages)
         self.pending[slot] = _Prefill(np.asarray(ids, np.int32), len(cached) * size, sp,
-                                      score_prompt, adapter,
-                                      [] if score_prompt else self.pool.begin(ids, adapter))
+                                      score_prompt, adapter, hashes,
+                                      [] if score_prompt else self.pool.begin(hashes))
         return True
 
     def prefill(self, slot: int) -> tuple[int, float] | None:
@@ -404,7 +404,7 @@ class Engine:
         if not final:
             return None
         self.pending[slot] = None
-        self.pool.register(job.ids, job.adapter, self.slot_pages[slot][:n // self.page_size])
+        self.pool.register(job.hashes, self.slot_pages[slot])
         self.pool.end(job.computing)
         if job.score:
             self._prompt = tuple(np.concatenate(parts)[:n - 1] for parts in zip(*job.scores))

@@ -59,8 +59,9 @@ class PagePool:
                 else:
                     self.free.append(page)
 
-    def _hashes(self, ids: np.ndarray, salt: int) -> list[bytes]:
-        """The chained hash of each full page of `ids`."""
+    def hashes(self, ids: np.ndarray, salt: int) -> list[bytes]:
+        """The chained hash of each full page of `ids` (what `lookup`, `begin` and `register`
+        take: computed once per prompt)."""
         out, h = [], hashlib.sha256(f"adapter {salt}".encode()).digest()
         size = self.page_size
         for i in range(len(ids) // size):
@@ -69,13 +70,13 @@ class PagePool:
             out.append(h)
         return out
 
-    def lookup(self, ids: np.ndarray, salt: int, most: int) -> list[int] | None:
-        """The cached pages of `ids`' longest cached prefix of full pages (at most `most`),
+    def lookup(self, hashes: list[bytes]) -> list[int] | None:
+        """The cached pages of the longest cached prefix of a prompt's full pages (`hashes`),
         each now held once more; None (nothing held) when the page after them is being
         prefilled for another sequence: wait for it (the `n` choices of one request, or
         requests with one system prompt arriving together, share it that way)."""
         pages = []
-        for h in self._hashes(ids, salt)[:most]:
+        for h in hashes:
             page = self.cached.get(h)
             if page is None:
                 if self.computing[h]:
@@ -87,10 +88,9 @@ class PagePool:
         self.hits += len(pages) * self.page_size
         return pages
 
-    def begin(self, ids: np.ndarray, salt: int) -> list[bytes]:
-        """`ids` starts being prefilled: its full pages' hashes, marked as being computed until
-        `end`."""
-        hashes = self._hashes(ids, salt)
+    def begin(self, hashes: list[bytes]) -> list[bytes]:
+        """A prompt starts being prefilled: its full pages' `hashes`, marked as being computed
+        until `end`."""
         self.computing.update(hashes)
         return hashes
 
@@ -108,9 +108,10 @@ class PagePool:
         self.cached.clear()
         self.hash_of.clear()
 
-    def register(self, ids: np.ndarray, salt: int, pages: list[int]) -> None:
-        """`pages` hold `ids` (from position 0): make their full pages reusable."""
-        for h, page in zip(self._hashes(ids, salt), pages):
+    def register(self, hashes: list[bytes], pages: list[int]) -> None:
+        """`pages` hold a prompt (from position 0) whose full pages have `hashes`: make them
+        reusable."""
+        for h, page in zip(hashes, pages):
             if h not in self.cached and page not in self.hash_of:
                 self.cached[h] = page
                 self.hash_of[page] = h
