@@ -33,7 +33,7 @@ output of such a model is ASCII, so every token streams as one chunk). 1 CPU dev
 
 * The engine's own figures (`scripts/bench_serve_engine.py`): paged vs dense decode, prefix
   caching's time to first token, chunked prefill's effect on other streams' inter-token p99,
-  and transformers' batched greedy `generate` on the same model and prompts.
+  batched prefill's time to first token of a burst of short prompts, and transformers' batched greedy `generate` on the same model and prompts.
 
 The client runs on the same 2 cores as the server (its share is part of every figure).
 """
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-PARTS = ("decode", "cache", "sweep", "paged", "prefix", "chunked", "transformers")
+PARTS = ("decode", "cache", "sweep", "paged", "prefix", "chunked", "batched", "transformers")
 PROMPT_LEN = (8, 120)
 OUTPUT_LEN = (16, 128)
 
@@ -213,6 +213,8 @@ def engine_figures(workdir: Path, tmp: Path, parts: set[str], old: dict, quick: 
     out = {}
     if "paged" in parts:
         out["paged_vs_dense"] = figures.paged_vs_dense(workdir, steps=30 if quick else 100)
+    if "batched" in parts:
+        out["batched_prefill"] = figures.batched_prefill(workdir)
     if "transformers" in parts:
         out["vs_transformers"] = figures.transformers_baseline(workdir, tmp / "export")
     if parts & {"prefix", "chunked"}:
@@ -223,7 +225,8 @@ def engine_figures(workdir: Path, tmp: Path, parts: set[str], old: dict, quick: 
             out["chunked_prefill"] = figures.chunked_itl(long, [64, 256] if quick else
                                                          [32, 64, 128, 256, 512, 2048])
     keys = {"paged": "paged_vs_dense", "transformers": "vs_transformers",
-            "prefix": "prefix_caching", "chunked": "chunked_prefill"}
+            "prefix": "prefix_caching", "chunked": "chunked_prefill",
+            "batched": "batched_prefill"}
     return {key: out.get(key, old.get(key)) for key in keys.values()}
 
 

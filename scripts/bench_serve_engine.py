@@ -7,6 +7,8 @@
 * chunked prefill: the inter-token p99 (and longest gap) of 7 streams while three long prompts
   arrive, over the same streams alone, for several `prefill_chunk` sizes (the context: no
   chunking).
+* batched prefill: time to first token of 8 short prompts arriving together, prefilled one
+  per call and several per call.
 * transformers: the same model exported (`hf export`) and run by transformers' batched greedy
   `generate` (left-padded) against the engine on the same prompts, in tokens/s.
 """
@@ -85,6 +87,39 @@ def prefix_ttft(workdir: Path, prefix: int = 1000, trials: int = 3) -> dict:
     print(f"prefix of {prefix} tokens: TTFT {out['first_use_ttft_ms']:.1f} ms first use, "
           f"{out['second_use_ttft_ms']:.1f} ms second (x{out['speedup']:.1f})", flush=True)
     return out
+
+
+def batched_prefill(workdir: Path, burst: int = 8, prompt: int = 12, trials: int = 5) -> list[dict]:
+    """TTFT of `burst` short prompts arriving together (8 slots, nothing else running): one
+    prompt per prefill call against several in one call, at the default `prefill_chunk` (64
+    on CPU: 4 rows of 16 tokens) and at 128 (8 rows)."""
+    from infra.serve.engine import Engine
+    from infra.serve.scheduler import Request, Scheduler
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for chunk, prefill_rows in ((None, 1), (None, 8), (128, 1), (128, 8)):
+        engine = Engine.from_workdir(workdir, slots=burst, prefill_chunk=chunk,
+                                     prefill_rows=prefill_rows)
+        engine.compile()
+        s = Scheduler(engine, engine.tokenizer)
+        ttft, last = [], []
+        for trial in range(trials + 1):  # the first warms every program
+            requests = s.submit_all([Request(rng.integers(1, 255, prompt).astype(np.int32),
+                                             max_tokens=1) for _ in range(burst)])
+            s.run_until_idle()
+            if trial:
+                times = [r.first_token_at - r.arrived for r in requests]
+                ttft.append(float(np.median(times)))
+                last.append(max(times))
+        row = {"prefill_chunk": engine.prefill_chunk, "prefill_rows": engine.prefill_rows,
+               "median_ttft_ms": float(np.median(ttft)) * 1e3,
+               "last_ttft_ms": float(np.median(last)) * 1e3}
+        rows.append(row)
+        print(f"{burst} prompts of {prompt} tokens at once, prefill_chunk {row['prefill_chunk']}, "
+              f"{row['prefill_rows']} per call: TTFT median {row['median_ttft_ms']:.1f} ms, "
+              f"last {row['last_ttft_ms']:.1f} ms", flush=True)
+    return rows
 
 
 def chunked_itl(workdir: Path, chunks: list[int], long_prompt: int = 1500,

@@ -107,9 +107,9 @@ def test_cached_logits_equal_the_full_forward(features, extra):
             for start, n in chunks[slot]:
                 tokens = np.zeros((1, 32), np.int32)
                 tokens[0, :n] = seq[start:start + n]
-                cache, last = pre(params, cache, tokens, jnp.int32(start), jnp.int32(n),
-                                  table[slot])
-                worst = max(worst, float(np.abs(np.asarray(last) - ref[start + n - 1]).max()))
+                cache, last = pre(params, cache, tokens, np.asarray([start], np.int32),
+                                  np.asarray([n], np.int32), table[slot][None])
+                worst = max(worst, float(np.abs(np.asarray(last)[0] - ref[start + n - 1]).max()))
         refs = {s: np.asarray(full(params, jnp.asarray(seq[None])))[0] for s, seq in seqs.items()}
         active = np.zeros(engine.slots, bool)
         active[list(seqs)] = True
@@ -240,6 +240,41 @@ def test_prompt_scores_and_top_logprobs_equal_the_full_forward(monkeypatch):
         assert target.logprobs[i] == pytest.approx(float(alt_values[0]), abs=1e-6)
 
 
+def test_short_prompts_prefilled_in_one_call_equal_one_at_a_time():
+    """Four short prompts arriving together go through one prefill call (greedy and seeded,
+    one scored with its alternatives; rows of different adapters: the adapter test): tokens,
+    log-probabilities, prompt scores and alternatives equal an engine that prefills one
+    prompt per call."""
+    config = make_config(**FEATURES)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (3, 16, 9, 12)]
+    samplings = [SamplingParams(), SamplingParams(temperature=1.0, top_k=8, seed=5),
+                 SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, seed=9)]
+    results = {}
+    for rows in (4, 1):
+        engine = random_engine(config, slots=4, prefill_chunk=64, prefill_rows=rows)
+        calls = []
+        original = engine.prefill
+        engine.prefill = lambda slots: calls.append(list(slots)) or original(slots)
+        s = Scheduler(engine, Tok())
+        requests = s.submit_all([
+            Request(np.asarray(p, np.int32), sp, max_tokens=10, top_logprobs=3 * (i == 2),
+                    score_prompt=i == 2) for i, (p, sp) in enumerate(zip(prompts, samplings))])
+        s.run_until_idle()
+        results[rows] = requests
+        assert len(calls) == (1 if rows == 4 else 4) and len(calls[0]) == rows
+        assert engine.prefill_shapes[-1] == ((4, 16) if rows == 4 else (1, 64))
+    for batched, single in zip(results[4], results[1]):
+        assert batched.token_ids == single.token_ids and len(batched.token_ids) == 10
+        np.testing.assert_allclose(batched.logprobs, single.logprobs, atol=1e-5)
+    for got, want in zip(results[4][2].prompt_scores, results[1][2].prompt_scores):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert results[4][2].prompt_scores[0].shape == (8,)
+    for (ids_b, lp_b), (ids_s, lp_s) in zip(results[4][2].top, results[1][2].top):
+        np.testing.assert_array_equal(ids_b, ids_s)
+        np.testing.assert_allclose(lp_b, lp_s, atol=1e-5)
+
+
 def test_a_prompt_only_request_scores_the_prompt_and_draws_nothing():
     """`max_tokens` 0 with `score_prompt` (an evaluation's log-likelihood): the prompt is scored,
     no token is produced, the slot is free at once."""
@@ -254,8 +289,8 @@ def test_a_prompt_only_request_scores_the_prompt_and_draws_nothing():
 
 def test_several_adapters_in_one_batch_equal_each_served_alone():
     """Two LoRA adapters (ranks 4 and 2) and the bare base, stacked in one engine: requests of
-    all three, greedy and seeded, mixed in a busy batch, give exactly the tokens of an engine
-    that serves that adapter alone."""
+    all three, greedy and seeded, mixed in a busy batch and in batched prefills, give exactly
+    the tokens of an engine that serves that adapter alone."""
     from infra.models import lora
     from infra.serve.adapters import stack_params
 
@@ -282,10 +317,15 @@ def test_several_adapters_in_one_batch_equal_each_served_alone():
         ids = np.asarray([rng.randrange(VOCAB) for _ in range(rng.randint(3, 30))], np.int32)
         sp = SamplingParams() if i % 2 else SamplingParams(temperature=1.0, top_k=8, seed=i)
         requests.append(Request(ids, sp, max_tokens=rng.randint(4, 12), adapter=i % 3))
+    groups = []  # the adapters of each prefill call's rows
+    original = stacked.prefill
+    stacked.prefill = lambda slots: groups.append(
+        {stacked.pending[x].adapter for x in slots}) or original(slots)
     s = Scheduler(stacked, Tok())
     for r in requests:
         s.submit(r)
     s.run_until_idle()
+    assert max(map(len, groups)) > 1  # short prompts of different adapters in one call
     outputs = {}
     for r in requests:
         ref = Request(r.ids, r.sampling, max_tokens=r.max_tokens)
@@ -394,7 +434,7 @@ def test_a_cached_prefix_is_not_computed_again():
     ids = np.asarray([rng.randrange(VOCAB) for _ in range(45)], np.int32)
     chunks = []
     original = engine.prefill
-    engine.prefill = lambda slot: chunks.append(slot) or original(slot)
+    engine.prefill = lambda slots: chunks.append(slots) or original(slots)
     s = Scheduler(engine, Tok())
     first = s.submit(Request(ids, max_tokens=8))
     s.run_until_idle()

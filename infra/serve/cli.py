@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill_chunk", type=int, default=None,
                    help="the most prompt tokens prefilled per step (longer prompts take several "
                         "steps, decoding goes on between; default 64 on CPU, 512 elsewhere)")
+    p.add_argument("--prefill_rows", type=int, default=8,
+                   help="the most short prompts prefilled in one call (as many as fit "
+                        "--prefill_chunk in 16-token buckets)")
     p.add_argument("--tensor", type=int, default=None,
                    help="devices per model replica along kv heads (default: the most that divide them)")
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
@@ -108,8 +111,9 @@ def _check_arguments(args) -> None:
         raise UserError("--max_body_mb and --template_timeout must be > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty; pass a key, or leave it out to serve without one")
-    if args.page_size < 1 or (args.prefill_chunk or 1) < 1 or (args.kv_tokens or 1) < 1:
-        raise UserError("--page_size, --prefill_chunk and --kv_tokens must be >= 1")
+    if min(args.page_size, args.prefill_chunk or 1, args.kv_tokens or 1, args.prefill_rows) < 1:
+        raise UserError("--page_size, --prefill_chunk, --prefill_rows and --kv_tokens must be "
+                        ">= 1")
     adapter_names(args)
 
 
@@ -151,12 +155,13 @@ def run_cli(args) -> int:
     engine = Engine.from_workdir(args.workdir, slots=args.slots,
                                  mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len,
                                  adapters=adapters, page_size=args.page_size, num_pages=pages,
-                                 prefill_chunk=args.prefill_chunk)
+                                 prefill_chunk=args.prefill_chunk,
+                                 prefill_rows=args.prefill_rows)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]
-    log.info("warm-up: %.1f s (%.1f s compiling %d prefill buckets and the decode step%s)",
-             time.perf_counter() - start, compile_s, len(engine.buckets),
+    log.info("warm-up: %.1f s (%.1f s compiling %d prefill shapes and the decode step%s)",
+             time.perf_counter() - start, compile_s, len(engine.prefill_shapes),
              f"; {cached} programs from the compilation cache" if cached else "")
     metrics = PrometheusMetrics()
     scheduler = Scheduler(engine, engine.tokenizer, max_queue=args.max_queue,

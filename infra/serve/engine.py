@@ -1,15 +1,16 @@
-"""The inference engine: a KV cache of `slots` sequences, prefill into a slot, one decode step
-over every slot, each step a precompiled executable.
+"""The inference engine: a KV cache of `slots` sequences, prefill of prompt chunks into
+slots, one decode step over every slot, each step a precompiled executable.
 
     engine = Engine.from_workdir("runs/tiny", slots=8)
-    engine.warmup()                      # compiles every prefill bucket and the decode step
+    engine.warmup()                      # compiles every prefill shape and the decode step
     first, logprob = engine.insert(slot, ids, SamplingParams(temperature=0))
     tokens, logprobs = engine.step()     # one new token for every slot, numpy (slots,) each
     ids, values = engine.top_logprobs()  # the 20 likeliest at the last step, on demand
     engine.release(slot)
 
 Shapes are fixed so that nothing compiles after start-up: prompt chunks are padded to a bucket
-(powers of two from 16 up to `prefill_chunk`, and that itself), the decode step always
+(powers of two from 16 up to `prefill_chunk`, and that itself; one chunk per call, or up to
+`prefill_rows` short prompts together in the buckets where they fit), the decode step always
 runs all slots (a free slot decodes a token nobody reads: cheaper than a recompile), and every
 function is compiled ahead of time (`jit(...).lower(...).compile()`), so a call with an
 unexpected shape fails loudly instead of compiling. The device state of a slot is its last
@@ -37,7 +38,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,8 @@ from infra.data.tokenizer import load_tokenizer
 from infra.errors import UserError
 from infra.mesh import serve_mesh
 from infra.run import load_config
-from infra.models import lora
 from infra.serve import adapters as serve_adapters
-from infra.serve import forward, sampling
+from infra.serve import forward, sampling, steps
 from infra.serve.loading import allowed_ids, load_model
 from infra.serve.pages import PagePool
 
@@ -62,7 +62,8 @@ PAGE_SIZE = 16  # positions per KV-cache page (vLLM's default block size)
 # many decode steps (docs/benchmarks.md "chunked prefill"); on accelerators prefill is cheap
 PREFILL_CHUNK = {"cpu": 64}
 PREFILL_CHUNK_DEFAULT = 512
-TOP_LOGPROBS = 20  # alternatives computed per position (OpenAI's `top_logprobs` at most 20)
+PREFILL_ROWS = 8  # the most short prompts one prefill call runs together
+TOP_LOGPROBS = steps.TOP_LOGPROBS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +105,14 @@ class Engine:
     def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
                  allowed: np.ndarray, max_len: int | None = None, adapters: int = 0,
                  page_size: int = PAGE_SIZE, num_pages: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefill_rows: int = PREFILL_ROWS):
         """`adapters` > 0: `params` hold that many LoRA adapters stacked
         (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`).
         `page_size` positions per cache page (the context: a dense cache); `num_pages` in all
         (default: every slot's whole context, plus the trash page); prompts are prefilled in
-        chunks of at most `prefill_chunk` tokens (default: by backend, `PREFILL_CHUNK`)."""
+        chunks of at most `prefill_chunk` tokens (default: by backend, `PREFILL_CHUNK`), up to
+        `prefill_rows` short prompts in one call (as many as fit `prefill_chunk` in buckets of
+        at least 16 tokens)."""
         self.config = config
         self.mesh, self.rules = mesh, rules
         self.slots = int(slots)
@@ -126,6 +129,12 @@ class Engine:
             prefill_chunk = PREFILL_CHUNK.get(mesh.devices.flat[0].platform, PREFILL_CHUNK_DEFAULT)
         self.prefill_chunk = int(min(prefill_chunk, self.max_len))
         self.buckets = buckets(self.prefill_chunk)
+        self.prefill_rows = max(1, min(int(prefill_rows), self.slots,
+                                       self.prefill_chunk // MIN_BUCKET))
+        # (rows, bucket) compiled: one prompt chunk in every bucket; several short ones together
+        self.prefill_shapes = [(1, b) for b in self.buckets] + [
+            (self.prefill_rows, b) for b in self.buckets
+            if self.prefill_rows > 1 and self.prefill_rows * b <= self.prefill_chunk]
         self.params = params
         self._model_def = model_def
         self.adapters = int(adapters)
@@ -152,9 +161,10 @@ class Engine:
         self.position = np.zeros(self.slots, np.int64)
         self.decoding = np.zeros(self.slots, bool)
         self._param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        self._prefills: dict[int, Any] = {}
+        self._prefills: dict[tuple[int, int], Any] = {}
         self._decode = self._release = None
-        self._top = self._prompt = None  # device outputs of the last step / prefill
+        self._top = None  # device outputs of the last step / prefill
+        self._prompts: dict[int, tuple] = {}  # a slot's prompt scores, until taken
         self.compile_seconds = 0.0
 
     # --- construction -------------------------------------------------------------------------
@@ -225,76 +235,27 @@ class Engine:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             tree, shardings)
 
-    def _prefill_fn(self, bucket: int):
-        if bucket in self._prefills:
-            return self._prefills[bucket]
-        model_def, allowed, stacked = self._model_def, self._allowed, self.adapters
-
-        def run(params, cache, state, tokens, start, length, slot, temperature, top_k, top_p,
-                seed, score, adapter, after, final, table):
-            model = model_def.merge(params)
-            if stacked:
-                lora.select_adapters(model, adapter[None])
-            cache, logits, x = forward.prefill(model, cache, tokens, start, length, table)
-            end = start + length
-            key = sampling.keys_at(seed[None], end[None])
-            ok = jnp.asarray(allowed)
-            first = sampling.sample(logits[None], ok, temperature[None], top_k[None],
-                                    top_p[None], key)[0]
-            logprob, top_ids, top_values = sampling.logprobs_of(logits[None], first[None], ok,
-                                                                TOP_LOGPROBS)
-            targets = jnp.roll(tokens[0], -1).at[length - 1].set(after)
-            prompt = jax.lax.cond(  # only computed for requests that ask (`echo`)
-                score, lambda: forward.prompt_logprobs(model, x, targets, ok, TOP_LOGPROBS),
-                lambda: (jnp.zeros(bucket, jnp.float32),
-                         jnp.zeros((bucket, TOP_LOGPROBS), jnp.int32),
-                         jnp.zeros((bucket, TOP_LOGPROBS), jnp.float32)))
-            new = {"tokens": first, "pos": end, "active": True, "temperature": temperature,
-                   "top_k": top_k, "top_p": top_p, "seed": seed, "adapter": adapter}
-            state = {k: state[k].at[slot].set(jnp.where(final, v, state[k][slot]))
-                     for k, v in new.items()}
-            return cache, state, first, (logprob[0], top_ids[0], top_values[0]), prompt
-
+    def _prefill_fn(self, rows: int, bucket: int):
+        if (rows, bucket) in self._prefills:
+            return self._prefills[rows, bucket]
+        run = steps.prefill(self._model_def, self._allowed, bool(self.adapters))
         r = self._replicated
-        scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=r)  # noqa: E731
+        host = steps.prefill_rows(rows, bucket, self.pages_per_seq)
         args = (self._abstract(self.params, self._param_shardings),
                 (self._cache_abstract, self._cache_abstract),
                 self._abstract(self.state, self._state_shardings()),
-                jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=r), scalar(jnp.int32),
-                scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
-                scalar(jnp.float32), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=r),
-                scalar(jnp.bool_), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.bool_),
-                jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32, sharding=r))
+                {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=r) for k, v in host.items()})
         cache_sh = (self._cache_sharding, self._cache_sharding)
         compiled = self._compile(
-            run, args, (self._param_shardings, cache_sh, self._state_shardings()) + (r,) * 13,
+            run, args, (self._param_shardings, cache_sh, self._state_shardings(), r),
             (cache_sh, self._state_shardings(), r, (r,) * 3, (r,) * 3), donate=(1, 2))
-        self._prefills[bucket] = compiled
+        self._prefills[rows, bucket] = compiled
         return compiled
 
     def _decode_fn(self):
         if self._decode is not None:
             return self._decode
-        model_def, allowed, max_len = self._model_def, self._allowed, self.max_len
-        stacked = self.adapters
-
-        def run(params, cache, state, table):
-            model = model_def.merge(params)
-            if stacked:
-                lora.select_adapters(model, state["adapter"])
-            pos = state["pos"]
-            cache, logits = forward.decode(model, cache, state["tokens"], pos, state["active"],
-                                           table)
-            nxt = pos + 1
-            keys = sampling.keys_at(state["seed"], nxt)
-            new = sampling.sample(logits, jnp.asarray(allowed), state["temperature"],
-                                  state["top_k"], state["top_p"], keys)
-            active = state["active"] & (nxt < max_len)
-            state = {**state, "tokens": jnp.where(active, new, state["tokens"]),
-                     "pos": jnp.where(active, nxt, pos)}
-            return cache, state, new, sampling.logprobs_of(logits, new, jnp.asarray(allowed),
-                                                           TOP_LOGPROBS)
-
+        run = steps.decode(self._model_def, self._allowed, bool(self.adapters), self.max_len)
         cache_sh = (self._cache_sharding, self._cache_sharding)
         args = (self._abstract(self.params, self._param_shardings),
                 (self._cache_abstract, self._cache_abstract),
@@ -320,18 +281,19 @@ class Engine:
         return self._release
 
     def compile(self, buckets=None) -> float:
-        """Compile the prefill of each of `buckets` (default: every bucket), the decode step
-        and release (each once: a second call compiles nothing). Returns the seconds spent
-        compiling so far."""
-        for b in self.buckets if buckets is None else buckets:
-            self._prefill_fn(b)
+        """Compile the prefills of `buckets` (default: every bucket; one chunk and, where
+        compiled, several short prompts together), the decode step and release (each once: a
+        second call compiles nothing). Returns the seconds spent compiling so far."""
+        for rows, b in self.prefill_shapes:
+            if buckets is None or b in buckets:
+                self._prefill_fn(rows, b)
         self._decode_fn()
         self._release_fn()
         return self.compile_seconds
 
     def warmup(self) -> float:
-        """Compile every prefill bucket, the decode step and release; run each once. Returns
-        the seconds spent compiling (all of it: nothing compiles later)."""
+        """Compile every prefill shape, the decode step and release; run one prefill and a
+        decode step. Returns the seconds spent compiling (all of it: nothing compiles later)."""
         self.compile()
         self.insert(0, np.zeros(1, np.int32), SamplingParams(temperature=1.0, top_k=5, top_p=0.9),
                     score_prompt=True)
@@ -340,12 +302,13 @@ class Engine:
         return self.compile_seconds
 
     # --- host API -----------------------------------------------------------------------------
-    def bucket_for(self, length: int) -> int:
-        for b in self.buckets:
-            if length <= b:
+    def bucket_for(self, length: int, rows: int = 1) -> int:
+        """The smallest compiled bucket for `rows` chunks of at most `length` tokens."""
+        for r, b in self.prefill_shapes:
+            if r == rows and length <= b:
                 return b
-        raise UserError(f"a prompt chunk of {length} tokens exceeds the largest bucket "
-                        f"({self.buckets[-1]})")
+        raise UserError(f"no prefill of {rows} chunk(s) of {length} tokens is compiled "
+                        f"(shapes {self.prefill_shapes})")
 
     def admit(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
               score_prompt: bool = False, adapter: int = 0) -> bool:
@@ -375,42 +338,68 @@ class Engine:
                                       [] if score_prompt else self.pool.begin(hashes))
         return True
 
-    def prefill(self, slot: int) -> tuple[int, float] | None:
-        """Run the next chunk of `slot`'s prompt (at most `prefill_chunk` tokens): None while
-        more remain, else its first token and that token's log-probability (the slot then
-        decodes). With `score_prompt`, `prompt_logprobs` has the prompt's scores after the
-        last chunk."""
+    def _rest(self, slot: int) -> int:
         job = self.pending[slot]
-        n, start = len(job.ids), job.done
-        length = min(n - start, self.prefill_chunk)
-        bucket = self.bucket_for(length)
-        padded = np.zeros((1, bucket), np.int32)
-        padded[0, :length] = job.ids[start:start + length]
-        end = start + length
-        final = end == n
-        r = self._replicated
-        put = lambda x: jax.device_put(x, r)  # noqa: E731
-        sp = job.sampling
-        self.cache, self.state, first, (logprob, *top), scores = self._prefill_fn(bucket)(
-            self.params, self.cache, self.state, put(padded), put(np.int32(start)),
-            put(np.int32(length)), put(np.int32(slot)), put(np.float32(sp.temperature)),
-            put(np.int32(sp.top_k)), put(np.float32(sp.top_p)),
-            put(sampling.seed_words(sp.seed)), put(np.bool_(job.score)),
-            put(np.int32(job.adapter)), put(np.int32(0 if final else job.ids[end])),
-            put(np.bool_(final)), put(self.table[slot]))
-        job.done = end
-        if job.score:
-            job.scores.append(tuple(np.asarray(a)[:length] for a in scores))
-        if not final:
-            return None
-        self.pending[slot] = None
-        self.pool.register(job.hashes, self.slot_pages[slot])
-        self.pool.end(job.computing)
-        if job.score:
-            self._prompt = tuple(np.concatenate(parts)[:n - 1] for parts in zip(*job.scores))
-        self._top = tuple(t[None] for t in top)
-        self.position[slot], self.decoding[slot] = n, True
-        return int(first), float(logprob)
+        return len(job.ids) - job.done
+
+    def prefill_group(self, order: Sequence[int]) -> list[int]:
+        """The slots one prefill call runs next: the first of `order` with a prompt pending,
+        joined, when all of its prompt left fits a compiled several-row bucket, by the next
+        pending ones whose prompts fit too (up to `prefill_rows` in all)."""
+        waiting = [s for s in order if self.pending[s] is not None]
+        small = max((b for r, b in self.prefill_shapes if r > 1), default=0)
+        if not waiting or self._rest(waiting[0]) > small:
+            return waiting[:1]
+        return [s for s in waiting if self._rest(s) <= small][:self.prefill_rows]
+
+    def prefill(self, slots: Sequence[int]) -> list[tuple[int, float] | None]:
+        """Run the next chunk of each of `slots`' prompts in one call (one slot: at most
+        `prefill_chunk` tokens; several: short prompts, `prefill_group`). Per slot: None while
+        more of its prompt remains, else its first token and that token's log-probability (the
+        slot then decodes). A prompt admitted with `score_prompt` has its scores in
+        `prompt_logprobs(slot)` after its last chunk; `top_logprobs` has the first tokens'
+        alternatives, row i for slots[i]."""
+        rows = 1 if len(slots) == 1 else self.prefill_rows
+        lengths = [min(self._rest(s), self.prefill_chunk) for s in slots]
+        bucket = self.bucket_for(max(lengths), rows)
+        host = steps.prefill_rows(rows, bucket, self.pages_per_seq)
+        host["slot"][:] = self.slots  # empty rows change no slot
+        for i, (slot, length) in enumerate(zip(slots, lengths)):
+            job = self.pending[slot]
+            start, end, sp = job.done, job.done + length, job.sampling
+            final = end == len(job.ids)
+            values = {"start": start, "length": length, "slot": slot, "final": final,
+                      "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
+                      "seed": sampling.seed_words(sp.seed), "score": job.score,
+                      "adapter": job.adapter, "after": 0 if final else job.ids[end],
+                      "table": self.table[slot]}
+            for k, v in values.items():
+                host[k][i] = v
+            host["tokens"][i, :length] = job.ids[start:end]
+        self.cache, self.state, first, (logprob, *top), scores = self._prefill_fn(rows, bucket)(
+            self.params, self.cache, self.state, jax.device_put(host, self._replicated))
+        self._top = tuple(top)
+        first, logprob = np.asarray(first), np.asarray(logprob)
+        scored = host["score"].any()
+        scores = tuple(np.asarray(a) for a in scores) if scored else None
+        out = []
+        for i, (slot, length) in enumerate(zip(slots, lengths)):
+            job = self.pending[slot]
+            job.done += length
+            if job.score:
+                job.scores.append(tuple(a[i, :length] for a in scores))
+            if not host["final"][i]:
+                out.append(None)
+                continue
+            self.pending[slot] = None
+            self.pool.register(job.hashes, self.slot_pages[slot])
+            self.pool.end(job.computing)
+            if job.score:
+                self._prompts[slot] = tuple(np.concatenate(parts)[:len(job.ids) - 1]
+                                            for parts in zip(*job.scores))
+            self.position[slot], self.decoding[slot] = len(job.ids), True
+            out.append((int(first[i]), float(logprob[i])))
+        return out
 
     def insert(self, slot: int, ids: np.ndarray, sp: SamplingParams, *,
                score_prompt: bool = False, adapter: int = 0) -> tuple[int, float]:
@@ -420,7 +409,7 @@ class Engine:
         if not self.admit(slot, ids, sp, score_prompt=score_prompt, adapter=adapter):
             raise UserError(f"the KV cache has no room for a {len(ids)}-token prompt "
                             f"({self.pool.available()} pages free)")
-        while (out := self.prefill(slot)) is None:
+        while (out := self.prefill([slot])[0]) is None:
             pass
         return out
 
@@ -464,15 +453,16 @@ class Engine:
 
     def top_logprobs(self) -> tuple[np.ndarray, np.ndarray]:
         """The `TOP_LOGPROBS` most likely ids (that may be drawn) and their log-probabilities,
-        most likely first, at the position of the last `insert` ((1, K) each) or `step`
-        ((slots, K)): fetched from the device only when asked."""
+        most likely first, at the positions of the last `prefill`'s rows ((rows, K) each) or
+        `step`'s slots ((slots, K)): fetched from the device only when asked."""
         return np.asarray(self._top[0]), np.asarray(self._top[1])
 
-    def prompt_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For the last prompt prefilled with `score_prompt` (n tokens): the log-probability
-        of each prompt token after the first ((n - 1,)), and the top `TOP_LOGPROBS` (ids,
-        log-probabilities) at those positions ((n - 1, K) each)."""
-        return self._prompt
+    def prompt_logprobs(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Taken once, after the prefill of `slot`'s prompt (n tokens, admitted with
+        `score_prompt`): the log-probability of each prompt token after the first ((n - 1,)),
+        and the top `TOP_LOGPROBS` (ids, log-probabilities) at those positions ((n - 1, K)
+        each)."""
+        return self._prompts.pop(slot)
 
     def release(self, slot: int) -> None:
         """Free `slot`: it stops decoding and its pages go back to the pool (prefix pages stay
@@ -482,6 +472,7 @@ class Engine:
         if self.pending[slot] is not None:
             self.pool.end(self.pending[slot].computing)
         self.pending[slot] = None
+        self._prompts.pop(slot, None)
         self.decoding[slot] = False
         self.state = self._release_fn()(self.state, jax.device_put(np.int32(slot),
                                                                   self._replicated))

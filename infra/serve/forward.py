@@ -1,4 +1,4 @@
-"""The transformer's forward pass against a KV cache: prefill one prompt, decode every slot.
+"""The transformer's forward pass against a KV cache: prefill chunks of prompts, decode every slot.
 
 The model computes everything (`Transformer.embed`, its blocks with `Attention`'s one
 `attend`, `Transformer.logits`); this module only says where each layer's keys and values go
@@ -37,34 +37,36 @@ def _gather(cache: jax.Array, table: jax.Array) -> jax.Array:
 
 def prefill(model: Transformer, cache: Cache, tokens: jax.Array, start: jax.Array,
             length: jax.Array, table: jax.Array) -> tuple[Cache, jax.Array, jax.Array]:
-    """Run one chunk of a prompt: ``tokens`` (1, chunk) at positions ``start`` + [0, chunk),
-    whose first ``length`` are real, for the sequence whose pages ``table`` (pages,) lists. Its
-    keys / values go into those pages (the padding's into the trash page); the chunk attends to
-    the sequence's positions up to its own (earlier chunks and cached prefix pages included).
-    Returns the cache, the float32 logits (vocab,) at position ``start + length - 1`` and the
-    residual stream (1, chunk, d_model) after the last block (for `prompt_logprobs`)."""
-    chunk = tokens.shape[1]
+    """Run one chunk of each of several prompts: row ``r`` of ``tokens`` (rows, chunk) holds
+    positions ``start[r]`` + [0, chunk) of the sequence whose pages ``table[r]`` (rows, pages)
+    lists, of which the first ``length[r]`` are real. Keys / values go into those pages (the
+    padding's into the trash page); each chunk attends to its sequence's positions up to its
+    own (earlier chunks and cached prefix pages included). Returns the cache, the float32
+    logits (rows, vocab) at each row's last real position and the residual stream (rows,
+    chunk, d_model) after the last block (for `prompt_logprobs`)."""
+    rows, chunk = tokens.shape
     ks, vs = cache
     size = ks.shape[2]
-    index = jnp.arange(chunk)
-    positions = start + index
-    real = index < length
-    pages = jnp.where(real, table[jnp.minimum(positions // size, table.shape[0] - 1)], TRASH)
+    index = jnp.arange(chunk)[None]
+    positions = start[:, None] + index  # (rows, chunk)
+    page_of = jnp.minimum(positions // size, table.shape[1] - 1)
+    pages = jnp.where(index < length[:, None],
+                      jnp.take_along_axis(table, page_of, axis=1), TRASH)
     offsets = positions % size
-    seen = table.shape[0] * size
-    allowed = (jnp.arange(seen)[None, :] <= positions[:, None])[None]  # (1, chunk, seen)
+    seen = table.shape[1] * size
+    allowed = jnp.arange(seen)[None, None, :] <= positions[:, :, None]  # (rows, chunk, seen)
 
     def layer(i: int):
         def update(k, v):
             nonlocal ks, vs
-            ks = ks.at[i, pages, offsets].set(k[0].astype(ks.dtype))
-            vs = vs.at[i, pages, offsets].set(v[0].astype(vs.dtype))
-            return _gather(ks[i], table[None]), _gather(vs[i], table[None]), allowed
+            ks = ks.at[i, pages, offsets].set(k.astype(ks.dtype))
+            vs = vs.at[i, pages, offsets].set(v.astype(vs.dtype))
+            return _gather(ks[i], table), _gather(vs[i], table), allowed
         return update
 
-    x = model.cached_layers(model.embed(tokens), positions[None], layer)
-    last = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)  # (1, 1, d_model)
-    return (ks, vs), model.logits(last)[0, 0], x
+    x = model.cached_layers(model.embed(tokens), positions, layer)
+    last = x[jnp.arange(rows), jnp.maximum(length - 1, 0)][:, None]  # (rows, 1, d_model)
+    return (ks, vs), model.logits(last)[:, 0], x
 
 
 def prompt_logprobs(model: Transformer, x: jax.Array, targets: jax.Array, allowed: jax.Array,

@@ -228,28 +228,29 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Prompt chunks, oldest admission first, up to `prefill_chunk` tokens in all (at least
-        one chunk): a long prompt is prefilled over several steps, decoding goes on between."""
+        one call): a long prompt is prefilled over several steps, decoding goes on between;
+        short prompts go through together (`Engine.prefill_group`)."""
         budget = self.engine.prefill_chunk
-        for s in list(self.order):
-            while budget > 0 and self.engine.pending[s] is not None:
-                job = self.engine.pending[s]
-                budget -= min(len(job.ids) - job.done, self.engine.prefill_chunk)
-                out = self.engine.prefill(s)
+        while budget > 0 and (group := self.engine.prefill_group(self.order)):
+            budget -= sum(min(len(j.ids) - j.done, self.engine.prefill_chunk)
+                          for j in (self.engine.pending[s] for s in group))
+            for row, (s, out) in enumerate(zip(group, self.engine.prefill(group))):
                 if out is not None:
-                    self._first(s, self.slots[s], *out)
+                    self._first(s, self.slots[s], row, *out)
 
-    def _first(self, s: int, request: Request, first: int, logprob: float) -> None:
-        """The prefill of `request` in slot `s` finished with token `first`."""
+    def _first(self, s: int, request: Request, row: int, first: int, logprob: float) -> None:
+        """The prefill of `request` in slot `s` (row `row` of the prefill call) finished with
+        token `first`."""
         if request.resume_ids is not None:  # after a preemption: the next token, as decoded
             request.resume_ids = None
         elif request.score_prompt:
-            request.prompt_scores = self.engine.prompt_logprobs()
+            request.prompt_scores = self.engine.prompt_logprobs(s)
         if request.max_tokens == 0:  # the prompt's scores only (`echo`)
             self._free(s, "length")
             return
         top = self.engine.top_logprobs() if request.top_logprobs else None
-        self._take(s, request, first, logprob, None if top is None else (top[0][0], top[1][0]),
-                   time.perf_counter())
+        self._take(s, request, first, logprob,
+                   None if top is None else (top[0][row], top[1][row]), time.perf_counter())
 
     def _grow(self) -> None:
         """A page for every decoding slot's next token; while there is none, the newest
