@@ -36,6 +36,8 @@ from infra.errors import UserError
 Path = epath.Path
 PathLike = Union[str, os.PathLike]
 REMOTE_PREFIXES = ("gs://",)
+UNANSWERED_S = 30.0  # how long writes to a bucket fail at once after one failed (`write_remote`)
+_unanswered: dict[str, float] = {}  # bucket -> when a write to it last failed (monotonic)
 CACHE = pathlib.Path(os.environ.get("INFRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "infra"))
 
 
@@ -139,12 +141,19 @@ def localize(location: PathLike) -> pathlib.Path:
     return target
 
 
+def _raise_unless_missing(e: OSError) -> None:
+    if not isinstance(e, FileNotFoundError):
+        raise e
+
+
 def _walk(root: PathLike) -> tuple[list[Path], list[Path]]:
-    """(directories, files) below `root` (epath's own recursive glob refuses buckets)."""
+    """(directories, files) below `root` (epath's own recursive glob refuses buckets). A
+    listing that fails raises: epath's default omits it, and an unreachable bucket would look
+    empty (to a caller that then deletes what looks empty)."""
     root = path(root)
     scheme = str(root).split("://", 1)[0] + "://" if is_remote(root) else ""
     dirs_out, files_out = [], []
-    for directory, dirs, names in root.walk():
+    for directory, dirs, names in root.walk(on_error=_raise_unless_missing):
         directory = str(directory)
         directory = path(directory if "://" in directory or not scheme else scheme + directory)
         dirs_out += [directory / d for d in dirs]
@@ -183,15 +192,38 @@ def upload_tree(local: PathLike, remote: Path) -> None:
         target.write_bytes(f.read_bytes())
 
 
+def _bucket(location: PathLike) -> str:
+    return str(location).split("://", 1)[1].split("/", 1)[0]
+
+
+def answering(location: PathLike) -> bool:
+    """False while a write to `location`'s bucket failed less than `UNANSWERED_S` ago (local
+    paths always answer): a run ending on an outage skips what it would only tidy up there."""
+    if not is_remote(location):
+        return True
+    failed = _unanswered.get(_bucket(location))
+    return failed is None or time.monotonic() - failed >= UNANSWERED_S
+
+
 def write_remote(target: Path, data: bytes) -> None:
     """Write an object; whatever the client raises (it has its own exception types) becomes an
-    OSError, which callers turn into one line."""
+    OSError, which callers turn into one line. A bucket whose last write failed (after its
+    client's own retries, about half a minute) fails the next writes at once for
+    `UNANSWERED_S`: a run that stops on an outage does not spend that again on each of its
+    closing writes (metrics, event log, lease)."""
+    bucket = _bucket(target)
+    if not answering(target):
+        raise OSError(f"gs://{bucket} did not answer a write "
+                      f"{time.monotonic() - _unanswered[bucket]:.0f} s ago")
     try:
         target.write_bytes(data)
-    except OSError:
-        raise
     except Exception as e:  # noqa: BLE001 - gcsfs / aiohttp / google-auth errors
-        raise OSError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from e
+        _unanswered[bucket] = time.monotonic()
+        if isinstance(e, OSError):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise OSError(f"{type(e).__name__}: {first}") from e
+    _unanswered.pop(bucket, None)
 
 
 @contextlib.contextmanager

@@ -133,6 +133,8 @@ class _Lease:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if not paths.answering(self.file):
+            return  # the bucket is down: the lease expires by itself
         try:
             if self.file.read_text() == self._mine:
                 self.file.unlink()
@@ -152,7 +154,7 @@ class Claim:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-        if not self.created:
+        if not self.created or not paths.answering(self.path):
             return
         try:
             written = [p for p in paths.files(self.path) if p.name != LOCK_FILE

@@ -185,6 +185,33 @@ def test_a_kill_before_the_first_checkpoint_starts_over_cleanly(tmp_path):
 
 # 4. a torn last metrics record -----------------------------------------------------------------
 
+def test_a_listing_that_fails_never_makes_a_workdir_look_empty(tmp_path, monkeypatch):
+    """A run removes a workdir it created at exit only if nothing was written into it. A listing
+    that fails (as every listing of a bucket that stopped answering does) raises instead of
+    looking empty, so the checkpoints in it stay."""
+    import errno
+
+    from infra import paths, workdir
+
+    claim = workdir.claim(tmp_path / "run")
+    saved = claim.path / "checkpoints" / "2" / "state"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"weights")
+    real = os.scandir
+
+    def failing(p):
+        if "checkpoints" in str(p):
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real(p)
+
+    monkeypatch.setattr(os, "scandir", failing)
+    with pytest.raises(OSError):
+        paths.files(claim.path)
+    claim.release()
+    monkeypatch.undo()
+    assert saved.read_bytes() == b"weights"
+
+
 def test_a_torn_metrics_record_is_skipped_with_a_warning(tmp_path):
     workdir = tmp_path / "torn"
     args = ("--config", SMOKE, "--workdir", str(workdir), QUIET, "--config.checkpoint.every=5")
