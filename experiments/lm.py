@@ -11,6 +11,15 @@ VARIANTS = {
     "125m": "GPT-2-small layer shapes (12 x 768) on bytes (bf16), for one accelerator or a small slice",
     "1b": "bf16, FSDP: for a GPU node or a TPU slice",
     "8b": "8B-class: Llama-3-8B layer shapes with the byte-level vocabulary (not the released model: see experiments/llama.py:llama3.1-8b)",
+    "moe-smoke": "smoke with 4 experts (top 2) in every layer, dropless: seconds on 8 CPU devices",
+    "moe-tiny": "tiny with 8 experts of 384 (top 2): the active parameters of tiny's 768-wide MLP",
+}
+# mixture-of-experts variants: the dense variant's config plus these `model.*` keys
+MOE = {
+    "moe-smoke": ("smoke", dict(num_experts=4, experts_per_token=2, moe_intermediate_size=64,
+                                router_aux_loss=0.01, router_z_loss=0.001)),
+    "moe-tiny": ("tiny", dict(num_experts=8, experts_per_token=2, moe_intermediate_size=384,
+                              router_aux_loss=0.01, router_z_loss=0.001)),
 }
 
 MODELS = {
@@ -24,8 +33,9 @@ MODELS = {
 
 def get_config(arg: str | None = None):
     variant = arg or "tiny"
+    variant, moe = MOE.get(variant, (variant, {}))
     c = base_config()
-    c.model.update(MODELS[variant])
+    c.model.update(MODELS[variant], **moe)
     if variant == "smoke":
         c.data.seq_len = 64
         c.data.eval_batches = 2

@@ -76,8 +76,14 @@ def test_buckets():
 LORA = {"finetune.lora.rank": 4, "finetune.lora.targets": "attn/(q|k|v|o)|mlp/(gate|up|down)"}
 
 
-@pytest.mark.parametrize("features, extra", [(FEATURES, None), ({}, None), (FEATURES, LORA)],
-                         ids=["llama-family-options", "plain-tied", "lora-adapters"])
+# layer 0 dense, layer 1 with 4 experts (top 2) and a shared expert
+MOE = {"num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 32, "moe_every": 2,
+       "shared_experts": 1}
+
+
+@pytest.mark.parametrize("features, extra", [(FEATURES, None), ({}, None), (FEATURES, LORA),
+                                             ({**FEATURES, **MOE}, LORA)],
+                         ids=["llama-family-options", "plain-tied", "lora-adapters", "moe-lora"])
 def test_cached_logits_equal_the_full_forward(features, extra):
     """Prefill one prompt into a slot, then decode; another slot decodes its own sequence at the
     same time. Each sequence's pages are scattered over the cache in no order, one prompt is

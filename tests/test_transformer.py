@@ -150,7 +150,7 @@ def test_loss_blocks_equal_all_logits_at_once_in_values_and_gradients():
         graphdef, state = nnx.split(make(loss_blocks=blocks))
 
         def loss(st):
-            nll, correct = nnx.merge(graphdef, st).token_losses(
+            nll, correct, _ = nnx.merge(graphdef, st).token_losses(
                 x, targets, positions=positions, segment_ids=segments)
             return jnp.mean(nll), (nll, correct)
 

@@ -32,6 +32,7 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("expert", None),
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),

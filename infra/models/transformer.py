@@ -48,6 +48,7 @@ import optax
 from flax import nnx
 
 from infra.errors import ConfigError
+from infra.models import moe as moe_lib
 from infra.models.attention import Mask, attend
 from infra.models.transformer_config import REMAT, TransformerConfig
 from infra.sharding import activation_shards, constrain
@@ -300,14 +301,16 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a mixture of
+    experts (`infra.models.moe.MoE`, attribute ``moe``) where ``moe`` gives its options."""
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  mlp_dim: int, rope_theta: float, norm_eps: float, out_scale: float, dtype,
                  param_dtype, rngs: nnx.Rngs, causal: bool = True, causal_blocks: int = 1,
-                 mlp_bias: bool = False, **attention_options):
+                 mlp_bias: bool = False, moe: dict | None = None, **attention_options):
         """``attention_options``: `Attention`'s optional features (qkv_bias, out_bias, qk_norm,
-        rope_scaling)."""
+        rope_scaling); ``moe``: `MoE`'s options (`TransformerConfig.moe_options`), with
+        ``shared_hidden`` the shared experts' hidden size (0: none)."""
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(d_model, eps=norm_eps, **common)
         self.attn = Attention(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -315,20 +318,41 @@ class Block(nnx.Module):
                               causal=causal, causal_blocks=causal_blocks, norm_eps=norm_eps,
                               **attention_options, **common)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps, **common)
-        self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
-                       **common)
+        if moe:
+            options = dict(moe)
+            shared_hidden = options.pop("shared_hidden", 0)
+            shared = MLP(d_model=d_model, mlp_dim=shared_hidden, out_scale=out_scale,
+                         **common) if shared_hidden else None
+            self.moe = moe_lib.MoE(d_model=d_model, out_scale=out_scale, shared=shared,
+                                   **options, **common)
+        else:
+            self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
+                           **common)
+
+    def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                kv_cache: KVUpdate | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The block's output, and its router statistics (`moe.ROUTER_STATS`; none without
+        experts)."""
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, kv_cache)
+        if hasattr(self, "moe"):
+            y, stats = self.moe(self.mlp_norm(x))
+        else:
+            y, stats = self.mlp(self.mlp_norm(x)), {}
+        return constrain(x + y, RESIDUAL_AXES), stats
 
     def __call__(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None, kv_cache: KVUpdate | None = None
                  ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids, kv_cache)
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, RESIDUAL_AXES)
+        return self.forward(x, positions, segment_ids, kv_cache)[0]
 
 
 def _apply_block(block: Block, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-    return block(x, positions, segment_ids)
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return block.forward(x, positions, segment_ids)
+
+
+def _add(total: dict[str, jax.Array], stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: total[k] + v for k, v in stats.items()} if total else dict(stats)
 
 
 def _stack_blocks(layers: list[Block]) -> Block:
@@ -374,7 +398,9 @@ class Transformer(nnx.Module):
                             param_dtype=storage_dtype, causal_blocks=c.causal_blocks,
                             qkv_bias=c.qkv_bias, out_bias=c.out_bias, mlp_bias=c.mlp_bias,
                             qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args)
-        layers = [Block(**block_kwargs, rngs=rngs) for _ in range(c.num_layers)]
+        layers = [Block(**block_kwargs, moe=c.moe_options if c.is_moe_layer(i) else None,
+                        rngs=rngs) for i in range(c.num_layers)]
+        self.moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
         if c.scan_layers:
             self.blocks = _stack_blocks(layers)
         else:
@@ -396,13 +422,19 @@ class Transformer(nnx.Module):
 
     def token_losses(self, tokens: jax.Array, targets: jax.Array, *,
                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array]:
+                     ) -> tuple[jax.Array, jax.Array, moe_lib.RouterTerms]:
         """(negative log-likelihood of each target, 1.0 where it is the argmax), both (batch,
-        length) float32; arguments as for ``__call__``. With ``loss_blocks`` > 1 the output
+        length) float32, and what the routers add to the loss and the logs (`moe.NONE`
+        without experts); arguments as for ``__call__``. With ``loss_blocks`` > 1 the output
         projection and softmax run over that many blocks of the sequence, each recomputed in
         the backward pass: one block's logits exist at a time instead of (batch, length,
         vocab) of them, a large-vocabulary model's largest buffers."""
-        x = self.hidden(tokens, positions=positions, segment_ids=segment_ids)
+        x, stats = self._layers(tokens, positions, segment_ids)
+        router = moe_lib.NONE
+        if stats:
+            c = self.config
+            router = moe_lib.router_terms({k: v / self.moe_layers for k, v in stats.items()},
+                                          c.router_aux_loss, c.router_z_loss)
 
         def block(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
             logits = constrain(self.logits(x), ("batch", "length", "act_vocab"))
@@ -411,19 +443,24 @@ class Transformer(nnx.Module):
 
         (batch, length), n = targets.shape, self.loss_blocks
         if n == 1 or activation_shards("length") > 1:  # a block would cross devices
-            return block(x, targets)
+            return *block(x, targets), router
         if length % n:
             raise ConfigError(f"the sequence length ({length}) must be a multiple of "
                               f"model.loss_blocks ({n})")
         split = lambda a: jnp.swapaxes(a.reshape(batch, n, length // n, *a.shape[2:]), 0, 1)  # noqa: E731
         nll, correct = jax.lax.map(jax.checkpoint(lambda xt: block(*xt)), (split(x), split(targets)))
         join = lambda a: jnp.swapaxes(a, 0, 1).reshape(batch, length)  # noqa: E731
-        return join(nll), join(correct)
+        return join(nll), join(correct), router
 
     def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
         """The residual stream after the last block (batch, length, d_model), before the final
         norm; arguments as for ``__call__``."""
+        return self._layers(tokens, positions, segment_ids)[0]
+
+    def _layers(self, tokens: jax.Array, positions: jax.Array | None,
+                segment_ids: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`hidden`, and the router statistics summed over the layers with experts."""
         length = tokens.shape[1]
         if length > self.max_seq_len:
             raise ConfigError(f"sequence length {length} exceeds model.max_seq_len "
@@ -432,26 +469,27 @@ class Transformer(nnx.Module):
             positions = jnp.arange(length)
         x = self.embed(tokens)
         policy = REMAT_POLICIES[self.remat]
+        body = _apply_block
         if self.scan_layers:
-            body = _apply_block
             if self.remat != "none":
                 # Inside a scan body CSE cannot merge the recomputation away: no need for the
                 # optimisation barriers of prevent_cse.
                 body = nnx.remat(body, policy=policy, prevent_cse=False)
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
                       transform_metadata={nnx.PARTITION_NAME: LAYERS})
-            def run_layers(h: jax.Array, block: Block, pos: jax.Array, seg) -> jax.Array:
+            def run_layers(h: jax.Array, block: Block, pos: jax.Array, seg):
                 return body(block, h, pos, seg)
 
-            x = run_layers(x, self.blocks, positions, segment_ids)
-        else:
-            body = _apply_block
-            if self.remat != "none":
-                body = nnx.remat(body, policy=policy)
-            for block in self.blocks:
-                x = body(block, x, positions, segment_ids)
-        return x
+            x, stats = run_layers(x, self.blocks, positions, segment_ids)
+            return x, {k: jnp.sum(v, axis=0) for k, v in stats.items()}
+        if self.remat != "none":
+            body = nnx.remat(body, policy=policy)
+        total: dict[str, jax.Array] = {}
+        for block in self.blocks:
+            x, stats = body(block, x, positions, segment_ids)
+            total = _add(total, stats)
+        return x, total
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids (batch, length) -> the residual stream (batch, length, d_model)."""

@@ -46,6 +46,17 @@ class TransformerConfig(HyperParams):
     # blocks of the sequence the output projection and cross-entropy run over, each recomputed
     # in the backward pass (1 = all logits at once; >1 bounds the (batch, length, vocab) logits)
     loss_blocks: int = 1
+    # Mixture of experts (infra/models/moe.py): 0 experts = dense MLPs in every layer
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    moe_intermediate_size: int = 0  # each expert's hidden size (0 = mlp_dim)
+    moe_every: int = 1  # layer i has experts when (i + 1) % moe_every == 0 (decoder_sparse_step)
+    dense_layers: str = ""  # comma-separated layer indices kept dense (mlp_only_layers)
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities (Mixtral, Qwen3-MoE)
+    capacity_factor: float = 0.0  # <= 0: dropless; > 0: each expert takes that share, drops the rest
+    router_aux_loss: float = 0.0  # weight of the load-balancing loss (Switch / Mixtral form)
+    router_z_loss: float = 0.0  # weight of the router z-loss (ST-MoE)
+    shared_experts: int = 0  # dense experts every token goes through (DeepSeek), each of moe size
 
     choices = {**HyperParams.choices, "remat": REMAT, "rope_scaling": ("none", "llama3")}
 
@@ -63,6 +74,8 @@ class TransformerConfig(HyperParams):
         if not self.rope_theta > 0 or not self.norm_eps > 0:
             raise ConfigError(f"model.rope_theta ({self.rope_theta}) and model.norm_eps "
                               f"({self.norm_eps}) must be > 0")
+        if self.num_experts:
+            self._validate_moe()
         if self.rope_scaling == "llama3":
             check_positive_ints("model", rope_original_max_len=self.rope_original_max_len)
             if not (self.rope_factor > 0 and 0 < self.rope_low_freq_factor
@@ -71,6 +84,62 @@ class TransformerConfig(HyperParams):
                     f"model.rope_factor ({self.rope_factor}) must be > 0 and 0 < "
                     f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) < "
                     f"model.rope_high_freq_factor ({self.rope_high_freq_factor})")
+
+    def _validate_moe(self) -> None:
+        check_positive_ints("model", num_experts=self.num_experts,
+                            experts_per_token=self.experts_per_token, moe_every=self.moe_every)
+        if self.experts_per_token > self.num_experts:
+            raise ConfigError(f"model.experts_per_token ({self.experts_per_token}) exceeds "
+                              f"model.num_experts ({self.num_experts})")
+        if self.moe_intermediate_size < 0 or self.shared_experts < 0:
+            raise ConfigError("model.moe_intermediate_size and model.shared_experts must be >= 0")
+        if self.router_aux_loss < 0 or self.router_z_loss < 0:
+            raise ConfigError(f"model.router_aux_loss ({self.router_aux_loss}) and "
+                              f"model.router_z_loss ({self.router_z_loss}) must be >= 0")
+        dense = self.dense_layer_indices
+        if any(not 0 <= i < self.num_layers for i in dense):
+            raise ConfigError(f"model.dense_layers ({self.dense_layers!r}) must list layers in "
+                              f"[0, {self.num_layers})")
+        kinds = {self.is_moe_layer(i) for i in range(self.num_layers)}
+        if self.scan_layers and len(kinds) > 1:
+            raise ConfigError("model.scan_layers stacks identical layers; with some layers "
+                              "dense (model.moe_every / model.dense_layers) set "
+                              "model.scan_layers=false", key="model.scan_layers", value=False)
+
+    @property
+    def dense_layer_indices(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in self.dense_layers.split(",") if i.strip())
+        except ValueError:
+            raise ConfigError(f"model.dense_layers must be comma-separated layer indices, got "
+                              f"{self.dense_layers!r}") from None
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer `i` has experts (instead of a dense MLP)."""
+        return (self.num_experts > 0 and (i + 1) % self.moe_every == 0
+                and i not in self.dense_layer_indices)
+
+    @property
+    def moe_options(self) -> dict:
+        """What `Block(moe=...)` builds a layer's experts from."""
+        return dict(num_experts=self.num_experts, experts_per_token=self.experts_per_token,
+                    hidden=self.moe_hidden, norm_topk_prob=self.norm_topk_prob,
+                    capacity_factor=self.capacity_factor,
+                    shared_hidden=self.shared_experts * self.moe_hidden)
+
+    @property
+    def moe_hidden(self) -> int:
+        """Each expert's hidden size."""
+        return self.moe_intermediate_size or self.mlp_dim
+
+    def _mlp_params(self, i: int, active: bool) -> int:
+        """Matmul weights of layer `i`'s feed-forward: the dense MLP, or the router, the experts
+        (those a token uses when `active`) and the shared experts."""
+        d = self.d_model
+        if not self.is_moe_layer(i):
+            return 3 * d * self.mlp_dim
+        experts = self.experts_per_token if active else self.num_experts
+        return d * self.num_experts + 3 * d * self.moe_hidden * (experts + self.shared_experts)
 
     @property
     def rope_scaling_args(self) -> tuple[float, float, float, int] | None:
@@ -81,29 +150,49 @@ class TransformerConfig(HyperParams):
                 self.rope_original_max_len)
 
     @property
-    def layer_matmul_params(self) -> int:
-        """Weights of one block's matmuls (q, k, v, o, gate, up, down)."""
+    def attention_params(self) -> int:
+        """Weights of one block's attention projections (q, k, v, o)."""
         d, h = self.d_model, self.head_dim
-        return 2 * d * self.num_heads * h + 2 * d * self.num_kv_heads * h + 3 * d * self.mlp_dim
+        return 2 * d * self.num_heads * h + 2 * d * self.num_kv_heads * h
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one block's matmuls a token uses, on average over the layers (q, k, v, o,
+        and the MLP's or the router's and its experts')."""
+        mlp = sum(self._mlp_params(i, active=True) for i in range(self.num_layers))
+        return self.attention_params + mlp // self.num_layers
 
     @property
     def matmul_params(self) -> int:
-        """Weights that take part in a matmul per token: every block's, plus the output
-        projection (the embedding lookup itself is a gather)."""
-        return self.num_layers * self.layer_matmul_params + self.vocab_size * self.d_model
+        """Weights that take part in a matmul per token: every block's (with experts: the
+        active ones), plus the output projection (the embedding lookup itself is a gather)."""
+        layers = sum(self._mlp_params(i, active=True) for i in range(self.num_layers))
+        return (self.num_layers * self.attention_params + layers
+                + self.vocab_size * self.d_model)
 
     @property
     def num_params(self) -> int:
-        """Every parameter of the model (embedding, blocks with their norms and biases, final
-        norm, the unembedding when untied): what a run prints and `infra list` shows."""
+        """Every parameter of the model (embedding, blocks with their norms and biases, every
+        expert, final norm, the unembedding when untied): what a run prints and `infra list`
+        shows."""
         d, h, hd, kv = self.d_model, self.num_heads, self.head_dim, self.num_kv_heads
-        block = self.layer_matmul_params + 2 * d  # + the two RMSNorm scales
+        block = self.attention_params + 2 * d  # + the two RMSNorm scales
         block += (h + 2 * kv) * hd if self.qkv_bias else 0
         block += d if self.out_bias else 0
-        block += 2 * self.mlp_dim + d if self.mlp_bias else 0
         block += 2 * hd if self.qk_norm else 0
+        mlps = sum(self._mlp_params(i, active=False) + (
+            2 * self.mlp_dim + d if self.mlp_bias and not self.is_moe_layer(i) else 0)
+            for i in range(self.num_layers))
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * block + embeddings + d
+        return self.num_layers * block + mlps + embeddings + d
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: `num_params` less the experts it is not routed to."""
+        unused = sum(3 * self.d_model * self.moe_hidden
+                     * (self.num_experts - self.experts_per_token)
+                     for i in range(self.num_layers) if self.is_moe_layer(i))
+        return self.num_params - unused
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of the score and value matmuls per token (the whole score matrix,

@@ -13,13 +13,16 @@ from infra import paths, run
 
 def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     """(config, ModelDef, params, step, rules) of the newest intact checkpoint in `workdir` on
-    `mesh`, in the loop layer layout (compute path of `forward`)."""
+    `mesh`, in the loop layer layout (compute path of `forward`); experts without a capacity
+    (dropless), so that what a request gets does not depend on what runs beside it."""
     workdir = paths.path(workdir)
     config = run.load_config(workdir)
     run.require_checkpoint(workdir)
     serving = ConfigDict(config.to_dict())
     serving.model.scan_layers = False
     serving.model.remat = "none"
+    if "capacity_factor" in serving.model:  # a token's experts never depend on its batch
+        serving.model.capacity_factor = 0.0
     sharded, rules = run.sharded_model(serving, mesh)
     params, step = run.load_params(workdir, serving, sharded.abstract["params"], step=step)
     return serving, sharded.model, params, step, rules

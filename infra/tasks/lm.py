@@ -106,8 +106,13 @@ class LanguageModelTask(Task):
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng  # the model is deterministic
-        losses, correct = model.token_losses(batch["inputs"], batch["targets"])
-        return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
+        losses, correct, router = model.token_losses(batch["inputs"], batch["targets"])
+        return jnp.mean(losses) + router.loss, {"accuracy": jnp.mean(correct), **router.metrics}
+
+    def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
+        """The held-out language-modelling loss (without the routers' auxiliary losses)."""
+        losses, correct, router = model.token_losses(batch["inputs"], batch["targets"])
+        return {"loss": jnp.mean(losses), "accuracy": jnp.mean(correct), **router.metrics}
 
     def train_iterator(self, process_index: int, process_count: int, start_step: int = 0):
         return pipeline.train_iterator(

@@ -28,6 +28,7 @@ from infra.data import docstrings, sft
 from infra.data.batching import held_out_batches, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
+from infra.models.moe import RouterTerms
 from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
@@ -172,26 +173,30 @@ class SFTTask(LanguageModelTask):
     # ----------------------------------------------------------------------- loss
 
     @staticmethod
-    def token_losses(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(per-token nll, per-token correct, per-token weight) of a batch; the weight is the
-        loss mask (times the row's `mask`: 0 on the held-out set's padding rows)."""
-        nll, correct = model.token_losses(batch["inputs"], batch["targets"],
-                                          positions=batch["positions"],
-                                          segment_ids=batch["segment_ids"])
+    def token_losses(model: nnx.Module, batch: Batch
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, RouterTerms]:
+        """(per-token nll, per-token correct, per-token weight) of a batch, and the routers'
+        loss terms (mixture-of-experts models; over every position of the packed rows); the
+        weight is the loss mask (times the row's `mask`: 0 on the held-out set's padding
+        rows)."""
+        nll, correct, router = model.token_losses(batch["inputs"], batch["targets"],
+                                                  positions=batch["positions"],
+                                                  segment_ids=batch["segment_ids"])
         weight = batch["loss_mask"]
         if "mask" in batch:
             weight = weight * batch["mask"][:, None]
         # `where`, not only a product: a masked token contributes exactly zero (even if its
         # nll were not finite) and gets exactly zero gradient
-        return jnp.where(weight > 0, nll, 0.0), correct, weight
+        return jnp.where(weight > 0, nll, 0.0), correct, weight, router
 
     def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
-        nll, correct, weight = self.token_losses(model, batch)
+        nll, correct, weight, router = self.token_losses(model, batch)
         count = jnp.sum(weight)
         denominator = jnp.maximum(count, 1.0)
-        return jnp.sum(nll * weight) / denominator, {
-            "accuracy": jnp.sum(correct * weight) / denominator, "loss_tokens": count}
+        return jnp.sum(nll * weight) / denominator + router.loss, {
+            "accuracy": jnp.sum(correct * weight) / denominator, "loss_tokens": count,
+            **router.metrics}
 
     def loss_weight(self, batch: Batch) -> jax.Array:
         """The learnt tokens: microbatches are weighted by them (one mean over the batch)."""
@@ -201,7 +206,7 @@ class SFTTask(LanguageModelTask):
         return jnp.sum(weight)
 
     def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
-        nll, correct, weight = self.token_losses(model, batch)
+        nll, correct, weight, _ = self.token_losses(model, batch)
         return {"nll_sum": jnp.sum(nll * weight), "correct_sum": jnp.sum(correct * weight),
                 "tokens": jnp.sum(weight)}
 

@@ -1,0 +1,226 @@
+"""Mixture of experts (`infra/models/moe.py`): the layer against a reference that sends each
+token through its top-k experts one expert at a time, in values and gradients; dropless drops
+nothing; the capacity path drops exactly what the rule it states drops; the router statistics
+equal their formulas by hand; an MoE model trains through the CLI and logs them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infra import config as config_lib
+from infra.errors import ConfigError
+from infra.models import hyper_params
+from infra.models import moe as moe_lib
+from infra.models.transformer import MLP
+from tests.helpers import cli
+
+D, F, E = 16, 24, 4
+
+
+def make_layer(*, k=2, capacity_factor=0.0, norm_topk_prob=True, shared=False, seed=0):
+    rngs = nnx.Rngs(seed)
+    with nnx.use_eager_sharding(False):
+        layer = _build(rngs, k, capacity_factor, norm_topk_prob, shared)
+    layer.router[...] = 3.0 * layer.router[...]  # decisive routing: top-k is not a near tie
+    return layer
+
+
+def _build(rngs, k, capacity_factor, norm_topk_prob, shared):
+    return moe_lib.MoE(
+        d_model=D, num_experts=E, experts_per_token=k, hidden=F, out_scale=1.0,
+        dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs, norm_topk_prob=norm_topk_prob,
+        capacity_factor=capacity_factor,
+        shared=MLP(d_model=D, mlp_dim=8, out_scale=1.0, dtype=jnp.float32,
+                   param_dtype=jnp.float32, rngs=rngs) if shared else None)
+
+
+def reference(layer: moe_lib.MoE, x: jax.Array, kept: np.ndarray | None = None) -> jax.Array:
+    """Each expert over every token, weighted by what the token gives it (its probability where
+    the expert is among its top k, renormalised; zero elsewhere or where `kept` (tokens, k)
+    says the assignment was dropped)."""
+    flat = x.reshape(-1, D)
+    probs = jax.nn.softmax(flat @ layer.router[...], axis=-1)
+    chosen = jnp.argsort(-probs, axis=-1)[:, :layer.k]
+    weights = jnp.take_along_axis(probs, chosen, axis=-1)
+    if layer.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    if kept is not None:
+        weights = weights * kept
+    y = jnp.zeros_like(flat)
+    for e in range(E):
+        given = jnp.sum(jnp.where(chosen == e, weights, 0.0), axis=-1)
+        h = jax.nn.silu(flat @ layer.gate[e]) * (flat @ layer.up[e])
+        y = y + given[:, None] * (h @ layer.down[e])
+    if hasattr(layer, "shared"):
+        y = y + layer.shared(flat[None])[0]
+    return y.reshape(x.shape)
+
+
+def _values_and_grads(fn, layer, x):
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x):
+        y = fn(nnx.merge(graphdef, state), x)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y  # every output matters
+
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x)
+    return y, jax.tree.leaves(grads)
+
+
+def _close(a, b, rtol, scale=None):
+    """|a - b| <= rtol * the scale of b (or `scale`: a gradient that is zero in exact
+    arithmetic, top-1's renormalised router, is compared at its tree's scale)."""
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(float(np.abs(b).max()), scale or 1e-30)
+    assert float(np.abs(a - b).max()) <= rtol * scale, (float(np.abs(a - b).max()), scale)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(norm_topk_prob=False, shared=True),
+                                     dict(k=1), dict(capacity_factor=float(E))],
+                         ids=["top2", "unnormalised-shared", "top1", "capacity-drops-nothing"])
+def test_the_layer_equals_each_token_through_its_top_k_experts(options):
+    """Values and gradients (weights, router and input) equal the per-expert reference to
+    1e-5 of their scale (float32): dropless, and the capacity path with room for everything."""
+    layer = make_layer(**options)
+    x = jax.random.normal(jax.random.key(1), (3, 10, D))
+    y, grads = _values_and_grads(lambda m, x: m(x)[0], layer, x)
+    y_ref, grads_ref = _values_and_grads(reference, layer, x)
+    _close(y, y_ref, 1e-5)
+    assert len(grads) == len(grads_ref)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in grads_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        _close(g, g_ref, 1e-5, scale=0.1 * scale)
+    assert float(np.abs(np.asarray(y)).max()) > 0.1
+
+
+def test_dropless_drops_nothing_however_unbalanced():
+    """Every token prefers expert 0: dropless still computes every assignment."""
+    layer = make_layer()
+    layer.router[...] = layer.router[...].at[:, 0].add(50.0)
+    x = jnp.abs(jax.random.normal(jax.random.key(2), (2, 16, D)))  # positive: expert 0 wins
+    y, stats = layer(x)
+    assert float(stats["dropped"]) == 0.0 and float(stats["load"][0]) == pytest.approx(0.5)
+    _close(y, reference(layer, x), 1e-5)
+
+
+def _kept_by_rule(chosen: np.ndarray, capacity: int) -> np.ndarray:
+    """The stated rule, as a loop: first choices of every token (in token order), then second
+    choices; an assignment past its expert's `capacity` is dropped."""
+    tokens, k = chosen.shape
+    taken = np.zeros(E, int)
+    kept = np.zeros((tokens, k))
+    for j in range(k):
+        for t in range(tokens):
+            e = chosen[t, j]
+            if taken[e] < capacity:
+                taken[e] += 1
+                kept[t, j] = 1.0
+    return kept
+
+
+def test_capacity_factor_1_drops_exactly_the_assignments_past_each_capacity():
+    layer = make_layer(capacity_factor=1.0)
+    layer.router[...] = layer.router[...].at[:, 1].add(1.5)  # expert 1 is over-subscribed
+    x = jax.random.normal(jax.random.key(3), (2, 12, D))
+    flat = x.reshape(-1, D)
+    probs = np.asarray(jax.nn.softmax(flat @ layer.router[...], axis=-1))
+    chosen = np.argsort(-probs, axis=-1)[:, :2]
+    capacity = moe_lib.capacity(24, 2, E, 1.0)
+    assert capacity == 12
+    kept = _kept_by_rule(chosen, capacity)
+    assert 0 < kept.sum() < kept.size  # some are dropped, not all
+    y, stats = layer(x)
+    assert float(stats["dropped"]) == pytest.approx(1 - kept.mean())
+    _close(y, reference(layer, x, jnp.asarray(kept)), 1e-5)
+
+
+def test_router_statistics_equal_their_formulas_by_hand():
+    """Four tokens, three experts, top 1, fixed logits: the load-balancing loss E * sum f_e P_e,
+    the z-loss mean(logsumexp^2), loads, entropy."""
+    logits = jnp.asarray([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    probs, weights, experts = moe_lib.route(logits, 1, True)
+    stats = moe_lib.router_stats(logits, probs, experts, None)
+    p = np.exp(np.asarray(logits))
+    p /= p.sum(-1, keepdims=True)
+    f = np.array([2, 1, 1]) / 4  # tokens 0 and 2 choose expert 0, token 1 expert 1, token 3 expert 2
+    assert np.asarray(experts)[:, 0].tolist() == [0, 1, 0, 2]
+    np.testing.assert_allclose(weights, 1.0)  # renormalised over one choice
+    assert float(stats["aux_loss"]) == pytest.approx(3 * np.sum(f * p.mean(0)), rel=1e-6)
+    lse = np.log(np.exp(np.asarray(logits)).sum(-1))
+    assert float(stats["z_loss"]) == pytest.approx(np.mean(lse ** 2), rel=1e-6)
+    np.testing.assert_allclose(stats["load"], f, rtol=1e-6)
+    assert float(stats["entropy"]) == pytest.approx(-np.mean(np.sum(p * np.log(p), -1)), rel=1e-6)
+    # uniform routing: the load-balancing loss is k
+    flat = jnp.zeros((6, 3))
+    probs, _, experts = moe_lib.route(flat, 2, True)
+    assert float(moe_lib.router_stats(flat, probs, experts, None)["aux_loss"]) == pytest.approx(2.0)
+
+
+def test_moe_config_counts_and_refusals():
+    c = config_lib.load("experiments/lm.py:moe-tiny")
+    m, dense = hyper_params(c.model), hyper_params(config_lib.load("experiments/lm.py:tiny").model)
+    router = 4 * 256 * 8
+    assert m.active_params == dense.num_params + router  # same active MLP width as tiny
+    assert m.num_params == dense.num_params + router + 4 * 3 * 256 * 384 * 6
+    assert m.matmul_params == dense.matmul_params + router
+    with pytest.raises(ConfigError, match="experts_per_token"):
+        config_lib.load("experiments/lm.py:moe-smoke", {"model.experts_per_token": 5})
+    with pytest.raises(ConfigError, match="scan_layers"):
+        config_lib.load("experiments/lm.py:moe-smoke", {"model.scan_layers": True,
+                                                         "model.dense_layers": "0"})
+    with pytest.raises(ConfigError, match="dense_layers"):
+        config_lib.load("experiments/lm.py:moe-smoke", {"model.dense_layers": "0,x"})
+    mixed = hyper_params(config_lib.load("experiments/lm.py:moe-smoke",
+                                         {"model.moe_every": 2}).model)
+    assert [mixed.is_moe_layer(i) for i in range(2)] == [False, True]
+
+
+def test_an_moe_model_trains_and_logs_its_routers_in_both_layer_layouts(tmp_path):
+    """`lm.py:moe-smoke` on 8 CPU devices through the CLI: the loop and scan layouts give the
+    same losses; metrics.jsonl has the router losses, per-expert loads (summing to 1), the
+    dropped fraction and the router entropy."""
+    runs = {}
+    for scan in (False, True):
+        workdir = tmp_path / f"scan-{scan}"
+        p = cli("train", "--config", "experiments/lm.py:moe-smoke", "--workdir", str(workdir),
+                "--config.train.steps=6", "--config.train.log_every=1",
+                "--config.train.eval_every=6", f"--config.model.scan_layers={scan}",
+                "--config.sharding.print_table=false")
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[scan] = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = {scan: [r["train/loss"] for r in records if "train/loss" in r]
+              for scan, records in runs.items()}
+    assert len(losses[False]) == 6 and losses[False][-1] < losses[False][0]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    last = [r for r in runs[False] if "train/loss" in r][-1]
+    loads = [last[f"train/moe/load/{e}"] for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-5) and min(loads) > 0
+    assert last["train/moe/dropped_fraction"] == 0.0
+    assert 0 < last["train/moe/router_entropy"] <= math.log(4) + 1e-6
+    assert last["train/moe/aux_loss"] >= 2.0 - 1e-4  # k at best (balanced)
+    assert any("eval/moe/aux_loss" in r for r in runs[False])
+
+
+def test_the_blocked_grouped_matmul_equals_ragged_dot():
+    """CPU's grouped matmul (blocks of 4 rows here) against `jax.lax.ragged_dot`, in values and
+    gradients, with an empty group and groups that are not multiples of the block."""
+    sizes = jnp.asarray([5, 0, 9, 1, 3], jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (18, 6))
+    w = jax.random.normal(jax.random.key(1), (5, 6, 7))
+
+    def run(fn):
+        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1))(x, w)
+
+    blocked = run(lambda x, w: moe_lib.blocked_matmul(x, w, sizes, block=4))
+    ragged = run(lambda x, w: jax.lax.ragged_dot(x, w, sizes))
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(ragged)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moe_lib.blocked_matmul(x, w, sizes, block=4),
+                               jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
