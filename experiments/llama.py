@@ -17,6 +17,8 @@ VARIANTS = {
     "llama3.2-1b": "Llama-3.2-1B: 128,256 vocab, tied, llama3 RoPE x32",
     "llama3.1-8b": "Llama-3.1-8B: 128,256 vocab, untied, llama3 RoPE x8",
     "qwen2.5-0.5b": "Qwen2.5-0.5B: 151,936 vocab, tied, q/k/v biases",
+    "mixtral-8x7b": "Mixtral-8x7B: 32,000 vocab, 8 experts of 14,336 (top 2) in every layer",
+    "qwen3-30b-a3b": "Qwen3-30B-A3B: 151,936 vocab, 128 experts of 768 (top 8), q/k norm",
 }
 
 LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0,
@@ -36,6 +38,16 @@ MODELS = {
                          num_kv_heads=2, head_dim=64, mlp_dim=4864, max_seq_len=32768,
                          norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True,
                          qkv_bias=True),
+    "mixtral-8x7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                         num_kv_heads=8, head_dim=128, mlp_dim=14336, max_seq_len=32768,
+                         norm_eps=1e-5, rope_theta=1000000.0, tie_embeddings=False,
+                         num_experts=8, experts_per_token=2, moe_intermediate_size=14336,
+                         norm_topk_prob=True),
+    "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, num_layers=48, num_heads=32,
+                          num_kv_heads=4, head_dim=128, mlp_dim=6144, max_seq_len=40960,
+                          norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=False,
+                          qk_norm=True, num_experts=128, experts_per_token=8,
+                          moe_intermediate_size=768, norm_topk_prob=True),
 }
 
 
@@ -53,6 +65,8 @@ def get_config(arg: str | None = None):
     # Fine-tuning / continued pre-training on accelerators: bf16 compute, FSDP, 8k sequences.
     c.model.update(dtype="bfloat16", scan_layers=True, remat="save_dots")
     c.data.seq_len = 8192 if variant.startswith("llama") else 4096
+    if c.model.num_experts:  # fine-tuning: the load-balancing loss as the released models trained
+        c.model.router_aux_loss = {"mixtral-8x7b": 0.02, "qwen3-30b-a3b": 0.001}[variant]
     c.train.update(steps=2000, batch_size=64, log_every=10, eval_every=200)
     c.optim.update(lr=2e-5, warmup_steps=100, weight_decay=0.0)
     c.mesh.update(data=1, fsdp=-1)

@@ -28,6 +28,11 @@ ARCHS = {
     "mistral": ("MistralConfig", dict(rope_theta=1e6, sliding_window=None, head_dim=16), False),
     "qwen2": ("Qwen2Config", dict(rope_theta=1e6, use_sliding_window=False), False),
     "qwen3": ("Qwen3Config", dict(rope_theta=1e6, head_dim=24, use_sliding_window=False), True),
+    "mixtral": ("MixtralConfig", dict(rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None), False),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(rope_theta=1e6, head_dim=24, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=False, use_sliding_window=False), False),
 }
 
 

@@ -139,7 +139,7 @@ def _hf_state(directory: Path) -> dict[str, np.ndarray]:
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("arch", ["llama_untied", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama_untied", "qwen3", "mixtral", "qwen3_moe"])
 def test_round_trip_is_bit_exact(arch, root, tok_dir):
     import torch
     import transformers

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from infra import config as config_lib
-from infra.errors import ConfigError
+from infra.errors import ConfigError, UserError
 from infra.models import hyper_params
 from infra.models import moe as moe_lib
 from infra.models.transformer import MLP
@@ -224,3 +224,49 @@ def test_the_blocked_grouped_matmul_equals_ragged_dot():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(moe_lib.blocked_matmul(x, w, sizes, block=4),
                                jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_reports_active_parameters_and_expert_bytes_per_device():
+    """The released Qwen3-30B-A3B config planned on 8 devices (fsdp=8): 30.5B parameters of
+    which 3.35B active per token, as published; the experts' weights split 8 ways."""
+    from infra.plan import format_plan, plan
+
+    p = plan(config_lib.load("experiments/llama.py:qwen3-30b-a3b"), devices=8,
+             mesh={"fsdp": 8}, compile=False)
+    assert round(p.param_count / 1e9, 1) == 30.5 and round(p.active_param_count / 1e9, 2) == 3.35
+    assert p.expert_bytes_total == 48 * 128 * 3 * 2048 * 768 * 4  # float32
+    assert p.expert_bytes == p.expert_bytes_total // 8
+    assert "3.353B parameters active per token of 30.532B" in format_plan(p)
+
+
+def test_hf_config_of_experts_round_trips():
+    """Qwen3-MoE's dense layers (mlp_only_layers, decoder_sparse_step) and renormalisation, and
+    Mixtral's expert count, map to model.* and back."""
+    from infra.interop.hf_config import architecture_for, from_hf, to_hf
+
+    qwen = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "norm_topk_prob": True, "decoder_sparse_step": 2,
+            "mlp_only_layers": [3], "router_aux_loss_coef": 0.01, "output_router_logits": True}
+    model = from_hf(qwen)
+    assert (model["num_experts"], model["experts_per_token"], model["moe_intermediate_size"],
+            model["moe_every"], model["dense_layers"], model["norm_topk_prob"],
+            model["qk_norm"], model["router_aux_loss"]) == (8, 2, 32, 2, "3", True, True, 0.01)
+    full = {**config_lib.load("experiments/lm.py:smoke").model.to_dict(), **model}
+    assert architecture_for(full) == "Qwen3MoeForCausalLM"
+    back = to_hf(full, architecture="Qwen3MoeForCausalLM", bos_token_id=1, eos_token_id=2,
+                 dtype="float32")
+    assert {k: back[k] for k in ("num_experts", "decoder_sparse_step", "mlp_only_layers",
+                                 "moe_intermediate_size", "norm_topk_prob")} == \
+        {"num_experts": 8, "decoder_sparse_step": 2, "mlp_only_layers": [3],
+         "moe_intermediate_size": 32, "norm_topk_prob": True}
+    m = hyper_params(config_lib.load("experiments/lm.py:smoke", {
+        f"model.{k}": v for k, v in model.items() if k != "name"}).model)
+    assert [m.is_moe_layer(i) for i in range(4)] == [False, True, False, False]
+    mixtral = from_hf({**qwen, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "num_local_experts": 8, "output_router_logits": False})
+    assert mixtral["moe_intermediate_size"] == 128 and mixtral["router_aux_loss"] == 0.0
+    with pytest.raises(UserError, match="no transformers architecture"):
+        architecture_for({**full, "qk_norm": False})  # dense layers: not Mixtral

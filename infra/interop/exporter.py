@@ -42,7 +42,7 @@ from infra.data.chat import run_template
 from infra.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from infra.errors import UserError, output_error
 from infra.interop.hf_config import architecture_for, is_hf_dir, to_hf
-from infra.interop.hf_weights import BLOCK_NAMES, tensor_maps
+from infra.interop.hf_weights import BLOCK_NAMES, run_maps
 from infra.interop.importer import HF_CONFIG, check_new_dir
 from infra.interop.safetensors_io import DTYPES, NAMES, SINGLE
 from infra.interop.safetensors_write import write_safetensors
@@ -155,7 +155,7 @@ def _hf_tensors(params, config, st_dtype: str) -> tuple[list, Callable[[str], np
     import jax
     from jax.experimental import multihost_utils
 
-    maps = tensor_maps(params, config.model.num_layers)
+    maps = run_maps(params, config.model.to_dict())
     leaves = dict(zip((m.path for m in maps), jax.tree.leaves(params)))
     entries, producers = [], {}
     for m in maps:
@@ -168,8 +168,8 @@ def _hf_tensors(params, config, st_dtype: str) -> tuple[list, Callable[[str], np
     def produce(name: str) -> np.ndarray:
         m, layer = producers[name]
         array = leaves[m.path]
-        if m.stacked:
-            array = array[layer]
+        if m.stacked:  # `layer`: the flat index over the stacked dims (layers, experts)
+            array = array[np.unravel_index(layer, m.stack)]
         if not array.is_fully_addressable:
             array = multihost_utils.process_allgather(array, tiled=True)
         return m.to_hf(np.asarray(jax.device_get(array)))

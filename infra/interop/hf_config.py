@@ -34,13 +34,17 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("mistral", False),
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
+    "MixtralForCausalLM": ("mixtral", False),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", False),
 }
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 # model.* keys that define the architecture (the weights' meaning); the rest are run choices.
 ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
     "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "qk_norm",
     "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-    "rope_original_max_len",
+    "rope_original_max_len", "num_experts", "experts_per_token", "moe_intermediate_size",
+    "moe_every", "dense_layers", "norm_topk_prob", "shared_experts",
 )
 
 
@@ -167,15 +171,49 @@ def from_hf(hf: dict, where: str = "config.json") -> dict[str, Any]:
         values |= dict(qk_norm=True, mlp_bias=False)
     elif arch == "MistralForCausalLM":
         values |= dict(qkv_bias=False, out_bias=False, mlp_bias=False)
+    if arch in MOE_ARCHITECTURES:
+        values |= _experts(hf, arch, where, values["mlp_dim"])
+    values.setdefault("num_experts", 0)
     window = _sliding_window(hf, arch)
     if window is not None and window < values["max_seq_len"]:
         values["max_seq_len"] = window  # exact up to the window (see the module docstring)
     return values
 
 
+def _experts(hf: dict, arch: str, where: str, intermediate: int) -> dict[str, Any]:
+    """The mixture-of-experts keys of a Mixtral or Qwen3-MoE config. Their routers: softmax over
+    all experts in float32, the top k, renormalised (always for Mixtral; `norm_topk_prob` for
+    Qwen3-MoE), as ours. The load-balancing loss is trained only with `output_router_logits`."""
+    if float(hf.get("router_jitter_noise") or 0.0):
+        raise HFConfigError(f"{where}: router_jitter_noise {hf['router_jitter_noise']} is not "
+                            "supported (routers without noise only)")
+    aux = float(hf.get("router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0
+    try:
+        if arch == "MixtralForCausalLM":
+            return dict(qkv_bias=False, out_bias=False, mlp_bias=False,
+                        num_experts=int(hf["num_local_experts"]),
+                        experts_per_token=int(hf["num_experts_per_tok"]),
+                        moe_intermediate_size=intermediate, norm_topk_prob=True,
+                        router_aux_loss=aux)
+        dense = hf.get("mlp_only_layers") or []
+        experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+        return dict(qk_norm=True, mlp_bias=False, num_experts=int(experts),
+                    experts_per_token=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    moe_every=int(hf.get("decoder_sparse_step", 1)),
+                    dense_layers=",".join(str(int(i)) for i in dense), router_aux_loss=aux)
+    except KeyError as e:
+        raise HFConfigError(f"{where}: required key {e.args[0]!r} of {arch} is missing") from None
+    except (TypeError, ValueError):
+        raise HFConfigError(f"{where}: the experts' settings of {arch} are malformed") from None
+
+
 def architecture_for(model: dict[str, Any], preferred: str | None = None) -> str:
     """The transformers architecture that computes what `model` (our `model.*` values) does;
     `preferred` (e.g. the imported checkpoint's) when it is one of them."""
+    if model.get("num_experts"):
+        return _moe_architecture(model)
     if model["qk_norm"]:
         fits = ["Qwen3ForCausalLM"] if model["qkv_bias"] == model["out_bias"] and not model[
             "mlp_bias"] else []
@@ -190,6 +228,21 @@ def architecture_for(model: dict[str, Any], preferred: str | None = None) -> str
         raise UserError("this model's combination of model.qkv_bias, model.out_bias, "
                         "model.mlp_bias and model.qk_norm has no transformers architecture")
     return preferred if preferred in fits else fits[0]
+
+
+def _moe_architecture(model: dict[str, Any]) -> str:
+    if model["shared_experts"]:
+        raise UserError("model.shared_experts has no transformers architecture we export "
+                        "(Mixtral and Qwen3-MoE have none)")
+    if model["qk_norm"] and not model["mlp_bias"] and model["qkv_bias"] == model["out_bias"]:
+        return "Qwen3MoeForCausalLM"
+    every_layer = model["moe_every"] == 1 and not str(model["dense_layers"]).strip()
+    if not (model["qk_norm"] or model["qkv_bias"] or model["out_bias"] or model["mlp_bias"]) \
+            and model["norm_topk_prob"] and every_layer:
+        return "MixtralForCausalLM"
+    raise UserError("this mixture-of-experts model has no transformers architecture: Mixtral "
+                    "needs experts in every layer, renormalised top-k and no biases or q/k "
+                    "norm; Qwen3-MoE needs q/k norm")
 
 
 def to_hf(model: dict[str, Any], *, architecture: str, bos_token_id: int | None,
@@ -232,4 +285,20 @@ def to_hf(model: dict[str, Any], *, architecture: str, bos_token_id: int | None,
     elif architecture == "Qwen3ForCausalLM":
         hf |= {"attention_bias": model["qkv_bias"], "use_sliding_window": False,
                "sliding_window": None}
+    elif architecture == "MixtralForCausalLM":
+        hf |= {"intermediate_size": model["moe_intermediate_size"] or model["mlp_dim"],
+               "num_local_experts": model["num_experts"],
+               "num_experts_per_tok": model["experts_per_token"], "sliding_window": None,
+               "router_aux_loss_coef": model["router_aux_loss"],
+               "output_router_logits": model["router_aux_loss"] > 0, "router_jitter_noise": 0.0}
+    elif architecture == "Qwen3MoeForCausalLM":
+        dense = [int(i) for i in str(model["dense_layers"]).split(",") if i.strip()]
+        hf |= {"attention_bias": model["qkv_bias"], "use_sliding_window": False,
+               "sliding_window": None, "num_experts": model["num_experts"],
+               "num_experts_per_tok": model["experts_per_token"],
+               "moe_intermediate_size": model["moe_intermediate_size"] or model["mlp_dim"],
+               "norm_topk_prob": model["norm_topk_prob"],
+               "decoder_sparse_step": model["moe_every"], "mlp_only_layers": dense,
+               "router_aux_loss_coef": model["router_aux_loss"],
+               "output_router_logits": model["router_aux_loss"] > 0}
     return hf

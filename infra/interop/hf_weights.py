@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from infra.checkpoint.verify import path_name
+from infra.errors import UserError
 
 # Our name inside a block -> HF name inside `model.layers.<i>.`
 BLOCK_NAMES = {
@@ -46,6 +47,17 @@ BLOCK_NAMES = {
     "mlp/up_bias": "mlp.up_proj.bias",
     "mlp/down_bias": "mlp.down_proj.bias",
 }
+# Experts' names inside `model.layers.<i>.`, by architecture; `{e}`: the expert
+EXPERT_NAMES = {
+    "MixtralForCausalLM": {"moe/router": "block_sparse_moe.gate.weight",
+                           "moe/gate": "block_sparse_moe.experts.{e}.w1.weight",
+                           "moe/up": "block_sparse_moe.experts.{e}.w3.weight",
+                           "moe/down": "block_sparse_moe.experts.{e}.w2.weight"},
+    "Qwen3MoeForCausalLM": {"moe/router": "mlp.gate.weight",
+                            "moe/gate": "mlp.experts.{e}.gate_proj.weight",
+                            "moe/up": "mlp.experts.{e}.up_proj.weight",
+                            "moe/down": "mlp.experts.{e}.down_proj.weight"},
+}
 _TOP = {
     "embedding": "model.embed_tokens.weight",
     "final_norm/scale": "model.norm.weight",
@@ -66,13 +78,23 @@ class TensorMap:
     hf_shape: tuple[int, ...]  # each HF tensor's shape
     split: tuple[int, ...]  # hf_shape with dims split
     groups: tuple[tuple[int, ...], ...]  # split dims of each HF dim, in order
-    perm: tuple[int, ...]  # ours (without the layers dim) = split.transpose(perm)
-    stacked: bool  # a leading layers dim over `names`
+    perm: tuple[int, ...]  # ours (without the stacked dims) = split.transpose(perm)
+    # leading dims over `names` (row-major): layers (scan_layers), experts, or both
+    stack: tuple[int, ...] = ()
+
+    @property
+    def stacked(self) -> bool:
+        return bool(self.stack)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        inner = tuple(self.split[p] for p in self.perm)
-        return ((len(self.names),) if self.stacked else ()) + inner
+        return self.stack + tuple(self.split[p] for p in self.perm)
+
+    def names_of(self, index: tuple[int, ...]) -> tuple[str, ...]:
+        """The names under the leading `index` into the stacked dims (all: `()`), in order."""
+        inner = math.prod(self.stack[len(index):])
+        start = int(np.ravel_multi_index(index, self.stack[:len(index)])) * inner if index else 0
+        return self.names[start:start + inner]
 
     def to_ours(self, hf: np.ndarray) -> np.ndarray:
         """A whole HF tensor in our layout (one layer's, when stacked)."""
@@ -132,30 +154,50 @@ def _layout(name: str, shape: tuple[int, ...]):
     if name in ("attn/q_bias", "attn/k_bias", "attn/v_bias"):  # ours (H, hd) <- HF (H·hd,)
         h, hd = shape
         return (h * hd,), (h, hd), ((0, 1),), (0, 1)
-    if name in ("mlp/gate", "mlp/up", "mlp/down", "unembedding"):  # ours (in, out) <- HF (out, in)
+    if name in ("mlp/gate", "mlp/up", "mlp/down", "unembedding", "moe/router", "moe/gate",
+                "moe/up", "moe/down"):  # ours (in, out) <- HF (out, in); an expert's alike
         i, o = shape
         return (o, i), (o, i), ((0,), (1,)), (1, 0)
     return shape, shape, tuple((d,) for d in range(len(shape))), tuple(range(len(shape)))
 
 
-def tensor_maps(abstract_params: Any, num_layers: int) -> list[TensorMap]:
+def run_maps(abstract_params: Any, model: dict) -> list[TensorMap]:
+    """`tensor_maps` of a run whose `model.*` values are `model` (the experts named as the
+    architecture `hf export` writes them as)."""
+    from infra.interop.hf_config import architecture_for
+
+    architecture = architecture_for(model) if model.get("num_experts") else "LlamaForCausalLM"
+    return tensor_maps(abstract_params, model["num_layers"], architecture)
+
+
+def tensor_maps(abstract_params: Any, num_layers: int, architecture: str = "LlamaForCausalLM"
+                ) -> list[TensorMap]:
     """A `TensorMap` for every leaf of our parameter tree (pure dict of arrays or
     ShapeDtypeStructs), in tree order; `blocks/<i>/...` (loop layout) or `blocks/...` with a
-    leading layers dim (scan layout)."""
+    leading layers dim (scan layout). An expert weight (E, in, out) stacks the experts' HF
+    tensors of `architecture` (after the layers, with scan_layers)."""
     out = []
+    names_in_layer = {**BLOCK_NAMES, **EXPERT_NAMES.get(architecture, {})}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         name = path_name(path)
         shape = tuple(leaf.shape)
         parts = name.split("/")
-        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
-            inner = "/".join(parts[2:])
-            names, stacked = (f"model.layers.{parts[1]}.{BLOCK_NAMES[inner]}",), False
-        elif parts[0] == "blocks":
-            inner = "/".join(parts[1:])
-            names = tuple(f"model.layers.{i}.{BLOCK_NAMES[inner]}" for i in range(num_layers))
-            stacked, shape = True, shape[1:]
+        if parts[0] != "blocks":
+            inner, names, stack = name, (_TOP[name],), ()
         else:
-            inner, names, stacked = name, (_TOP[name],), False
+            loop = len(parts) > 1 and parts[1].isdigit()
+            inner = "/".join(parts[2:] if loop else parts[1:])
+            if inner not in names_in_layer:
+                raise UserError(f"{architecture} has no tensor name for {name}")
+            layers = [int(parts[1])] if loop else list(range(num_layers))
+            stack = () if loop else (num_layers,)
+            hf = names_in_layer[inner]
+            experts = [None]
+            if "{e}" in hf:  # one tensor per expert
+                experts = list(range(shape[len(stack)]))
+                stack += (len(experts),)
+            names = tuple(f"model.layers.{i}.{hf.format(e=e)}" for i in layers for e in experts)
+            shape = shape[len(stack):]
         hf_shape, split, groups, perm = _layout(inner, shape)
-        out.append(TensorMap(name, names, hf_shape, split, groups, perm, stacked))
+        out.append(TensorMap(name, names, hf_shape, split, groups, perm, stack))
     return out

@@ -41,7 +41,7 @@ from infra.data.tokenizer import HFTokenizer, copy_tokenizer_files
 from infra.errors import UserError, output_error
 from infra.interop import gguf_convert
 from infra.interop.hf_config import ARCHITECTURE_KEYS, from_hf, read_hf_config
-from infra.interop.hf_weights import tensor_maps
+from infra.interop.hf_weights import run_maps
 from infra.interop.safetensors_io import SafetensorsDir, check_finite, load_params
 from infra.interop.staging import Staging
 from infra.run import abstract_params
@@ -119,7 +119,7 @@ def load_hf_params(hf_dir: str | Path, config, abstract: Any, on_tensor=None,
     """The checkpoint's parameters onto `abstract`'s shardings (streamed, see safetensors_io).
     `stats` (a dict) receives `bytes_read` (by this process) and `bytes_total` (the tensors')."""
     ckpt = SafetensorsDir(paths.localize(hf_dir))  # positioned reads need a local file
-    maps = tensor_maps(abstract, config.model.num_layers)
+    maps = run_maps(abstract, config.model.to_dict())
     ckpt.check(maps, tied=config.model.tie_embeddings)
     params = load_params(ckpt, maps, abstract, on_tensor=on_tensor)
     check_finite(ckpt, maps, params)

@@ -24,6 +24,7 @@ Writing: `infra.interop.safetensors_write`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -290,22 +291,26 @@ def read_unit(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, shape: tupl
               keys: list[tuple], dtype) -> dict[tuple, np.ndarray]:
     """The slices `keys` (from `_key`) of our parameter `m` (of layer `layer` only, when not
     None) in `dtype`, reading only those parts of the file."""
-    by_layer: dict[int, list] = {}
+    stack = m.stack if layer is None else m.stack[1:]  # the unit's own stacked dims
+    names = m.names if layer is None else m.names_of((layer,))
+    by_name: dict[int, list] = {}
+    counts: dict[tuple, tuple[int, ...]] = {}
     for key in keys:
         index = tuple(slice(a, b) for a, b in key)
-        stacked = m.stacked and layer is None
-        layers = range(len(m.names))[index[0]] if stacked else [layer or 0]
-        read, after = m.hf_slices(index[1:] if stacked else index)
-        for i in layers:
-            by_layer.setdefault(i, []).append((key, read, after))
+        ranges = [range(n)[s] for n, s in zip(stack, index)]
+        counts[key] = tuple(len(r) for r in ranges)
+        read, after = m.hf_slices(index[len(stack):])
+        for at in itertools.product(*ranges):
+            flat = int(np.ravel_multi_index(at, stack)) if stack else 0
+            by_name.setdefault(flat, []).append((key, read, after))
     parts: dict[tuple, list[np.ndarray]] = {key: [] for key in keys}
-    for i, items in sorted(by_layer.items()):
-        raws = ckpt.read_many(m.names[i], [read for _, read, _ in items])
+    for i, items in sorted(by_name.items()):
+        raws = ckpt.read_many(names[i], [read for _, read, _ in items])
         for (key, read, after), raw in zip(items, raws):
             part = raw.reshape(m.read_shape(read))[after].transpose(m.perm)
             parts[key].append(part.astype(dtype, copy=False))
-    stacked = m.stacked and layer is None
-    return {key: np.stack(p) if stacked else p[0] for key, p in parts.items()}
+    return {key: np.stack(p).reshape(counts[key] + p[0].shape) if stack else p[0]
+            for key, p in parts.items()}
 
 
 def read_slice(ckpt: SafetensorsDir, m: TensorMap, index: tuple, dtype) -> np.ndarray:
@@ -323,7 +328,7 @@ def _units(leaf, m: TensorMap) -> list[tuple[int | None, tuple[int, ...], Any]]:
     spec = tuple(getattr(sharding, "spec", ()))
     if m.stacked and isinstance(sharding, NamedSharding) and (not spec or spec[0] is None):
         sub = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-        return [(i, tuple(leaf.shape[1:]), sub) for i in range(len(m.names))]
+        return [(i, tuple(leaf.shape[1:]), sub) for i in range(m.stack[0])]
     return [(None, tuple(leaf.shape), sharding)]
 
 
@@ -349,7 +354,7 @@ def load_params(ckpt: SafetensorsDir, maps: list[TensorMap], abstract_params: An
         j, layer, shape, sharding = work[k]
         if k + 1 < len(work):  # the disk reads ahead while we read and place this one
             nj, nlayer = work[k + 1][:2]
-            ckpt.will_need(maps[nj].names if nlayer is None else [maps[nj].names[nlayer]])
+            ckpt.will_need(maps[nj].names if nlayer is None else maps[nj].names_of((nlayer,)))
         keys = sorted({_key(i, shape) for i in
                        sharding.addressable_devices_indices_map(shape).values()})
         return read_unit(ckpt, maps[j], layer, shape, keys, leaves[j].dtype)
@@ -372,7 +377,7 @@ def load_params(ckpt: SafetensorsDir, maps: list[TensorMap], abstract_params: An
                                      out_shardings=leaf.sharding)()
                 out[j] = _set_layer(out[j], array, layer).block_until_ready()
             del array
-            if on_tensor is not None and (layer is None or layer == len(maps[j].names) - 1):
+            if on_tensor is not None and (layer is None or layer == maps[j].stack[0] - 1):
                 on_tensor(maps[j].path, out[j])
     return jax.tree.unflatten(treedef, out)
 
@@ -389,7 +394,7 @@ def check_finite(ckpt: SafetensorsDir, maps: list[TensorMap], params: Any) -> No
         return
 
     def finite(xs):
-        return [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) if m.stacked
+        return [jnp.isfinite(x).reshape(len(m.names), -1).all(axis=1) if m.stacked
                 else jnp.isfinite(x).all() for x, m in zip(xs, maps)]
 
     replicated = NamedSharding(leaves[0].sharding.mesh, PartitionSpec())

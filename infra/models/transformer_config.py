@@ -163,6 +163,12 @@ class TransformerConfig(HyperParams):
         return self.attention_params + mlp // self.num_layers
 
     @property
+    def largest_layer_params(self) -> int:
+        """Matmul weights of the largest block, every expert included (what FSDP gathers)."""
+        return self.attention_params + max(self._mlp_params(i, active=False)
+                                           for i in range(self.num_layers))
+
+    @property
     def matmul_params(self) -> int:
         """Weights that take part in a matmul per token: every block's (with experts: the
         active ones), plus the output projection (the embedding lookup itself is a gather)."""

@@ -225,7 +225,7 @@ def estimate(cfg, mesh, rules, param_leaves, *, ici: dict[str, int], dcn: dict[s
     gather_axes = {a for leaf in param_leaves for a in _spec_axes(leaf.sharding.spec)} - mp_axes
     if any(mesh.shape[a] > 1 for a in gather_axes):
         t_w = max(1, _factor(rules, mesh, "mlp", model.F))
-        gather_buffer = 2 * model.config.layer_matmul_params / t_w * c
+        gather_buffer = 2 * model.config.largest_layer_params / t_w * c
     collectives += _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat,
                                            microbatches)
     return Estimate(model=model, collectives=collectives,

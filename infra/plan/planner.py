@@ -67,6 +67,10 @@ class Plan:
     units_per_s: float | None = None
     mfu: float | None = None
     cost_per_1b: float | None = None
+    # mixture of experts (None for dense models): parameters a token uses, expert weights
+    active_param_count: int | None = None
+    expert_bytes: int | None = None  # exact, per device
+    expert_bytes_total: int | None = None
 
     @property
     def state_bytes(self) -> int:
@@ -174,7 +178,19 @@ def _exact(trainer, cfg) -> dict:
     batch = _abstract_batch(task, cfg, trainer.batch_shardings)
     _, batch_local = _leaf_bytes(batch.values())
     param_dtype = str(param_leaves[0].dtype) if param_leaves else "float32"
-    return dict(
+    moe = {}
+    if cfg.model.get("num_experts"):
+        import jax
+
+        from infra.models import hyper_params
+
+        experts = [x for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+                   if "moe" in map(str, (getattr(k, "key", k) for k in path))
+                   and str(getattr(path[-1], "key", path[-1])) in ("gate", "up", "down")]
+        total, local = _leaf_bytes(experts)
+        moe = dict(active_param_count=hyper_params(cfg.model).active_params, expert_bytes=local,
+                   expert_bytes_total=total)
+    return dict(**moe,
         param_leaves=param_leaves, batch=batch, microbatches=microbatches,
         param_count=sum(math.prod(x.shape) for x in param_leaves),
         units_per_step=cfg.train.batch_size * task.units_per_example(), param_dtype=param_dtype,

@@ -45,6 +45,13 @@ def format_plan(p: Plan) -> str:
         f"mesh {axes}" + (f" ({', '.join(dcn)} across slices)" if dcn else ""),
         f"  {_count(p.param_count)} parameters ({p.param_dtype}), compute {p.compute_dtype}, "
         f"remat={p.remat}, microbatches={p.microbatches}; {p.units_per_step:,} {p.unit} per step",
+    ]
+    if p.active_param_count is not None:
+        lines.append(f"  mixture of experts: {_count(p.active_param_count)} parameters active per "
+                     f"token of {_count(p.param_count)}; expert weights {_bytes(p.expert_bytes_total)}"
+                     f" in all, {_bytes(p.expert_bytes)} per device (exact); dispatch within "
+                     "each device (no expert mesh axis): no dispatch communication")
+    lines += [
         "",
     ]
     lines += _memory(p) + [""] + _compute(p) + [""] + _collectives(p) + [""] + _step_time(p)
