@@ -194,6 +194,11 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVATIONS.reset(token)
 
 
+def active_rules() -> tuple[Mesh, tuple] | None:
+    """(mesh, rules) of the enclosing `activation_rules`, None outside one."""
+    return _ACTIVATIONS.get()
+
+
 def activation_shards(logical: str) -> int:
     """How many ways activations' logical axis ``logical`` is split under the active rules
     (1 outside `activation_rules`)."""

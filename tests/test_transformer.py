@@ -128,12 +128,12 @@ def assert_close_at_scale(actual: np.ndarray, expected: np.ndarray, rtol: float 
 def test_causal_blocks_fall_back_to_one_when_length_is_sharded():
     attn = make(causal_blocks=4).blocks[0].attn
     assert attn._query_blocks(12) == [(0, 3), (3, 6), (6, 9), (9, 12)]
-    axes = ("data", "fsdp", "sequence", "tensor")
-    mesh = jax.make_mesh((2, 1, 2, 2), axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    axes = ("data", "fsdp", "sequence", "expert", "tensor")
+    mesh = jax.make_mesh((2, 1, 2, 1, 2), axes, axis_types=(jax.sharding.AxisType.Auto,) * 5)
     with sharding.activation_rules(mesh, DEFAULT_RULES):
         assert sharding.activation_shards("length") == 2
         assert attn._query_blocks(12) == [(0, 12)]  # a block would cross device boundaries
-    mesh = jax.make_mesh((8, 1, 1, 1), axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = jax.make_mesh((8, 1, 1, 1, 1), axes, axis_types=(jax.sharding.AxisType.Auto,) * 5)
     with sharding.activation_rules(mesh, DEFAULT_RULES):
         assert sharding.activation_shards("length") == 1
         assert len(attn._query_blocks(12)) == 4
@@ -500,8 +500,8 @@ def test_invalid_remat_raises_config_error(bad):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_activation_constraints_under_sequence_and_tensor_parallelism(scan):
-    mesh = jax.make_mesh((2, 1, 2, 2), ("data", "fsdp", "sequence", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = jax.make_mesh((2, 1, 2, 1, 2), ("data", "fsdp", "sequence", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 5)
     model = make(scan_layers=scan, remat="save_dots" if scan else "none")
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -509,7 +509,7 @@ def test_activation_constraints_under_sequence_and_tensor_parallelism(scan):
     params = jax.device_put(params, sharding.named_shardings(specs, params, mesh))
     x = tokens(batch=4, length=12)
     x_sharded = jax.device_put(x, sharding.batch_sharding(mesh, DEFAULT_RULES, ("batch", "length")))
-    assert x_sharded.sharding.spec == P(("data", "fsdp"), "sequence")
+    assert x_sharded.sharding.spec == P(("data", "fsdp", "expert"), "sequence")
 
     def forward(p, t):
         st = jax.tree.map(lambda a: a, state)
@@ -531,7 +531,7 @@ def test_activation_constraints_under_sequence_and_tensor_parallelism(scan):
     expected = apply(model, x)  # unsharded, no constraints
     out = jax.jit(constrained)(params, x_sharded)
     assert out.sharding.is_equivalent_to(
-        NamedSharding(mesh, P(("data", "fsdp"), "sequence", "tensor")), out.ndim)
+        NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence", "tensor")), out.ndim)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     # Causality with `length` split over `sequence`: a change at position t leaves positions < t
     # alone, also for t in the second sequence shard.

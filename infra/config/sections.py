@@ -18,21 +18,22 @@ from ml_collections import ConfigDict
 from infra.errors import ConfigError
 from infra.section import Section
 
-# Logical axis -> mesh axes. Batch is split over every data-parallel axis and `length` over
-# `sequence` (sequence parallelism, a no-op while that axis has size 1); weights are split over
-# `fsdp` along `embed` and over `tensor` along heads / mlp / vocab (Megatron style). `act_*` names
+# Logical axis -> mesh axes. Batch is split over every data-parallel axis (`expert` too: outside
+# the experts it is data parallelism) and `length` over `sequence` (sequence parallelism, a no-op
+# while that axis has size 1); weights are split over `fsdp` along `embed`, over `tensor` along
+# heads / mlp / vocab (Megatron style) and over `expert` along the experts. `act_*` names
 # are activation dimensions (the model pins them with `infra.sharding.constrain`). Names that only
 # one task's models use (image patches, embedding-table rows, forecast windows) are that task's
 # `logical_rules`, appended after these (`infra.tasks.logical_rules`).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", "sequence"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("expert", None),
+    ("expert", "expert"),
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
@@ -142,10 +143,12 @@ class MeshConfig(Section):
     data: int = -1
     fsdp: int = 1
     sequence: int = 1
+    expert: int = 1
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_sequence: int = 1
+    dcn_expert: int = 1
     dcn_tensor: int = 1
 
     def __post_init__(self) -> None:  # the axis's own message, before the generic type check

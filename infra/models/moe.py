@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infra.sharding import constrain
+from infra.errors import ConfigError
+from infra.models import moe_parallel
+from infra.sharding import active_rules, constrain
 
 # what `MoE.__call__` returns besides its output, summed over layers by the transformer
 ROUTER_STATS = ("aux_loss", "z_loss", "load", "dropped", "entropy")
@@ -94,26 +96,29 @@ def blocked_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int = GR
                    ) -> jax.Array:
     """`grouped_matmul` as one batched matmul: each group's rows padded to a multiple of
     `block` rows, every block of rows times its group's weights (gathered per block). The work
-    is the rows' own plus at most E * (block - 1) padding rows."""
+    is the rows' own plus at most E * (block - 1) padding rows; rows past the groups (more
+    rows than ``sum(sizes)``) come out zero."""
     m, d = x.shape
     groups = w.shape[0]
     blocks = -(-(m + groups * (block - 1)) // block)
     padded = (sizes + block - 1) // block * block
     ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
     row = jnp.arange(m)
-    group = jnp.searchsorted(ends, row, side="right")
+    group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), groups - 1)
     dest = (padded_ends - padded)[group] + row - (ends - sizes)[group]  # row's padded position
-    rows = jnp.zeros((blocks * block, d), x.dtype).at[dest].set(x, unique_indices=True)
+    dest = jnp.where(row < ends[-1], dest, blocks * block)  # past the groups: nowhere
+    rows = jnp.zeros((blocks * block, d), x.dtype).at[dest].set(x, mode="drop")
     block_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(blocks) * block,
                                                side="right"), groups - 1)
     out = jnp.einsum("bnd,bdf->bnf", rows.reshape(blocks, block, d), w[block_group])
-    return out.reshape(blocks * block, -1)[dest]
+    return jnp.take(out.reshape(blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
 def dropless(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Array,
              up: jax.Array, down: jax.Array) -> jax.Array:
     """Every assignment computed: ``x`` (tokens, d), ``experts`` / ``weights`` (tokens, k),
-    expert weights (E, d, f), (E, d, f), (E, f, d) -> (tokens, d)."""
+    expert weights (E, d, f), (E, d, f), (E, f, d) -> (tokens, d). An expert id E (past the
+    weights: another device's expert, `moe_parallel`) contributes nothing."""
     tokens, k = experts.shape
     flat = experts.reshape(-1)  # assignment t * k + j
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
@@ -125,6 +130,7 @@ def dropless(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Arr
         return grouped_matmul(a, w, sizes)
 
     out = permute(swiglu(rows, gate, up, down, matmul), inverse, order)
+    out = jnp.where((flat < gate.shape[0])[:, None], out, 0)
     return jnp.einsum("tkd,tk->td", out.reshape(tokens, k, -1), weights.astype(out.dtype))
 
 
@@ -206,7 +212,18 @@ class MoE(nnx.Module):
         logits = jnp.dot(flat.astype(jnp.float32), self.router[...].astype(jnp.float32))
         probs, weights, experts = route(logits, self.k, self.norm_topk_prob)
         gate, up, down = (getattr(self, n)[...].astype(self.dtype) for n in ("gate", "up", "down"))
-        if self.capacity_factor > 0:
+        active = active_rules()
+        if active is not None and moe_parallel.expert_shards(active[0]) > 1:
+            if self.capacity_factor > 0:
+                raise ConfigError("model.capacity_factor > 0 (the dropping path) runs without "
+                                  "an expert mesh axis; set mesh.expert=1 or "
+                                  "model.capacity_factor=0 (dropless)")
+            shape = (batch, length, self.k)
+            y = moe_parallel.dispatch(x, experts.reshape(shape), weights.reshape(shape), gate,
+                                      up, down, mesh=active[0], rules=active[1],
+                                      compute=dropless)
+            kept = None
+        elif self.capacity_factor > 0:
             y, kept = dropping(flat, experts, weights, gate, up, down, self.capacity_factor)
         else:
             y, kept = dropless(flat, experts, weights, gate, up, down), None

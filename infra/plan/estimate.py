@@ -273,8 +273,10 @@ def _weight_collectives(param_leaves, mesh, topo, mp_axes, dp_axes, c, microbatc
         local = math.prod(leaf.sharding.shard_shape(leaf.shape))
         p = leaf.dtype.itemsize
         axes = _spec_axes(leaf.sharding.spec)
+        # a weight split over `expert` is the experts' own (model parallel); the others are
+        # replicated over it, and `expert` is one more data axis for their gradients
         gather = tuple(a for a in mesh.axis_names if a in axes and a not in mp_axes
-                       and mesh.shape[a] > 1)
+                       and a != "expert" and mesh.shape[a] > 1)
         reduce = tuple(a for a in mesh.axis_names if a in dp_axes and a not in axes
                        and a not in mp_axes and mesh.shape[a] > 1)
         if gather:
@@ -288,7 +290,8 @@ def _weight_collectives(param_leaves, mesh, topo, mp_axes, dp_axes, c, microbatc
 
 
 def _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat, microbatches):
-    """Tensor-parallel activation all-reduces and sequence-parallel K/V gathers."""
+    """Tensor-parallel activation all-reduces, sequence-parallel K/V gathers and the experts'
+    dispatch over `expert`."""
     out = []
     tp_axes = tuple(a for a in mesh.axis_names if a in _rule_axes(rules, ("act_heads", "heads"))
                     and mesh.shape[a] > 1)
@@ -308,6 +311,17 @@ def _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat,
         out.append(Collective(f"sequence-parallel K/V all-gathers + grad reduce-scatters ({count})",
                               sp_axes, ici_b * count * microbatches, dcn_b * count * microbatches,
                               overlapped=False))
+    cfg = model.config
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    experts = mesh.shape.get("expert", 1)
+    if moe_layers and experts > 1:
+        # `infra.models.moe_parallel`: each MoE layer all-gathers its tokens over `expert` and
+        # reduce-scatters the result; the backward does the transposes (and remat the forward)
+        count = moe_layers * (4 + (2 if remat != "none" else 0))
+        ici_b, dcn_b = topo.split(("expert",), tokens_local * experts * model.d * c)
+        out.append(Collective(f"expert dispatch all-gathers + reduce-scatters ({count})",
+                              ("expert",), ici_b * count * microbatches,
+                              dcn_b * count * microbatches, overlapped=False))
     return out
 
 

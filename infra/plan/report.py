@@ -49,8 +49,10 @@ def format_plan(p: Plan) -> str:
     if p.active_param_count is not None:
         lines.append(f"  mixture of experts: {_count(p.active_param_count)} parameters active per "
                      f"token of {_count(p.param_count)}; expert weights {_bytes(p.expert_bytes_total)}"
-                     f" in all, {_bytes(p.expert_bytes)} per device (exact); dispatch within "
-                     "each device (no expert mesh axis): no dispatch communication")
+                     f" in all, {_bytes(p.expert_bytes)} per device (exact); " + (
+                         f"dispatch over expert={p.mesh['expert']}: in the collectives below"
+                         if p.mesh.get("expert", 1) > 1 else
+                         "no expert mesh axis: no dispatch communication"))
     lines += [
         "",
     ]
