@@ -183,17 +183,17 @@ def test_moe_config_counts_and_refusals():
 
 
 def test_an_moe_model_trains_and_logs_its_routers_in_both_layer_layouts(tmp_path):
-    """`lm.py:moe-smoke` on 8 CPU devices through the CLI: the loop and scan layouts give the
-    same losses; metrics.jsonl has the router losses, per-expert loads (summing to 1), the
-    dropped fraction and the router entropy."""
+    """`lm.py:moe-smoke` on 8 CPU devices: the loop and scan layouts give the same losses;
+    metrics.jsonl has the router losses, per-expert loads (summing to 1), the dropped fraction
+    and the router entropy, for training and evaluation."""
+    from infra import train
+
     runs = {}
     for scan in (False, True):
         workdir = tmp_path / f"scan-{scan}"
-        p = cli("train", "--config", "experiments/lm.py:moe-smoke", "--workdir", str(workdir),
-                "--config.train.steps=6", "--config.train.log_every=1",
-                "--config.train.eval_every=6", f"--config.model.scan_layers={scan}",
-                "--config.sharding.print_table=false")
-        assert p.returncode == 0, p.stderr[-3000:]
+        cfg = config_lib.load("experiments/lm.py:moe-smoke", {
+            **MESH_BASE, "train.steps": 6, "train.eval_every": 6, "model.scan_layers": scan})
+        train.run(cfg, workdir)
         runs[scan] = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = {scan: [r["train/loss"] for r in records if "train/loss" in r]
               for scan, records in runs.items()}
