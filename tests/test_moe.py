@@ -366,3 +366,27 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
              for w in (straight, killed)]
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_router_statistics_are_averaged_over_the_moe_layers_only():
+    """Layers 0 and 2 with experts, 1 and 3 dense (`dense_layers`): the logged statistics are
+    the mean of the two MoE layers' own, whatever order the dense layers come in."""
+    from infra.models import build_model
+
+    cfg = config_lib.load("experiments/lm.py:moe-smoke", {
+        "model.num_layers": 4, "model.dense_layers": "1,3", "model.router_aux_loss": 1.0})
+    with nnx.use_eager_sharding(False):
+        model = build_model(cfg.model, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+    _, _, router = model.token_losses(tokens, tokens)
+    x = model.embed(tokens)
+    per_layer = []
+    for block in model.blocks:
+        x, stats = block.forward(x, jnp.arange(16))
+        if stats:
+            per_layer.append(stats)
+    assert len(per_layer) == 2 and model.moe_layers == 2
+    mean_aux = (per_layer[0]["aux_loss"] + per_layer[1]["aux_loss"]) / 2
+    assert float(router.metrics["moe/aux_loss"]) == pytest.approx(float(mean_aux), rel=1e-6)
+    assert float(router.loss) == pytest.approx(float(mean_aux) + 0.001 * float(
+        router.metrics["moe/z_loss"]), rel=1e-6)

@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+from flax import nnx, traverse_util
+
+LAYERS = "layers"  # logical name of the stacked-layers dimension in scan mode
 
 
 def _loop_layout(blocks: dict) -> bool:
@@ -70,3 +72,18 @@ def _delete(arrays: list[jax.Array]) -> None:
     for x in arrays:
         if isinstance(x, jax.Array) and not x.is_deleted():
             x.delete()
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """One block whose every Param is the layers' Params stacked along a new leading dim, with
+    ``"layers"`` prepended to its ``out_sharding`` names (what ``nnx.vmap(...,
+    transform_metadata={nnx.PARTITION_NAME: "layers"})`` does to its outputs).
+
+    The layers are drawn exactly as in the loop layout (same keys, same order) rather than with
+    ``nnx.vmap`` over split rngs, so ``scan_layers`` changes the program, not the initial model:
+    the same seed gives the same weights (and the same training run) in both layouts.
+    """
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in layers))
+    stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS})
+    return nnx.merge(graphdef, stacked)

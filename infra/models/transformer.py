@@ -50,6 +50,7 @@ from flax import nnx
 from infra.errors import ConfigError
 from infra.models import moe as moe_lib
 from infra.models.attention import Mask, attend
+from infra.models.layers import LAYERS, stack_layers
 from infra.models.transformer_config import REMAT, TransformerConfig
 from infra.sharding import activation_shards, constrain
 
@@ -65,7 +66,6 @@ assert tuple(REMAT_POLICIES) == REMAT
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 # A layer's KV cache (serving): stores (k, v) of the new tokens, returns (keys, values, allowed)
 KVUpdate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
-LAYERS = "layers"  # logical name of the stacked-layers dimension in scan mode
 
 
 def normal(stddev: float) -> jax.nn.initializers.Initializer:
@@ -351,25 +351,6 @@ def _apply_block(block: Block, x: jax.Array, positions: jax.Array,
     return block.forward(x, positions, segment_ids)
 
 
-def _add(total: dict[str, jax.Array], stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: total[k] + v for k, v in stats.items()} if total else dict(stats)
-
-
-def _stack_blocks(layers: list[Block]) -> Block:
-    """One Block whose every Param is the layers' Params stacked along a new leading dim, with
-    ``"layers"`` prepended to its ``out_sharding`` names (what ``nnx.vmap(...,
-    transform_metadata={nnx.PARTITION_NAME: "layers"})`` does to its outputs).
-
-    The layers are drawn exactly as in the loop layout (same keys, same order) rather than with
-    ``nnx.vmap`` over split rngs, so ``scan_layers`` changes the program, not the initial model:
-    the same seed gives the same weights (and the same training run) in both layouts.
-    """
-    graphdef = nnx.graphdef(layers[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in layers))
-    stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS})
-    return nnx.merge(graphdef, stacked)
-
-
 class Transformer(nnx.Module):
     """Decoder-only language model: tokens (batch, length) int32 -> logits (batch, length, vocab) float32."""
 
@@ -402,7 +383,7 @@ class Transformer(nnx.Module):
                         rngs=rngs) for i in range(c.num_layers)]
         self.moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
         if c.scan_layers:
-            self.blocks = _stack_blocks(layers)
+            self.blocks = stack_layers(layers)
         else:
             self.blocks = nnx.List(layers)
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=compute_dtype,
@@ -488,7 +469,7 @@ class Transformer(nnx.Module):
         total: dict[str, jax.Array] = {}
         for block in self.blocks:
             x, stats = body(block, x, positions, segment_ids)
-            total = _add(total, stats)
+            total.update({k: total.get(k, 0.0) + v for k, v in stats.items()})
         return x, total
 
     def embed(self, tokens: jax.Array) -> jax.Array:
