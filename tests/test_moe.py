@@ -340,8 +340,8 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
 
     from tests.helpers import popen
 
-    run = ("--config", "experiments/lm.py:moe-smoke", "--config.train.steps=12",
-           "--config.train.log_every=1", "--config.train.eval_every=12",
+    run = ("--config", "experiments/lm.py:moe-smoke", "--config.train.steps=8",
+           "--config.train.log_every=1", "--config.train.eval_every=8",
            "--config.checkpoint.every=4", "--config.sharding.print_table=false",
            "--config.mesh.data=2", "--config.mesh.expert=4")
 
@@ -354,7 +354,7 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
     proc = popen("train", *run, "--workdir", str(killed))
     deadline = time.time() + 240
     committed = killed / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
-    while not (committed.exists() and any(s >= 6 for s, _ in losses(killed))):
+    while not (committed.exists() and any(s >= 5 for s, _ in losses(killed))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -362,7 +362,7 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
     p = cli("train", *run, "--workdir", str(killed))
     assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr[-2000:]
     assert losses(killed) == losses(straight)
-    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "12" / "state")
+    final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "8" / "state")
              for w in (straight, killed)]
     for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -390,3 +390,26 @@ def test_router_statistics_are_averaged_over_the_moe_layers_only():
     assert float(router.metrics["moe/aux_loss"]) == pytest.approx(float(mean_aux), rel=1e-6)
     assert float(router.loss) == pytest.approx(float(mean_aux) + 0.001 * float(
         router.metrics["moe/z_loss"]), rel=1e-6)
+
+
+def test_lora_fine_tunes_the_attention_of_an_expert_parallel_moe_model(tmp_path):
+    """LoRA (rank 4 on q/k/v/o) on `lm.py:moe-smoke` over data=2 x expert=4: the adapters train,
+    the experts and the router stay bit for bit as initialised."""
+    from infra import train
+    from infra.models import lora
+
+    cfg = config_lib.load("experiments/lm.py:moe-smoke", {
+        **MESH_BASE, **EXPERT_MESHES["data=2,expert=4"], "train.steps": 3,
+        "train.eval_every": 3, "finetune.lora.rank": 4, "finetune.lora.targets": "attn/(q|k|v|o)"})
+    trainer = train.build(cfg)
+    initial = jax.device_get(trainer.state.init(jax.random.key(cfg.train.seed))["params"])
+    state, history = train.run(cfg, tmp_path / "lora")
+    final = jax.device_get(state["params"])
+    assert np.isfinite([r["train/loss"] for r in history if "train/loss" in r]).all()
+    base0, adapters0 = lora.split(initial)
+    base1, adapters1 = lora.split(final)
+    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(base1)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adapters0),
+                                                        jax.tree.leaves(adapters1)))
+    assert "moe" in final["blocks"][0] and "q_lora" in final["blocks"][0]["attn"]
