@@ -19,7 +19,7 @@ Qwen3-MoE do). Two ways to compute the experts, the same function where nothing 
   residual and its other choices.
 
 Optional shared experts (DeepSeek) are a dense SwiGLU every token goes through. The layer
-returns the router statistics the loss and the logs need (`ROUTER_STATS`): the load-balancing
+returns the router statistics the loss and the logs need (`router_stats`): the load-balancing
 loss ``E * sum_e f_e * P_e`` (f_e: tokens choosing expert e / tokens, so it sums to k; P_e: the
 mean router probability of e; k under uniform routing; the Switch / Mixtral form per layer),
 the router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE), each expert's share of the
@@ -39,8 +39,6 @@ from infra.errors import ConfigError
 from infra.models import moe_parallel
 from infra.sharding import active_rules, constrain
 
-# what `MoE.__call__` returns besides its output, summed over layers by the transformer
-ROUTER_STATS = ("aux_loss", "z_loss", "load", "dropped", "entropy")
 GROUP_BLOCK = 128  # rows per block of `blocked_matmul` (CPU's grouped matmul)
 
 

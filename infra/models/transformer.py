@@ -331,7 +331,7 @@ class Block(nnx.Module):
 
     def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                 kv_cache: KVUpdate | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The block's output, and its router statistics (`moe.ROUTER_STATS`; none without
+        """The block's output, and its router statistics (`moe.router_stats`; none without
         experts)."""
         x = x + self.attn(self.attn_norm(x), positions, segment_ids, kv_cache)
         if hasattr(self, "moe"):
@@ -381,7 +381,7 @@ class Transformer(nnx.Module):
                             qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args)
         layers = [Block(**block_kwargs, moe=c.moe_options if c.is_moe_layer(i) else None,
                         rngs=rngs) for i in range(c.num_layers)]
-        self.moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+        self.moe_layers = c.moe_layers
         if c.scan_layers:
             self.blocks = stack_layers(layers)
         else:

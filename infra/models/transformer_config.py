@@ -120,6 +120,11 @@ class TransformerConfig(HyperParams):
                 and i not in self.dense_layer_indices)
 
     @property
+    def moe_layers(self) -> int:
+        """How many layers have experts."""
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
     def moe_options(self) -> dict:
         """What `Block(moe=...)` builds a layer's experts from."""
         return dict(num_experts=self.num_experts, experts_per_token=self.experts_per_token,
@@ -195,10 +200,9 @@ class TransformerConfig(HyperParams):
     @property
     def active_params(self) -> int:
         """Parameters one token uses: `num_params` less the experts it is not routed to."""
-        unused = sum(3 * self.d_model * self.moe_hidden
-                     * (self.num_experts - self.experts_per_token)
-                     for i in range(self.num_layers) if self.is_moe_layer(i))
-        return self.num_params - unused
+        return self.num_params - sum(self._mlp_params(i, active=False)
+                                     - self._mlp_params(i, active=True)
+                                     for i in range(self.num_layers))
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of the score and value matmuls per token (the whole score matrix,

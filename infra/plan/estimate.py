@@ -311,8 +311,7 @@ def _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat,
         out.append(Collective(f"sequence-parallel K/V all-gathers + grad reduce-scatters ({count})",
                               sp_axes, ici_b * count * microbatches, dcn_b * count * microbatches,
                               overlapped=False))
-    cfg = model.config
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    moe_layers = model.config.moe_layers
     experts = mesh.shape.get("expert", 1)
     if moe_layers and experts > 1:
         # `infra.models.moe_parallel`: each MoE layer all-gathers its tokens over `expert` and

@@ -152,11 +152,10 @@ def run_cli(args) -> int:
     sandbox.check(template)  # one that does not parse fails before the warm-up
     adapters = adapter_names(args)
     pages = None if args.kv_tokens is None else 1 + -(-args.kv_tokens // args.page_size)
-    engine = Engine.from_workdir(args.workdir, slots=args.slots,
-                                 mesh=serve_mesh(config, tensor=args.tensor), max_len=args.max_len,
-                                 adapters=adapters, page_size=args.page_size, num_pages=pages,
-                                 prefill_chunk=args.prefill_chunk,
-                                 prefill_rows=args.prefill_rows)
+    engine = Engine.from_workdir(
+        args.workdir, slots=args.slots, mesh=serve_mesh(config, tensor=args.tensor),
+        max_len=args.max_len, adapters=adapters, page_size=args.page_size, num_pages=pages,
+        prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]

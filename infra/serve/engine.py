@@ -99,6 +99,13 @@ def buckets(max_len: int, smallest: int = MIN_BUCKET) -> list[int]:
     return out + [max_len]
 
 
+def prefill_shapes(chunk: int, rows: int) -> list[tuple[int, int]]:
+    """(rows, bucket) of the prefills compiled: one prompt chunk in every bucket, and `rows`
+    short prompts together in the buckets where they fit `chunk` tokens."""
+    sizes = buckets(chunk)
+    return [(1, b) for b in sizes] + [(rows, b) for b in sizes if 1 < rows and rows * b <= chunk]
+
+
 class Engine:
     """KV cache + slot state on the devices; prefill / decode / release as compiled steps."""
 
@@ -128,13 +135,9 @@ class Engine:
         if prefill_chunk is None:
             prefill_chunk = PREFILL_CHUNK.get(mesh.devices.flat[0].platform, PREFILL_CHUNK_DEFAULT)
         self.prefill_chunk = int(min(prefill_chunk, self.max_len))
-        self.buckets = buckets(self.prefill_chunk)
         self.prefill_rows = max(1, min(int(prefill_rows), self.slots,
                                        self.prefill_chunk // MIN_BUCKET))
-        # (rows, bucket) compiled: one prompt chunk in every bucket; several short ones together
-        self.prefill_shapes = [(1, b) for b in self.buckets] + [
-            (self.prefill_rows, b) for b in self.buckets
-            if self.prefill_rows > 1 and self.prefill_rows * b <= self.prefill_chunk]
+        self.prefill_shapes = prefill_shapes(self.prefill_chunk, self.prefill_rows)
         self.params = params
         self._model_def = model_def
         self.adapters = int(adapters)
@@ -338,7 +341,8 @@ class Engine:
                                       [] if score_prompt else self.pool.begin(hashes))
         return True
 
-    def _rest(self, slot: int) -> int:
+    def prompt_left(self, slot: int) -> int:
+        """Tokens of `slot`'s prompt not prefilled yet."""
         job = self.pending[slot]
         return len(job.ids) - job.done
 
@@ -348,9 +352,9 @@ class Engine:
         pending ones whose prompts fit too (up to `prefill_rows` in all)."""
         waiting = [s for s in order if self.pending[s] is not None]
         small = max((b for r, b in self.prefill_shapes if r > 1), default=0)
-        if not waiting or self._rest(waiting[0]) > small:
+        if not waiting or self.prompt_left(waiting[0]) > small:
             return waiting[:1]
-        return [s for s in waiting if self._rest(s) <= small][:self.prefill_rows]
+        return [s for s in waiting if self.prompt_left(s) <= small][:self.prefill_rows]
 
     def prefill(self, slots: Sequence[int]) -> list[tuple[int, float] | None]:
         """Run the next chunk of each of `slots`' prompts in one call (one slot: at most
@@ -360,7 +364,7 @@ class Engine:
         `prompt_logprobs(slot)` after its last chunk; `top_logprobs` has the first tokens'
         alternatives, row i for slots[i]."""
         rows = 1 if len(slots) == 1 else self.prefill_rows
-        lengths = [min(self._rest(s), self.prefill_chunk) for s in slots]
+        lengths = [min(self.prompt_left(s), self.prefill_chunk) for s in slots]
         bucket = self.bucket_for(max(lengths), rows)
         host = steps.prefill_rows(rows, bucket, self.pages_per_seq)
         host["slot"][:] = self.slots  # empty rows change no slot

@@ -232,8 +232,8 @@ class Scheduler:
         short prompts go through together (`Engine.prefill_group`)."""
         budget = self.engine.prefill_chunk
         while budget > 0 and (group := self.engine.prefill_group(self.order)):
-            budget -= sum(min(len(j.ids) - j.done, self.engine.prefill_chunk)
-                          for j in (self.engine.pending[s] for s in group))
+            budget -= sum(min(self.engine.prompt_left(s), self.engine.prefill_chunk)
+                          for s in group)
             for row, (s, out) in enumerate(zip(group, self.engine.prefill(group))):
                 if out is not None:
                     self._first(s, self.slots[s], row, *out)
