@@ -12,7 +12,9 @@ Per run segment (one process start to its last event):
   trained them again (`redone_steps` counts them);
 * `start_up`: process start to the first step, less the timed set-up below; `distributed_init`,
   `restore` (or creating a fresh state), `compile`, `checkpoint` (time `save` and the final wait
-  blocked the loop), `eval`, `input_wait`;
+  blocked the loop), `eval`, `input_wait`, `rollout` (an RL task making each step's batch with
+  the current policy: generation, reference log-probabilities; work the run needs, but not the
+  update, so it has its own line);
 * `idle`: from a segment's last event to the next segment's start. A killed process leaves no
   event at its death, so the time it trained after its last log point is counted here too (at
   most one logging interval);
@@ -34,7 +36,7 @@ from infra.jsonout import dumps
 from infra.paths import PathLike
 
 CAUSES = ("start_up", "distributed_init", "restore", "compile", "lost_work", "checkpoint",
-          "eval", "input_wait", "idle", "other")
+          "eval", "input_wait", "rollout", "idle", "other")
 
 
 @dataclass
@@ -111,9 +113,12 @@ def _account(seg: _Segment, resumed_at: int | None, badput: dict[str, float]) ->
         pauses = sum(p["seconds"] for p in seg.events
                      if p["event"] in _PAUSES and boundary < p["time"] <= e["time"])
         boundary = e["time"]
-        train = max(0.0, e["seconds"] - pauses - e["input_wait_s"])
+        rollout = e.get("rollout_s", 0.0)
+        rollout = rollout if _number(rollout, False) else 0.0
+        train = max(0.0, e["seconds"] - pauses - e["input_wait_s"] - rollout)
         badput["input_wait"] += e["input_wait_s"]
-        accounted += train + e["input_wait_s"]
+        badput["rollout"] += rollout
+        accounted += train + e["input_wait_s"] + rollout
         steps = max(1, e["last"] - e["first"] + 1)
         kept = steps if resumed_at is None else max(0, min(e["last"], resumed_at) - e["first"] + 1)
         productive += train * kept / steps

@@ -27,15 +27,15 @@ from infra.errors import UserError
 from infra.models.layers import convert_layers, restrict_like
 from infra.paths import PathLike
 from infra.state import shard_state
-from infra.tasks import get_task, logical_rules
+from infra.tasks import LM_TASKS, get_task, logical_rules
 
 
 def load_config(workdir: PathLike, command: str = "generate"):
     """The resolved config of a language-model run in `workdir` (UserError naming `command`
     otherwise)."""
     raw = config_lib.read_saved(workdir)
-    if raw.get("task") not in ("lm", "sft"):
-        raise UserError(f"{command} needs a language-model run (task 'lm' or 'sft'); "
+    if raw.get("task") not in LM_TASKS:
+        raise UserError(f"{command} needs a language-model run (task {', '.join(LM_TASKS)}); "
                         f"{workdir}/{config_lib.CONFIG_FILE} has task {raw.get('task')!r}")
     return config_lib.load_saved(workdir, raw)
 

@@ -33,34 +33,52 @@ def make_steps(
     `split_trained(params) -> (trained, frozen)` (`ModelDef.split_trained`): only `trained` is
     differentiated and updated (the optimizer state is theirs); `frozen` passes through the step
     bit for bit and no gradient is computed for it. None: every parameter trains.
+
+    A task with `updates_per_batch = n > 1` (GRPO's `rl.num_iterations`) gets n optimizer
+    updates per step on the same batch, in a scan: a step is then one batch, not one update.
     """
     axes = task.batch_axes()
     split_trained = split_trained or (lambda params: (params, None))
+    updates_per_batch = int(task.updates_per_batch)
+
+    def update(trained, opt_state, frozen, batch: dict, rng: jax.Array):
+        """One optimizer update of `trained` on `batch`: (trained, opt_state, metrics)."""
+        def grads_of(mb: dict, mb_rng: jax.Array):
+            def loss_of(p):
+                return task.loss_fn(merge(join_trained(p, frozen)), mb, mb_rng)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+            return grads, {"loss": loss, **metrics}
+
+        grads, metrics = accumulate(grads_of, batch, rng, microbatches=microbatches,
+                                    axes=axes, loss_weight=task.loss_weight)
+        updates, new_opt_state = tx.update(grads, opt_state, trained)
+        new_trained, new_opt_state, health = apply_if_finite(
+            trained, updates, new_opt_state, opt_state, grads, metrics["loss"])
+        return new_trained, new_opt_state, metrics | health
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         with sharding.activation_rules(mesh, rules):
             rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
             trained, frozen = split_trained(state["params"])
+            if updates_per_batch == 1:
+                trained, opt_state, metrics = update(trained, state["opt_state"], frozen, batch,
+                                                     rng)
+            else:  # several updates on one batch (RL: rollouts reused); metrics: their mean
+                def body(carry, i):
+                    t, o, m = update(*carry, frozen, batch, jax.random.fold_in(rng, i))
+                    return (t, o), m
 
-            def grads_of(mb: dict, mb_rng: jax.Array):
-                def loss_of(p):
-                    return task.loss_fn(merge(join_trained(p, frozen)), mb, mb_rng)
-
-                (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
-                return grads, {"loss": loss, **metrics}
-
-            grads, metrics = accumulate(grads_of, batch, rng, microbatches=microbatches,
-                                        axes=axes, loss_weight=task.loss_weight)
-            updates, opt_state = tx.update(grads, state["opt_state"], trained)
-        new_trained, new_opt_state, health = apply_if_finite(
-            trained, updates, opt_state, state["opt_state"], grads, metrics["loss"])
+                (trained, opt_state), stacked = jax.lax.scan(
+                    body, (trained, state["opt_state"]), jnp.arange(updates_per_batch))
+                metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked)
         new_state = {
-            "params": join_trained(new_trained, frozen),
-            "opt_state": new_opt_state,
+            "params": join_trained(trained, frozen),
+            "opt_state": opt_state,
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
-        return new_state, metrics | health | {"lr": schedule(state["step"])}
+        return new_state, metrics | {"lr": schedule(state["step"] * updates_per_batch)}
 
     def eval_step(params: dict, batch: dict) -> dict:
         with sharding.activation_rules(mesh, rules):

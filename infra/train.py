@@ -59,6 +59,7 @@ class Trainer:
     train_step: Callable[[State, dict], tuple[State, dict]]
     eval_step: Callable[[dict, dict], dict]
     batch_shardings: dict
+    rules: tuple = ()  # the logical-axis rules the state and batches are placed by
 
     def to_global(self, local_batch: dict) -> dict:
         """This process's numpy batch -> global arrays in the batch shardings."""
@@ -72,8 +73,12 @@ class Trainer:
         flat = traverse_util.flatten_dict(self.state.abstract["params"])
         return frozenset(flat.keys() - self.state.model.trained)
 
-    def evaluator(self, events=None) -> Evaluator:
-        """The task's eval metrics over this process's share of the held-out batches."""
+    def evaluator(self, events=None) -> Callable[[dict], dict]:
+        """The task's eval metrics over this process's share of the held-out batches (or the
+        task's own evaluator, `Task.evaluator`)."""
+        custom = self.task.evaluator(self, events)
+        if custom is not None:
+            return custom
         batches = self.task.eval_batches(jax.process_index(), jax.process_count())
         return Evaluator(self.task, self.eval_step, [self.to_global(b) for b in batches], events)
 
@@ -84,8 +89,9 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     mesh = mesh or mesh_lib.make_mesh(config.mesh)
     rules = sharding.normalize_rules(logical_rules(config), mesh)
     tc = TrainConfig.from_config(config.train)
-    sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(), tc.microbatches)
     task = get_task(config)
+    sharding.check_batch_size(tc.batch_size * task.rows_per_example, mesh, rules,
+                              jax.process_count(), tc.microbatches)
     tx, schedule = make_optimizer(config.optim, tc.steps)
     sharded = shard_state(task.build_model, tx, mesh, rules, trainable=task.trainable)
     train_step, eval_step = make_steps(
@@ -110,6 +116,7 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
             eval_step, in_shardings=(sharded.shardings["params"], batch_sh), out_shardings=out
         ),
         batch_shardings=batch_sh,
+        rules=rules,
     )
 
 
@@ -260,7 +267,7 @@ def _resume_or_start(trainer: Trainer, ckpt: Checkpointer, workdir: PathLike,
     return state, iterator, True
 
 
-def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, evaluator: Evaluator,
+def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, evaluator: Callable,
            event_log: EventLog) -> tuple[State, list[dict]]:
     tc, task = TrainConfig.from_config(config.train), trainer.task
     events = event_log if is_main_process() else None  # process 0's timeline is the run's
@@ -288,13 +295,17 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
             report.log_eval(0, evaluator(state["params"]))
         while step < end:
             process.raise_if_interrupted()
-            batch = meter.next_batch(train_iter, trainer.to_global)
+            if task.rolls_out:  # the step's batch from the data's and the current policy
+                local = meter.next_batch(train_iter, lambda b: b)
+                batch, host_metrics = meter.rollout(lambda: task.prepare(local, trainer, state))
+            else:
+                batch, host_metrics = meter.next_batch(train_iter, trainer.to_global), {}
             train_step = meter.compiled(trainer.train_step, state, batch)
             profiler.before(step)
             state, metrics = train_step(state, batch)
             step += 1
             profiler.after(step, metrics)
-            pending.append(step, metrics)
+            pending.append(step, metrics | host_metrics)
             pending.wait_for_previous()  # at most one step in flight: SIGTERM is seen in time
             last = step == end
             preempted = sigterm.raised or ckpt.reached_preemption(step)

@@ -90,7 +90,10 @@ def _validate_lora(config: ConfigDict) -> None:
     from infra.models.lora import compile_targets
 
     compile_targets(lora.targets)
-    if config.task not in ("lm", "sft") or config.model.name != "transformer":
-        raise ConfigError(f"finetune.lora needs a transformer language model (task lm or sft), "
+    from infra.tasks import LM_TASKS
+
+    if config.task not in LM_TASKS or config.model.name != "transformer":
+        raise ConfigError(f"finetune.lora needs a transformer language model (task "
+                          f"{', '.join(LM_TASKS)}), "
                           f"not task {config.task!r} with model {config.model.name!r}",
                           key="finetune.lora.rank", value="<unset>")

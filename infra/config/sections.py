@@ -236,6 +236,41 @@ class LoraConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig(Section):
+    """Post-training with rewards or preferences (tasks `grpo` and `dpo`, infra/rl/): GRPO's
+    rollouts and objective, and the KL / DPO coefficient `beta`."""
+
+    prefix: ClassVar[str] = "rl"
+
+    rewards: str = ""  # "fn[:weight],...": callables of the experiment file or `module:fn`
+    num_generations: int = 8  # completions sampled per prompt (the group)
+    num_iterations: int = 1  # updates per rollout batch (importance ratios after the first)
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon]
+    beta: float = 0.0  # GRPO: KL penalty to the reference policy; DPO: the loss's beta
+    scale_rewards: bool = True  # advantages: (reward - group mean) / group std (else not divided)
+    loss_averaging: str = "token"  # "token": mean over all completion tokens; "sequence"
+    max_new_tokens: int = 32  # completion length limit
+    temperature: float = 1.0  # rollout sampling temperature
+    top_k: int = 0  # rollout top-k (0 = all)
+    slots: int = 0  # rollout engine slots (0 = every completion of a batch at once)
+
+    def validate(self) -> None:
+        self.positive("num_generations", "num_iterations", "max_new_tokens")
+        self.non_negative("beta")
+        self.non_negative("top_k", " (0 = all)")
+        self.non_negative("slots", " (0 = train.batch_size x rl.num_generations)")
+        if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
+            raise ConfigError(f"rl.epsilon must be in (0, 1), got {self.epsilon}",
+                              key="rl.epsilon", value=0.2)
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"rl.temperature must be > 0, got {self.temperature}",
+                              key="rl.temperature", value=1.0)
+        if self.loss_averaging not in ("token", "sequence"):
+            raise ConfigError(f"rl.loss_averaging must be 'token' or 'sequence', got "
+                              f"{self.loss_averaging!r}", key="rl.loss_averaging", value="token")
+
+
+@dataclasses.dataclass(frozen=True)
 class ProfileConfig(Section):
     prefix: ClassVar[str] = "profile"
 
@@ -259,6 +294,7 @@ LOOP_SECTIONS: dict[str, type[Section]] = {
     "sharding": ShardingConfig,
     "init": InitConfig,
     "finetune.lora": LoraConfig,
+    "rl": RLConfig,
 }
 
 

@@ -86,9 +86,10 @@ def resolve(pattern: str, key: str) -> list[str]:
 Record = tuple[str, int, dict]  # (file, line number, the JSON object)
 
 
-def read_jsonl(files: Sequence[str]) -> list[Record]:
+def read_jsonl(files: Sequence[str], completion: bool = True) -> list[Record]:
     """Every non-blank line of `files` as a JSON object with `messages` or `prompt` +
-    `completion`; DataError naming the file and line of the first that is not."""
+    `completion` (only `prompt` when not `completion`: prompts to sample from); DataError
+    naming the file and line of the first that is not."""
     records = []
     for path in files:
         try:
@@ -105,13 +106,14 @@ def read_jsonl(files: Sequence[str]) -> list[Record]:
             except ValueError as e:
                 raise DataError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)}); each "
                                 "line must be one JSON object") from None
+            keys = ("prompt", "completion") if completion else ("prompt",)
+            named = " and ".join(f'"{k}"' for k in keys)
             if not isinstance(record, dict) or not (
-                    "messages" in record or ("prompt" in record and "completion" in record)):
+                    "messages" in record or all(k in record for k in keys)):
                 raise DataError(f'{path}:{number}: expected an object with "messages" or with '
-                                f'"prompt" and "completion"')
-            if "messages" not in record and not (isinstance(record["prompt"], str)
-                                                 and isinstance(record["completion"], str)):
-                raise DataError(f'{path}:{number}: "prompt" and "completion" must be strings')
+                                f'{named}')
+            if "messages" not in record and not all(isinstance(record[k], str) for k in keys):
+                raise DataError(f'{path}:{number}: {named} must be strings')
             records.append((path, number, record))
     return records
 

@@ -49,6 +49,7 @@ from infra.interop.safetensors_write import write_safetensors
 from infra.interop.staging import Staging
 from infra.models import lora
 from infra.run import abstract_params, load_config
+from infra.tasks import CHAT_TASKS
 
 
 def _source_hf_config(workdir: Path, config) -> dict:
@@ -214,7 +215,7 @@ def _write_errors(out: Path):
 def _add_chat_template(config, tok, directory: Path) -> None:
     """An SFT run's chat template in the exported tokenizer_config.json, if the tokenizer has
     none of its own (or the run overrode it with data.chat_template)."""
-    if config.task != "sft":
+    if config.task not in CHAT_TASKS:
         return
 
     if not config.data.chat_template and tok.chat_template:

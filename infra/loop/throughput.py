@@ -16,7 +16,9 @@ class ThroughputMeter:
 
     `compiled` compiles the step ahead of time on its first call and restarts the clock, so the
     first interval's step time excludes compilation (and the first batch's wait);
-    `next_batch` measures the time spent waiting for input.
+    `next_batch` measures the time spent waiting for input, and the time an RL task spends
+    making the step's batch from it with the current policy (`rollout`: generation, reference
+    log-probabilities).
     """
 
     def __init__(self, *, units_per_step: int, unit: str, start_step: int = 0,
@@ -30,6 +32,7 @@ class ThroughputMeter:
         self.flops: float | None = None  # per device per step (XLA's count)
         self.peak: float | None = None  # FLOP/s of one device
         self._waited = 0.0
+        self._rollout: float | None = None  # seconds in `prepare` since the last lap
         self._t_last = self._clock()
         self._step_last = start_step
         self._first_lap = True
@@ -41,6 +44,13 @@ class ThroughputMeter:
         self._waited += self._clock() - t0
         return batch
 
+    def rollout(self, prepare: Callable[[], Any]) -> Any:
+        """`prepare()` (an RL task's batch from the current policy), timed as rollout."""
+        t0 = self._clock()
+        out = prepare()
+        self._rollout = (self._rollout or 0.0) + self._clock() - t0
+        return out
+
     def compiled(self, jitted, *args) -> Any:
         """`jitted` compiled for `args` (once; later calls return the same executable)."""
         if self._compiled is None:
@@ -51,6 +61,7 @@ class ThroughputMeter:
             self.flops = utilization.compiled_flops(self._compiled)
             self.peak, _ = self._peak_fn()
             self._t_last, self._waited = self._clock(), 0.0
+            self._rollout = None if self._rollout is None else 0.0
             if self.events is not None:
                 self.events.record("compile", seconds=self.compile_s)
                 self.events.record("loop_start", step=self._step_last)
@@ -68,6 +79,8 @@ class ThroughputMeter:
             f"{self.unit}_per_sec": self.units_per_step / seconds,
             "input_wait_frac": self._waited / interval if interval > 0 else 0.0,
         }
+        if self._rollout is not None:
+            out["rollout_frac"] = self._rollout / interval if interval > 0 else 0.0
         if self.flops:
             out["flops_per_step"] = self.flops * jax.device_count()
             out["flops_per_sec_per_device"] = self.flops / seconds
@@ -79,7 +92,9 @@ class ThroughputMeter:
         if self._first_lap and self.compile_s is not None:
             out["compile_time_s"], self._first_lap = self.compile_s, False
         if self.events is not None:
+            extra = {} if self._rollout is None else {"rollout_s": self._rollout}
             self.events.record("steps", first=self._step_last + 1, last=step, seconds=interval,
-                               input_wait_s=self._waited)
+                               input_wait_s=self._waited, **extra)
         self._t_last, self._step_last, self._waited = self._clock(), step, 0.0
+        self._rollout = None if self._rollout is None else 0.0
         return out

@@ -18,14 +18,22 @@ def load_model(workdir: paths.PathLike, mesh: Mesh, *, step: int | None = None):
     workdir = paths.path(workdir)
     config = run.load_config(workdir)
     run.require_checkpoint(workdir)
-    serving = ConfigDict(config.to_dict())
-    serving.model.scan_layers = False
-    serving.model.remat = "none"
-    if "capacity_factor" in serving.model:  # a token's experts never depend on its batch
-        serving.model.capacity_factor = 0.0
+    serving = serving_config(config)
     sharded, rules = run.sharded_model(serving, mesh)
     params, step = run.load_params(workdir, serving, sharded.abstract["params"], step=step)
     return serving, sharded.model, params, step, rules
+
+
+def serving_config(config) -> ConfigDict:
+    """`config` as served: layers unrolled (the loop layout), no rematerialisation, experts
+    without a capacity (dropless), so that what a request gets does not depend on what runs
+    beside it."""
+    serving = ConfigDict(config.to_dict())
+    serving.model.scan_layers = False
+    serving.model.remat = "none"
+    if "capacity_factor" in serving.model:
+        serving.model.capacity_factor = 0.0
+    return serving
 
 
 def allowed_ids(tok, vocab_size: int) -> np.ndarray:

@@ -18,7 +18,13 @@ TASKS: dict[str, str] = {
     "image": "infra.tasks.image:ImageClassificationTask",
     "ctr": "infra.tasks.ctr:ClickThroughTask",
     "forecast": "infra.tasks.forecast:ForecastTask",
+    "grpo": "infra.tasks.grpo:GRPOTask",
+    "dpo": "infra.tasks.dpo:DPOTask",
 }
+#: Tasks that train the transformer language model (generate, serve, export and LoRA apply).
+LM_TASKS = ("lm", "sft", "grpo", "dpo")
+#: Of those, the ones whose data may be chats (a run's chat template is exported with it).
+CHAT_TASKS = ("sft", "grpo", "dpo")
 
 
 def get_task_class(name: str) -> type[Task]:
@@ -42,4 +48,4 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
     return tuple(tuple(r) for r in config.sharding.rules) + get_task_class(config.task).logical_rules
 
 
-__all__ = ["TASKS", "Task", "get_task", "get_task_class", "logical_rules"]
+__all__ = ["CHAT_TASKS", "LM_TASKS", "TASKS", "Task", "get_task", "get_task_class", "logical_rules"]

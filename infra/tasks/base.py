@@ -43,6 +43,12 @@ class Task(abc.ABC):
     #: Logical-axis rules for dimension names only this task's models use, appended after the
     #: config's `sharding.rules` (the first rule for a name wins, so a config rule overrides).
     logical_rules: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    #: Whether the loop makes each step's batch with `prepare` (RL tasks; timed as rollout).
+    rolls_out: ClassVar[bool] = False
+    #: Rows of the step's batch per example of the data's (GRPO: the completions per prompt).
+    rows_per_example: int = 1
+    #: Optimizer updates per training step on the step's batch (RL reuses its rollouts).
+    updates_per_batch: int = 1
 
     def __init__(self, config):
         self.config = config
@@ -92,6 +98,19 @@ class Task(abc.ABC):
         decompose into batch means (AUC, MASE, masked means over a padded last batch).
         """
         return {k: float(np.mean([o[k] for o in outputs])) for k in outputs[0]}
+
+    def prepare(self, batch: Batch, trainer, state) -> tuple[Batch, dict[str, float]]:
+        """The global batch the step trains on, made from this process's data batch with the
+        current state before each step, and host metrics to log with the step's (RL: rollouts
+        of the policy, their rewards, the reference's log-probabilities). Called by the loop
+        when `rolls_out`, timed as `rollout`. Default: the data batch as it is."""
+        del state
+        return trainer.to_global(batch), {}
+
+    def evaluator(self, trainer, events=None):
+        """A callable `params -> {metric: value}` replacing the jitted `eval_fn` over
+        `eval_batches` (RL: sampling the held-out prompts); None (default): that one."""
+        return None
 
     @abc.abstractmethod
     def train_iterator(self, process_index: int, process_count: int,

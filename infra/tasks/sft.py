@@ -3,7 +3,8 @@ of JSONL examples only, optionally packed, full or LoRA (`finetune.lora.*`).
 
 Data (`infra/data/sft.py`): `data.train_files` (and `data.eval_files`, else `data.val_fraction`
 of the training examples held out), or `data.source = "stdlib_docstrings"`: "write the docstring
-of this function" built once from the Python standard library (`infra/data/docstrings.py`).
+of this function" built once from the Python standard library (`infra/data/docstrings.py`), or
+`"arithmetic"`: addition problems generated in code (`infra/data/arithmetic.py`).
 The model and tokenizer are usually another run's or a Hugging Face model's (`init.from`).
 
 Loss: the mean cross-entropy over the learnt tokens of the batch (the per-token `loss_mask`;
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infra.data import docstrings, sft
+from infra.data import arithmetic, docstrings, sft
 from infra.data.batching import held_out_batches, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
@@ -33,7 +34,7 @@ from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
-SOURCES = ("jsonl", "stdlib_docstrings")
+SOURCES = ("jsonl", "stdlib_docstrings", "arithmetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +53,11 @@ class SFTData(Section):
     chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
     docstrings_format: str = "completion"  # stdlib_docstrings as "completion" or "chat" examples
     cache_dir: str = ""  # where stdlib_docstrings is written ("" = $INFRA_CACHE_DIR or ~/.cache/infra)
+    arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
+    arithmetic_examples: int = 20000  # source arithmetic: training problems
 
     def validate(self) -> None:
-        self.positive("seq_len")
+        self.positive("seq_len", "arithmetic_digits", "arithmetic_examples")
         if self.eval_batches < 0:
             raise ConfigError(f"data.eval_batches must be >= 0 (0 = every held-out example), "
                               f"got {self.eval_batches}", key="data.eval_batches", value=0)
@@ -109,6 +112,9 @@ class SFTTask(LanguageModelTask):
             if jax.process_index() == 0:
                 print(f"sft data: {directory} (stdlib docstrings)", flush=True)
             return sft.read_jsonl([str(train)]), sft.read_jsonl([str(val)])
+        if d.source == "arithmetic":
+            return arithmetic.records(d.arithmetic_examples, digits=d.arithmetic_digits,
+                                      seed=self.config.train.seed, fraction=d.val_fraction)
         records = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"))
         if d.eval_files:
             return records, sft.read_jsonl(sft.resolve(d.eval_files, "data.eval_files"))

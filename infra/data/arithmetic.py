@@ -1,0 +1,56 @@
+"""A verifiable task generated in code (no download): multi-digit addition.
+
+    {"prompt": "47+385=", "completion": "432", "answer": "432"}
+
+Problems are drawn from a seed; the held-out split is decided by a hash of the problem's text,
+so a held-out problem never appears in training whatever the seed or count. `exact_answer` is
+the reward (and the held-out metric): 1 when the completion is the answer, else 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def problems(count: int, *, digits: int, seed: int, held_out: bool,
+             fraction: float = 0.1) -> list[dict]:
+    """`count` distinct addition problems of up to `digits`-digit operands, from the held-out
+    share (`fraction` of all problems, by hash) or the rest."""
+    rng = np.random.default_rng([seed, int(held_out)])
+    high = 10 ** digits
+    space = high * high
+    wanted = min(count, int(space * (fraction if held_out else 1 - fraction) * 0.9))
+    seen: set[str] = set()
+    out = []
+    while len(out) < wanted:
+        a, b = (int(x) for x in rng.integers(0, high, size=2))
+        prompt = f"{a}+{b}="
+        if prompt in seen or is_held_out(prompt, fraction) != held_out:
+            continue
+        seen.add(prompt)
+        out.append({"prompt": prompt, "completion": str(a + b), "answer": str(a + b)})
+    return out
+
+
+def records(count: int, *, digits: int, seed: int,
+            fraction: float = 0.1) -> tuple[list, list]:
+    """(training, held-out) records in `infra.data.sft`'s (source, number, object) form:
+    `count` training problems and a `fraction` as many held out (at least 64)."""
+    def tag(split: str, items: list[dict]) -> list:
+        return [(f"<arithmetic {split}>", i + 1, r) for i, r in enumerate(items)]
+
+    held = max(64, int(count * fraction))
+    return (tag("train", problems(count, digits=digits, seed=seed, held_out=False)),
+            tag("held-out", problems(held, digits=digits, seed=seed, held_out=True)))
+
+
+def is_held_out(prompt: str, fraction: float) -> bool:
+    digest = hashlib.sha256(prompt.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def exact_answer(prompts: list, completions: list[str], answer: list[str], **_) -> list[float]:
+    """1.0 where the completion (surrounding whitespace aside) is the answer, else 0.0."""
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
