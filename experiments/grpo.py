@@ -19,7 +19,7 @@ VARIANTS = {
     "arith": "GRPO from arith-sft (init.from) with the exact-answer reward",
     "smoke-sft": "a tiny SFT start for the CI smoke test (seconds)",
     "smoke": "GRPO smoke test from smoke-sft (init.from): 4 prompts x 4 completions, 4 steps",
-    "dpo-smoke": "DPO smoke test from smoke-sft on --config.data.train_files pairs, 4 steps",
+    "dpo-smoke": "DPO smoke test from smoke-sft (init.from): sums chosen over near misses",
 }
 
 MODEL = dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=512,
@@ -33,13 +33,25 @@ def digits_only(prompts, completions, **_):
     return [float(c.strip().isdigit()) for c in completions]
 
 
+def digit_match(prompts, completions, answer, **_):
+    """Partial credit: the share of the answer's digits right, aligned from the units digit
+    (a denser signal than the exact answer while few answers are exact)."""
+    out = []
+    for c, a in zip(completions, answer):
+        c = c.strip()
+        right = sum(x == y for x, y in zip(reversed(c), reversed(a)))
+        out.append(right / max(len(a), len(c), 1))
+    return out
+
+
 def get_config(arg: str | None = None):
     variant = arg or "arith"
     smoke = variant.startswith("smoke")
     if variant == "dpo-smoke":
         c = base_config("dpo")
         c.model.update(SMOKE)
-        c.data.update(seq_len=16, val_fraction=0.25)
+        c.data.update(source="arithmetic", arithmetic_examples=256, seq_len=16,
+                      val_fraction=0.1)
         c.rl.beta = 0.1
         c.train.update(steps=4, batch_size=8, log_every=1, eval_every=4)
         c.optim.update(lr=1e-3, warmup_steps=0, weight_decay=0.0)

@@ -124,16 +124,20 @@ def _mesh_size(mesh: Mesh, spec_entry) -> int:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, process_count: int,
-                     microbatches: int = 1) -> None:
-    """The global batch must split evenly over batch shards, processes and microbatches."""
+                     microbatches: int = 1, rows_per_example: int = 1) -> None:
+    """The global batch (`batch_size` examples of `rows_per_example` rows each: GRPO's
+    completions per prompt) must split evenly over batch shards, processes and microbatches."""
     shards = batch_shards(mesh, rules)
     need = math.lcm(shards, process_count) * microbatches
-    if batch_size % need:
+    rows = batch_size * rows_per_example
+    if rows % need:
+        what = (f"train.batch_size={batch_size}" if rows_per_example == 1 else
+                f"the {rows} rows of train.batch_size={batch_size} x {rows_per_example}")
         raise ConfigError(
-            f"train.batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh "
+            f"{what} is not divisible by the {shards} batch shards of the mesh "
             f"({' x '.join(f'{a}={s}' for a, s in mesh.shape.items())}), {process_count} process(es) "
             f"and {microbatches} microbatch(es); "
-            f"use a multiple of {need}"
+            f"use a multiple of {need // math.gcd(need, rows_per_example)} examples"
         )
 
 

@@ -40,22 +40,7 @@ def make_steps(
     axes = task.batch_axes()
     split_trained = split_trained or (lambda params: (params, None))
     updates_per_batch = int(task.updates_per_batch)
-
-    def update(trained, opt_state, frozen, batch: dict, rng: jax.Array):
-        """One optimizer update of `trained` on `batch`: (trained, opt_state, metrics)."""
-        def grads_of(mb: dict, mb_rng: jax.Array):
-            def loss_of(p):
-                return task.loss_fn(merge(join_trained(p, frozen)), mb, mb_rng)
-
-            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
-            return grads, {"loss": loss, **metrics}
-
-        grads, metrics = accumulate(grads_of, batch, rng, microbatches=microbatches,
-                                    axes=axes, loss_weight=task.loss_weight)
-        updates, new_opt_state = tx.update(grads, opt_state, trained)
-        new_trained, new_opt_state, health = apply_if_finite(
-            trained, updates, new_opt_state, opt_state, grads, metrics["loss"])
-        return new_trained, new_opt_state, metrics | health
+    update = make_update(task, merge, tx, microbatches=microbatches, axes=axes)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         with sharding.activation_rules(mesh, rules):
@@ -85,6 +70,30 @@ def make_steps(
             return task.eval_fn(merge(params), batch)
 
     return train_step, eval_step
+
+
+def make_update(task: Task, merge: Callable, tx: optax.GradientTransformation, *,
+                microbatches: int, axes: dict) -> Callable:
+    """`update(trained, opt_state, frozen, batch, rng) -> (trained, opt_state, metrics)`: one
+    optimizer update of the trained parameters on `batch` (its gradient accumulated over
+    `microbatches`), skipped when anything is not finite (`apply_if_finite`)."""
+
+    def update(trained, opt_state, frozen, batch: dict, rng: jax.Array):
+        def grads_of(mb: dict, mb_rng: jax.Array):
+            def loss_of(p):
+                return task.loss_fn(merge(join_trained(p, frozen)), mb, mb_rng)
+
+            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+            return grads, {"loss": loss, **metrics}
+
+        grads, metrics = accumulate(grads_of, batch, rng, microbatches=microbatches,
+                                    axes=axes, loss_weight=task.loss_weight)
+        updates, new_opt_state = tx.update(grads, opt_state, trained)
+        new_trained, new_opt_state, health = apply_if_finite(
+            trained, updates, new_opt_state, opt_state, grads, metrics["loss"])
+        return new_trained, new_opt_state, metrics | health
+
+    return update
 
 
 def accumulate(grads_of: Callable, batch: dict, rng: jax.Array, *, microbatches: int,

@@ -90,8 +90,8 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     rules = sharding.normalize_rules(logical_rules(config), mesh)
     tc = TrainConfig.from_config(config.train)
     task = get_task(config)
-    sharding.check_batch_size(tc.batch_size * task.rows_per_example, mesh, rules,
-                              jax.process_count(), tc.microbatches)
+    sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(),
+                              tc.microbatches, task.rows_per_example)
     tx, schedule = make_optimizer(config.optim, tc.steps)
     sharded = shard_state(task.build_model, tx, mesh, rules, trainable=task.trainable)
     train_step, eval_step = make_steps(

@@ -88,8 +88,7 @@ def test_dpo_loss_equals_its_formula_and_equal_pairs_have_zero_gradient():
 
     # chosen = rejected through a real model: the loss is log 2 and the gradient 0 (to rounding:
     # the two rows' equal and opposite terms meet inside the backward's sums)
-    task = get_task(config.load("experiments/grpo.py:dpo-smoke",
-                                {"data.train_files": "unused.jsonl"}))
+    task = get_task(config.load("experiments/grpo.py:dpo-smoke"))
     with nnx.use_eager_sharding(False):
         model = task.build_model(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -245,8 +244,9 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
 
 
 def test_dpo_trains_through_the_cli_full_and_lora(tmp_path, sft_start):
-    """`grpo.py:dpo-smoke` from the SFT start: eval loss starts at log 2 (policy = reference)
-    and falls; LoRA (reference = the base weights) trains only the adapters."""
+    """DPO from the SFT start on JSONL pairs, full fine-tuning (the reference is init.from's
+    parameters) and LoRA (the reference is the base weights): the loss on the pairs starts at
+    log 2 (policy = reference) and falls."""
     from infra.data.arithmetic import problems
 
     pairs = tmp_path / "pairs.jsonl"
@@ -254,13 +254,25 @@ def test_dpo_trains_through_the_cli_full_and_lora(tmp_path, sft_start):
         for p in problems(64, digits=2, seed=1, held_out=False):
             f.write(json.dumps({"prompt": p["prompt"], "chosen": p["answer"],
                                 "rejected": str(int(p["answer"]) + 1)}) + "\n")
-    for name, extra in (("full", ()), ("lora", ("--config.finetune.lora.rank=4",
-                                                "--config.optim.lr=1e-2"))):
+    for name, extra in (("full", ("--config.optim.lr=3e-3",)),
+                        ("lora", ("--config.finetune.lora.rank=4", "--config.optim.lr=3e-2"))):
         workdir = tmp_path / name
         p = cli("train", "--config", "experiments/grpo.py:dpo-smoke", "--workdir", str(workdir),
-                f"--config.init.from={sft_start}", f"--config.data.train_files={pairs}",
-                "--config.sharding.print_table=false", "--config.train.steps=6", *extra)
+                f"--config.init.from={sft_start}", "--config.sharding.print_table=false",
+                "--config.data.source=jsonl", f"--config.data.train_files={pairs}",
+                f"--config.data.eval_files={pairs}", "--config.train.steps=8",
+                "--config.train.eval_every=8", *extra)
         assert p.returncode == 0, p.stderr[-2000:]
         evals = _records(workdir, "eval/loss")
         assert evals[0][1] == pytest.approx(math.log(2), abs=1e-6), evals
-        assert evals[-1][1] < evals[0][1], evals
+        assert evals[-1][1] < evals[0][1] - 1e-3, (name, evals)
+
+
+def test_generated_preference_pairs_prefer_the_sum_over_a_near_miss():
+    train, held = arithmetic.preference_records(200, digits=2, seed=0)
+    assert len(train) == 200 and len(held) == 64
+    assert not {r["prompt"] for _, _, r in train} & {r["prompt"] for _, _, r in held}
+    for _, _, r in train + held:
+        a, b = map(int, r["prompt"].rstrip("=").split("+"))
+        assert r["chosen"] == str(a + b) and r["rejected"] != r["chosen"]
+        assert r["rejected"].isdigit()

@@ -5,6 +5,7 @@
 Problems are drawn from a seed; the held-out split is decided by a hash of the problem's text,
 so a held-out problem never appears in training whatever the seed or count. `exact_answer` is
 the reward (and the held-out metric): 1 when the completion is the answer, else 0.
+`preference_records` pairs each sum (chosen) with a near miss (rejected), for DPO.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def records(count: int, *, digits: int, seed: int,
     held = max(64, int(count * fraction))
     return (tag("train", problems(count, digits=digits, seed=seed, held_out=False)),
             tag("held-out", problems(held, digits=digits, seed=seed, held_out=True)))
+
+
+def preference_records(count: int, *, digits: int, seed: int,
+                       fraction: float = 0.1) -> tuple[list, list]:
+    """`records` as preference pairs (DPO): the sum chosen, a near miss (off by 1 to 10, or
+    with two digits swapped) rejected."""
+    rng = np.random.default_rng([seed, 7])
+
+    def pair(record: dict) -> dict:
+        right = int(record["answer"])
+        wrong = right + int(rng.choice([-1, 1])) * int(rng.integers(1, 11))
+        return {"prompt": record["prompt"], "chosen": record["answer"],
+                "rejected": str(abs(wrong) if abs(wrong) != right else right + 1)}
+
+    train, held = records(count, digits=digits, seed=seed, fraction=fraction)
+    return ([(s, n, pair(r)) for s, n, r in train], [(s, n, pair(r)) for s, n, r in held])
 
 
 def is_held_out(prompt: str, fraction: float) -> bool:

@@ -1,7 +1,8 @@
 """DPO (`task = "dpo"`): direct preference optimisation on pairs of completions.
 
 Data (`infra/data/preferences.py`): JSONL `{"prompt" | "messages", "chosen", "rejected"}` in
-`data.train_files` (and `data.eval_files`, else `data.val_fraction` held out). Each step scores
+`data.train_files` (and `data.eval_files`, else `data.val_fraction` held out), or
+`data.source = "arithmetic"`: sums chosen over near misses, generated in code. Each step scores
 both completions of every pair under the policy and under the reference (before the step, in
 `prepare`: the base weights of a LoRA policy, else `init.from`'s parameters; `infra.rl.reference`)
 and minimises -log sigmoid(beta * ((pc - rc) - (pr - rr))) (`infra.rl.losses.dpo_objective`,
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from infra.config.sections import RLConfig
-from infra.data import preferences, sft
+from infra.data import arithmetic, preferences, sft
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
@@ -40,6 +41,7 @@ ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 class DPOData(Section):
     prefix: ClassVar[str] = "data"
 
+    source: str = "jsonl"  # jsonl (data.train_files / eval_files) | arithmetic (generated)
     train_files: str = ""  # JSONL preference pairs
     eval_files: str = ""  # "" = hold out data.val_fraction of the training pairs
     val_fraction: float = 0.1
@@ -47,13 +49,19 @@ class DPOData(Section):
     eval_batches: int = 0  # 0 = every held-out pair once; N = the first N batches
     tokenizer: str = ""  # "" = byte-level (init.from sets the source's)
     chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
+    arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
+    arithmetic_examples: int = 2000  # source arithmetic: training pairs
 
     def validate(self) -> None:
-        self.positive("seq_len")
+        self.positive("seq_len", "arithmetic_digits", "arithmetic_examples")
+        if self.source not in ("jsonl", "arithmetic"):
+            raise ConfigError(f"data.source must be jsonl or arithmetic, got {self.source!r}",
+                              key="data.source", value="jsonl")
         self.non_negative("eval_batches", " (0 = every held-out pair)")
         self.in_range("val_fraction", 0, 1, high_open=True)
-        if not self.train_files:
-            raise ConfigError("data.train_files is empty; pass JSONL preference pairs",
+        if self.source == "jsonl" and not self.train_files:
+            raise ConfigError("data.train_files is empty; pass JSONL preference pairs (or set "
+                              "data.source=arithmetic)",
                               key="data.train_files", value="'data/pairs.jsonl'", verb="e.g.")
 
 
@@ -83,11 +91,25 @@ class DPOTask(LanguageModelTask):
     def pairs(self) -> dict[str, dict[str, np.ndarray]]:
         """{"train" | "eval": arrays (pairs, 2, seq_len)}, read once."""
         d = self.data_config
+        if d.source == "arithmetic":
+            train, held = arithmetic.preference_records(
+                d.arithmetic_examples, digits=d.arithmetic_digits, seed=self.config.train.seed,
+                fraction=d.val_fraction)
+        else:
+            train, held = self._jsonl()
+        return self._rows(train, held)
+
+    def _jsonl(self) -> tuple[list, list]:
+        d = self.data_config
         train = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"), False)
         if d.eval_files:
             held = sft.read_jsonl(sft.resolve(d.eval_files, "data.eval_files"), False)
         else:
             train, held = sft.split_by_hash(train, d.val_fraction, self.config.train.seed)
+        return train, held
+
+    def _rows(self, train: list, held: list) -> dict[str, dict[str, np.ndarray]]:
+        d = self.data_config
         template = run_template(self.config, self.tokenizer) if any(
             "messages" in r for _, _, r in train + held) else None
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
