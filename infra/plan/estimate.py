@@ -109,6 +109,7 @@ class AnalyticTransformer:
 
     config: Any  # infra.models.transformer_config.TransformerConfig
     T: int
+    rows: int  # sequences per step (GRPO: completions; DPO: both of each pair)
 
     @classmethod
     def from_config(cls, cfg) -> AnalyticTransformer | None:
@@ -116,8 +117,10 @@ class AnalyticTransformer:
         if cfg.model.get("name") != "transformer":
             return None
         from infra.models import hyper_params
+        from infra.tasks import get_task
 
-        return cls(config=hyper_params(cfg.model), T=cfg.data.seq_len)
+        rows, length = get_task(cfg).step_rows(cfg.train.batch_size)
+        return cls(config=hyper_params(cfg.model), T=length, rows=rows)
 
     d = property(lambda self: self.config.d_model)
     L = property(lambda self: self.config.num_layers)
@@ -211,7 +214,7 @@ def estimate(cfg, mesh, rules, param_leaves, *, ici: dict[str, int], dcn: dict[s
     if model is None:
         return Estimate(model=None, collectives=collectives)
 
-    B = cfg.train.batch_size
+    B = model.rows
     batch_shards = _factor(rules, mesh, "batch", B)
     length_shards = _factor(rules, mesh, "length", model.T)
     tokens_local = B / batch_shards / microbatches * model.T / length_shards

@@ -150,6 +150,9 @@ class DPOTask(LanguageModelTask):
     def units_per_example(self) -> int:
         return 2 * self.data_config.seq_len
 
+    def step_rows(self, batch_size: int) -> tuple[int, int]:
+        return 2 * batch_size, self.data_config.seq_len
+
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch_size, 2, self.data_config.seq_len)
         return {**{k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32)

@@ -35,7 +35,7 @@ from infra.data.batching import ArraySource, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError, UserError
 from infra.rl import losses, rewards
-from infra.rl.reference import Scorer, token_logprobs
+from infra.rl.reference import Scorer
 from infra.rl.rollout import RolloutEngine
 from infra.rl.sequences import completion_rows
 from infra.section import Section
@@ -160,6 +160,9 @@ class GRPOTask(LanguageModelTask):
     def units_per_example(self) -> int:
         return self.rl.num_generations * self.seq_len
 
+    def step_rows(self, batch_size: int) -> tuple[int, int]:
+        return batch_size * self.rl.num_generations, self.seq_len
+
     def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         n, t = batch_size * self.rl.num_generations, self.seq_len
         ints, floats = jnp.int32, jnp.float32
@@ -255,9 +258,6 @@ class GRPOTask(LanguageModelTask):
         if self.rl.loss_averaging == "token":
             return jnp.sum(mask)
         return jnp.sum((jnp.sum(mask, axis=1) > 0).astype(jnp.float32))
-
-    def eval_fn(self, model: nnx.Module, batch: Batch) -> Metrics:
-        return {"logprob": jnp.sum(token_logprobs(model, batch) * batch["loss_mask"])}
 
     # ----------------------------------------------------------------------- eval
 

@@ -140,3 +140,7 @@ class LanguageModelTask(Task):
 
     def units_per_example(self) -> int:
         return self.data_config.seq_len
+
+    def step_rows(self, batch_size: int) -> tuple[int, int]:
+        """(sequences, tokens each) the transformer runs per training step (`plan`)."""
+        return batch_size, self.data_config.seq_len
