@@ -29,7 +29,7 @@ SMOKE = dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
 
 
 def digits_only(prompts, completions, **_):
-    """0.1-weighted format reward: the completion is a number."""
+    """A format reward: the completion is a number."""
     return [float(c.strip().isdigit()) for c in completions]
 
 
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
         c = base_config("grpo")
         c.data.update(source="arithmetic", arithmetic_digits=2, prompt_len=12, val_fraction=0.05,
                       eval_prompts=64)
-        c.rl.update(rewards="exact_answer, digits_only:0.1", num_generations=8,
+        c.rl.update(rewards="exact_answer, digit_match:0.5", num_generations=8,
                     max_new_tokens=8, temperature=1.0, beta=0.0)
         c.optim.update(weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0)
     c.model.update(SMOKE if smoke else MODEL)
@@ -81,11 +81,11 @@ def get_config(arg: str | None = None):
         c.checkpoint.every = 2
     elif variant == "arith-sft":
         c.data.arithmetic_examples = 4000
-        c.train.update(steps=300, batch_size=32, log_every=20, eval_every=100)
+        c.train.update(steps=800, batch_size=32, log_every=20, eval_every=200)
         c.optim.update(lr=3e-3, warmup_steps=20, weight_decay=0.0)
         c.checkpoint.every = 100
     else:
-        c.train.update(steps=60, batch_size=8, log_every=5, eval_every=10)
-        c.optim.lr = 1e-4
-        c.checkpoint.every = 10
+        c.train.update(steps=200, batch_size=16, log_every=5, eval_every=25)
+        c.optim.lr = 3e-4
+        c.checkpoint.every = 25
     return c

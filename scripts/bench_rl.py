@@ -69,7 +69,9 @@ def in_process(workdir: Path, prompts: int, generations: int, max_tokens: int,
             tokens = out["tokens"]
     del jax
     seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    prompts_used = [list(map(int, x)) for x in task.prompts["eval"][1][:prompts]]
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "prompt_ids": prompts_used}
 
 
 async def _burst(url: str, prompts: list[list[int]], generations: int, max_tokens: int,
@@ -85,18 +87,11 @@ async def _burst(url: str, prompts: list[list[int]], generations: int, max_token
     return sum(a.usage.completion_tokens for a in answers)
 
 
-def over_http(workdir: Path, prompts: int, generations: int, max_tokens: int,
+def over_http(workdir: Path, ids: list[list[int]], generations: int, max_tokens: int,
               repeats: int) -> dict:
     from bench_serve import ServerProcess
 
-    from infra.data import arithmetic
-    from infra.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("")
-    cfg_prompts = [r["prompt"] for r in arithmetic.problems(prompts, digits=2, seed=0,
-                                                            held_out=True)]
-    ids = [list(map(int, tok.encode_prompt(p))) for p in cfg_prompts]
-    server = ServerProcess(workdir, False, prompts * generations)
+    server = ServerProcess(workdir, False, len(ids) * generations)
     try:
         times, tokens = [], 0
         for i in range(repeats + 1):
@@ -136,11 +131,12 @@ def main() -> None:
         workdir = Path(args.workdir) if args.workdir else Path(tmp) / "sft"
         if not args.workdir:
             train("experiments/grpo.py:arith-sft", workdir)
-        shape = (args.prompts, args.generations, args.max_tokens, args.repeats)
+        shape = (args.generations, args.max_tokens, args.repeats)
+        inside = in_process(workdir, args.prompts, *shape)
+        ids = inside.pop("prompt_ids")
         result = {"prompts": args.prompts, "generations": args.generations,
-                  "max_tokens": args.max_tokens,
-                  "in_process": in_process(workdir, *shape),
-                  "http": over_http(workdir, *shape),
+                  "max_tokens": args.max_tokens, "in_process": inside,
+                  "http": over_http(workdir, ids, *shape),
                   "grpo_step": step_split(workdir, Path(tmp), args.steps)}
     result["in_process_vs_http"] = (result["in_process"]["tokens_per_s"]
                                     / result["http"]["tokens_per_s"])
