@@ -37,7 +37,7 @@ from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
-from infra.models import lora
+from infra.models import lora, moe_parallel
 from infra.optim import make_optimizer
 from infra.paths import PathLike
 from infra.peers import PeerWatchdog
@@ -90,6 +90,7 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     rules = sharding.normalize_rules(logical_rules(config), mesh)
     tc = TrainConfig.from_config(config.train)
     task = get_task(config)
+    moe_parallel.check_experts_fit(int(config.model.get("num_experts", 0) or 0), mesh)
     sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(),
                               tc.microbatches, task.rows_per_example)
     tx, schedule = make_optimizer(config.optim, tc.steps)

@@ -152,6 +152,9 @@ def test_reward_functions_resolve_combine_and_refuse_bad_output():
     bad = [rewards.Reward("short", lambda p, c, **_: [1.0], 1.0)]
     with pytest.raises(UserError, match="'short' returned .*one finite number per completion"):
         rewards.score(bad, ["a", "b"], ["x", "y"], {})
+    missing = [rewards.Reward("needs_label", lambda p, c, label, **_: [1.0] * len(c), 1.0)]
+    with pytest.raises(UserError, match="'needs_label' raised TypeError.*fields: answer"):
+        rewards.score(missing, ["a"], ["x"], {"answer": ["1"]})
 
 
 # --------------------------------------------------------------------------- engine vs trainer

@@ -5,7 +5,10 @@
 Problems are drawn from a seed; the held-out split is decided by a hash of the problem's text,
 so a held-out problem never appears in training whatever the seed or count. `exact_answer` is
 the reward (and the held-out metric): 1 when the completion is the answer, else 0.
-`preference_records` pairs each sum (chosen) with a near miss (rejected), for DPO.
+`preference_records` pairs each sum (chosen) with a near miss (rejected), for DPO. A share of
+the training demonstrations can come from a careless teacher who drops every carry
+(`careless`): SFT on them learns the format and the pupil's mistake, which a verifier's reward
+can then correct.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import numpy as np
 
 
 def problems(count: int, *, digits: int, seed: int, held_out: bool,
-             fraction: float = 0.1) -> list[dict]:
+             fraction: float = 0.1, careless: float = 0.0) -> list[dict]:
     """`count` distinct addition problems of up to `digits`-digit operands, from the held-out
-    share (`fraction` of all problems, by hash) or the rest."""
+    share (`fraction` of all problems, by hash) or the rest. With `careless` > 0 that share of
+    the completions (the demonstrations) drop every carry (`no_carry_sum`); `answer` is
+    always the sum."""
     rng = np.random.default_rng([seed, int(held_out)])
+    sloppy = np.random.default_rng([seed, int(held_out), 1])
     high = 10 ** digits
     space = high * high
     wanted = min(count, int(space * (fraction if held_out else 1 - fraction) * 0.9))
@@ -31,19 +37,31 @@ def problems(count: int, *, digits: int, seed: int, held_out: bool,
         if prompt in seen or is_held_out(prompt, fraction) != held_out:
             continue
         seen.add(prompt)
-        out.append({"prompt": prompt, "completion": str(a + b), "answer": str(a + b)})
+        shown = no_carry_sum(a, b) if careless and sloppy.random() < careless else a + b
+        out.append({"prompt": prompt, "completion": str(shown), "answer": str(a + b)})
     return out
 
 
-def records(count: int, *, digits: int, seed: int,
-            fraction: float = 0.1) -> tuple[list, list]:
+def no_carry_sum(a: int, b: int) -> int:
+    """The sum a careless pupil writes: each digit (a_i + b_i) mod 10, no carry (47+85 -> 22)."""
+    out, place = 0, 1
+    while a or b:
+        out += (a % 10 + b % 10) % 10 * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
+
+
+def records(count: int, *, digits: int, seed: int, fraction: float = 0.1,
+            careless: float = 0.0) -> tuple[list, list]:
     """(training, held-out) records in `infra.data.sft`'s (source, number, object) form:
-    `count` training problems and a `fraction` as many held out (at least 64)."""
+    `count` training problems (`careless`: that share of their completions without carries)
+    and a `fraction` as many held out (at least 64; always the true sums)."""
     def tag(split: str, items: list[dict]) -> list:
         return [(f"<arithmetic {split}>", i + 1, r) for i, r in enumerate(items)]
 
     held = max(64, int(count * fraction))
-    return (tag("train", problems(count, digits=digits, seed=seed, held_out=False)),
+    return (tag("train", problems(count, digits=digits, seed=seed, held_out=False,
+                                  careless=careless)),
             tag("held-out", problems(held, digits=digits, seed=seed, held_out=True)))
 
 

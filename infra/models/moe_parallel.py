@@ -32,6 +32,16 @@ def expert_shards(mesh: Mesh) -> int:
     return int(dict(mesh.shape).get(AXIS, 1))
 
 
+def check_experts_fit(num_experts: int, mesh: Mesh) -> None:
+    """ConfigError unless the experts split evenly over the mesh's `expert` axis (checked when
+    the run is built, before anything is written, and again where the dispatch is traced)."""
+    shards = expert_shards(mesh)
+    if num_experts and num_experts % shards:
+        raise ConfigError(f"model.num_experts ({num_experts}) must be a multiple of mesh.expert "
+                          f"({shards})", key="mesh.expert",
+                          value=max(d for d in range(1, shards + 1) if num_experts % d == 0))
+
+
 def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
 
@@ -42,11 +52,7 @@ def dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Arr
     weighted sum (batch, length, d), the experts split over the `expert` axis. ``compute(x,
     experts, weights, gate, up, down)``: the single-device dropless computation on flat tokens
     whose ``experts`` index the local ``gate`` / ``up`` / ``down`` (ids past them: dropped)."""
-    shards = expert_shards(mesh)
-    num_experts = gate.shape[0]
-    if num_experts % shards:
-        raise ConfigError(f"model.num_experts ({num_experts}) must be a multiple of mesh.expert "
-                          f"({shards})")
+    check_experts_fit(gate.shape[0], mesh)
     tokens = logical_to_spec(("batch", "length", None), rules)
     gathered = AXIS in _axes(tokens[0])
     tensor = logical_to_spec(("mlp",), rules)[0]

@@ -95,10 +95,11 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list[str],
         try:
             values = list(r.fn(prompts, completions, **example))
             arr = np.asarray(values, np.float64)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"reward function {r.name!r} failed ({type(e).__name__}: {e}); it "
-                            "must take (prompts, completions, **example) and return one number "
-                            "per completion") from None
+        except Exception as e:  # noqa: BLE001 - the user's code: one line naming it
+            columns = ", ".join(example) or "none"
+            raise UserError(f"reward function {r.name!r} raised {type(e).__name__}: {e} (it is "
+                            "called as fn(prompts, completions, **example) and must return one "
+                            f"number per completion; the example's fields: {columns})") from None
         if arr.shape != (len(completions),) or not np.all(np.isfinite(arr)):
             raise UserError(f"reward function {r.name!r} returned {_describe(values)} for "
                             f"{len(completions)} completions; it must return one finite number "

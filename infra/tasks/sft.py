@@ -55,6 +55,7 @@ class SFTData(Section):
     cache_dir: str = ""  # where stdlib_docstrings is written ("" = $INFRA_CACHE_DIR or ~/.cache/infra)
     arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
     arithmetic_examples: int = 20000  # source arithmetic: training problems
+    arithmetic_careless: float = 0.0  # source arithmetic: share of answers without carries
 
     def validate(self) -> None:
         self.positive("seq_len", "arithmetic_digits", "arithmetic_examples")
@@ -62,6 +63,7 @@ class SFTData(Section):
             raise ConfigError(f"data.eval_batches must be >= 0 (0 = every held-out example), "
                               f"got {self.eval_batches}", key="data.eval_batches", value=0)
         self.in_range("val_fraction", 0, 1, high_open=True)
+        self.in_range("arithmetic_careless", 0, 1)
         if self.source not in SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got "
                               f"{self.source!r}", key="data.source", value="jsonl")
@@ -114,7 +116,8 @@ class SFTTask(LanguageModelTask):
             return sft.read_jsonl([str(train)]), sft.read_jsonl([str(val)])
         if d.source == "arithmetic":
             return arithmetic.records(d.arithmetic_examples, digits=d.arithmetic_digits,
-                                      seed=self.config.train.seed, fraction=d.val_fraction)
+                                      seed=self.config.train.seed, fraction=d.val_fraction,
+                                      careless=d.arithmetic_careless)
         records = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"))
         if d.eval_files:
             return records, sft.read_jsonl(sft.resolve(d.eval_files, "data.eval_files"))
