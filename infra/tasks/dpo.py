@@ -23,14 +23,14 @@ import numpy as np
 from flax import nnx
 
 from infra.config.sections import RLConfig
-from infra.data import arithmetic, preferences, sft
+from infra.data import preferences, sft
+from infra.data.arithmetic import ArithmeticKeys
 from infra.data.batching import ArraySource, held_out_batches, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
 from infra.loop.evaluator import Evaluator
 from infra.rl import losses
 from infra.rl.reference import Scorer
-from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
@@ -38,7 +38,7 @@ ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOData(Section):
+class DPOData(ArithmeticKeys):
     prefix: ClassVar[str] = "data"
 
     source: str = "jsonl"  # jsonl (data.train_files / eval_files) | arithmetic (generated)
@@ -49,11 +49,10 @@ class DPOData(Section):
     eval_batches: int = 0  # 0 = every held-out pair once; N = the first N batches
     tokenizer: str = ""  # "" = byte-level (init.from sets the source's)
     chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
-    arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
-    arithmetic_examples: int = 2000  # source arithmetic: training pairs
 
     def validate(self) -> None:
-        self.positive("seq_len", "arithmetic_digits", "arithmetic_examples")
+        self.positive("seq_len")
+        self.validate_arithmetic()
         if self.source not in ("jsonl", "arithmetic"):
             raise ConfigError(f"data.source must be jsonl or arithmetic, got {self.source!r}",
                               key="data.source", value="jsonl")
@@ -92,9 +91,7 @@ class DPOTask(LanguageModelTask):
         """{"train" | "eval": arrays (pairs, 2, seq_len)}, read once."""
         d = self.data_config
         if d.source == "arithmetic":
-            train, held = arithmetic.preference_records(
-                d.arithmetic_examples, digits=d.arithmetic_digits, seed=self.config.train.seed,
-                fraction=d.val_fraction)
+            train, held = d.arithmetic_pairs(self.config.train.seed, d.val_fraction)
         else:
             train, held = self._jsonl()
         return self._rows(train, held)

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from infra.config.sections import RLConfig
-from infra.data import arithmetic, prompts, sft
+from infra.data import prompts, sft
+from infra.data.arithmetic import ArithmeticKeys
 from infra.data.batching import ArraySource, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError, UserError
@@ -38,7 +39,6 @@ from infra.rl import losses, rewards
 from infra.rl.reference import Scorer
 from infra.rl.rollout import RolloutEngine
 from infra.rl.sequences import completion_rows
-from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
@@ -47,7 +47,7 @@ ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOData(Section):
+class GRPOData(ArithmeticKeys):
     prefix: ClassVar[str] = "data"
 
     source: str = "jsonl"  # jsonl (data.train_files / eval_files) | arithmetic (generated)
@@ -58,11 +58,10 @@ class GRPOData(Section):
     eval_prompts: int = 64  # held-out prompts sampled (greedy) per evaluation; 0 = all
     tokenizer: str = ""  # "" = byte-level (init.from sets the source's)
     chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
-    arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
-    arithmetic_examples: int = 20000  # source arithmetic: training problems
 
     def validate(self) -> None:
-        self.positive("prompt_len", "arithmetic_digits", "arithmetic_examples")
+        self.positive("prompt_len")
+        self.validate_arithmetic()
         self.non_negative("eval_prompts", " (0 = every held-out prompt)")
         self.in_range("val_fraction", 0, 1, high_open=True)
         if self.source not in SOURCES:
@@ -118,8 +117,7 @@ class GRPOTask(LanguageModelTask):
         """{"train" | "eval": (records, prompt ids)}, prompts over `data.prompt_len` left out."""
         d = self.data_config
         if d.source == "arithmetic":
-            train, held = arithmetic.records(d.arithmetic_examples, digits=d.arithmetic_digits,
-                                             seed=self.config.train.seed, fraction=d.val_fraction)
+            train, held = d.arithmetic_records(self.config.train.seed, d.val_fraction)
         else:
             train = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"), False)
             held = (sft.read_jsonl(sft.resolve(d.eval_files, "data.eval_files"), False)

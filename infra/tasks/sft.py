@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infra.data import arithmetic, docstrings, sft
+from infra.data import docstrings, sft
+from infra.data.arithmetic import ArithmeticKeys
 from infra.data.batching import held_out_batches, shuffled_batches
 from infra.data.chat import run_template
 from infra.errors import ConfigError, DataError
 from infra.models.moe import RouterTerms
-from infra.section import Section
 from infra.tasks.base import Batch, Metrics, Task
 from infra.tasks.lm import LanguageModelTask
 
@@ -38,7 +38,7 @@ SOURCES = ("jsonl", "stdlib_docstrings", "arithmetic")
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTData(Section):
+class SFTData(ArithmeticKeys):
     prefix: ClassVar[str] = "data"
 
     source: str = "jsonl"  # jsonl (data.train_files / eval_files) | stdlib_docstrings (no download)
@@ -53,17 +53,14 @@ class SFTData(Section):
     chat_template: str = ""  # a Jinja file overriding the tokenizer's chat template
     docstrings_format: str = "completion"  # stdlib_docstrings as "completion" or "chat" examples
     cache_dir: str = ""  # where stdlib_docstrings is written ("" = $INFRA_CACHE_DIR or ~/.cache/infra)
-    arithmetic_digits: int = 2  # source arithmetic: operands of up to this many digits
-    arithmetic_examples: int = 20000  # source arithmetic: training problems
-    arithmetic_careless: float = 0.0  # source arithmetic: share of answers without carries
 
     def validate(self) -> None:
-        self.positive("seq_len", "arithmetic_digits", "arithmetic_examples")
+        self.positive("seq_len")
+        self.validate_arithmetic()
         if self.eval_batches < 0:
             raise ConfigError(f"data.eval_batches must be >= 0 (0 = every held-out example), "
                               f"got {self.eval_batches}", key="data.eval_batches", value=0)
         self.in_range("val_fraction", 0, 1, high_open=True)
-        self.in_range("arithmetic_careless", 0, 1)
         if self.source not in SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got "
                               f"{self.source!r}", key="data.source", value="jsonl")
@@ -115,9 +112,7 @@ class SFTTask(LanguageModelTask):
                 print(f"sft data: {directory} (stdlib docstrings)", flush=True)
             return sft.read_jsonl([str(train)]), sft.read_jsonl([str(val)])
         if d.source == "arithmetic":
-            return arithmetic.records(d.arithmetic_examples, digits=d.arithmetic_digits,
-                                      seed=self.config.train.seed, fraction=d.val_fraction,
-                                      careless=d.arithmetic_careless)
+            return d.arithmetic_records(self.config.train.seed, d.val_fraction)
         records = sft.read_jsonl(sft.resolve(d.train_files, "data.train_files"))
         if d.eval_files:
             return records, sft.read_jsonl(sft.resolve(d.eval_files, "data.eval_files"))
