@@ -37,7 +37,7 @@ from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
-from infra.models import lora, moe_parallel
+from infra.models import attention_kernels, lora, moe_parallel
 from infra.optim import make_optimizer
 from infra.paths import PathLike
 from infra.peers import PeerWatchdog
@@ -91,6 +91,8 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     tc = TrainConfig.from_config(config.train)
     task = get_task(config)
     moe_parallel.check_experts_fit(int(config.model.get("num_experts", 0) or 0), mesh)
+    attention_kernels.resolve(config.model.get("attention", "xla"),
+                              mesh.devices.flat[0].platform)  # a kernel the devices lack
     sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(),
                               tc.microbatches, task.rows_per_example)
     tx, schedule = make_optimizer(config.optim, tc.steps)

@@ -30,6 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from infra import sharding
+from infra.models import attention_kernels as kernels
+
 NEG = float(jnp.finfo(jnp.float32).min)  # the additive mask of a hidden key
 
 
@@ -68,13 +71,22 @@ class Mask:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, dtype,
-           query_blocks: list[tuple[int, int]] | None = None) -> jax.Array:
+           query_blocks: list[tuple[int, int]] | None = None, backend: str = "xla",
+           interpret: bool = False) -> jax.Array:
     """Grouped-query attention (see the module docstring); `query_blocks`: position ranges of
-    the query blocks (default: one)."""
+    the query blocks (default: one); `backend`: `model.attention` (a fused kernel for the
+    training masks, `infra.models.attention_kernels`; `interpret`: Pallas kernels interpreted,
+    on CPU, for tests)."""
     b, t, heads, hd = q.shape
     kv, s = k.shape[2], k.shape[1]
     group = heads // kv
     q = q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)
+    kernel = backend if interpret or backend == "xla" else kernels.resolve(backend, _platform())
+    if kernel != "xla" and mask.allowed is None:
+        fused = kernels.splash if kernel == "splash" else kernels.cudnn
+        options = {"interpret": interpret} if kernel == "splash" else {}
+        return fused(q, k, v, causal=mask.causal, segment_ids=mask.segment_ids,
+                     **options).astype(dtype)
     if t == 1 and mask.allowed is not None:
         return _attend_one(q, k, v, mask.allowed, group, dtype)
     q = q.reshape(b, t, kv, group, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * group, hd)
@@ -92,6 +104,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, dtype,
         outs.append(jnp.einsum("bkqs,bksh->bkqh", probs, v[:, :, :keys]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     return out.reshape(b, kv, t, group, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, heads, hd)
+
+
+def _platform() -> str:
+    """The platform attention runs on: the active mesh's devices, else JAX's default."""
+    active = sharding.active_rules()
+    return active[0].devices.flat[0].platform if active is not None else jax.default_backend()
 
 
 def _attend_one(q, keys, values, allowed, group, dtype):

@@ -17,11 +17,11 @@ Two switches trade compute for memory / compile time:
   ``num_layers`` copies. The weights are the loop layout's, stacked: the same seed gives the same
   initial model in both layouts. Remat, when on, is applied inside the scanned body.
 
-The attention itself is `infra.models.attention.attend`, the one implementation training, packed
-fine-tuning, encoders and serving (`Attention(..., kv_cache=...)`, `infra/serve/forward.py`)
-share. Causal attention is computed in ``causal_blocks`` query blocks (default 4): block i attends to
-the keys up to its own end only, skipping the upper triangle the mask would zero (5/8 of the
-score work with 4 blocks; 1 = the whole matrix). The result equals the full computation.
+The attention is `infra.models.attention.attend` for training, packed fine-tuning, encoders and
+serving (`infra/serve/forward.py`) alike, with a fused kernel by ``model.attention``. Causal
+attention is computed in ``causal_blocks`` query blocks (default 4): block i attends to the keys
+up to its own end only, skipping the upper triangle the mask would zero (5/8 of the score work
+with 4 blocks; 1 = the whole matrix). The result equals the full computation.
 
 Activations are pinned with ``infra.sharding.constrain`` (a no-op outside
 ``infra.sharding.activation_rules``): residual stream ("batch", "length", "act_embed"), q
@@ -30,11 +30,10 @@ Activations are pinned with ``infra.sharding.constrain`` (a no-op outside
 Causal masking uses global positions (``jnp.arange(length)``), so it stays correct when
 ``length`` is split over the ``sequence`` mesh axis (GSPMD gathers K/V along length).
 
-Packed rows (supervised fine-tuning): with ``segment_ids`` (batch, length) a token attends only
-to earlier tokens of its own segment, and ``positions`` (batch, length) restart RoPE in each
-segment; the query blocks above still skip the upper triangle. Without them the computation is
-exactly the one above. Low-rank adapters (``infra/models/lora.py``) attach as ``<weight>_lora``
-submodules of `Attention` / `MLP`; a projection adds ``scale * (x A) B`` when one is present.
+Packed rows (fine-tuning): with ``segment_ids`` (batch, length) a token attends only to earlier
+tokens of its own segment, ``positions`` (batch, length) restarting RoPE in each. Low-rank
+adapters (``infra/models/lora.py``) attach as ``<weight>_lora`` submodules of `Attention` /
+`MLP`; a projection adds ``scale * (x A) B`` when one is present.
 """
 
 from __future__ import annotations
@@ -159,7 +158,7 @@ class Attention(nnx.Module):
     Options the released Llama-family models need (all off by default): ``qkv_bias`` (Qwen2:
     biases on q, k, v), ``out_bias`` (Llama's ``attention_bias`` also biases o), ``qk_norm``
     (Qwen3: an RMSNorm over head_dim on each q and k head, before RoPE, eps ``norm_eps``) and
-    ``rope_scaling`` (Llama 3.1's, see `rope_frequencies`)."""
+    ``rope_scaling`` (Llama 3.1's); ``attention``: the kernel (`model.attention`)."""
 
     #: weights a low-rank adapter may target -> how many leading (input) dims each contracts
     lora_targets = {"q": 1, "k": 1, "v": 1, "o": 2}
@@ -168,9 +167,9 @@ class Attention(nnx.Module):
                  rope_theta: float, out_scale: float, dtype, param_dtype, rngs: nnx.Rngs,
                  causal: bool = True, causal_blocks: int = 1, qkv_bias: bool = False,
                  out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
-                 rope_scaling: tuple[float, float, float, int] | None = None):
-        self.causal = causal
-        self.causal_blocks = causal_blocks
+                 rope_scaling: tuple[float, float, float, int] | None = None,
+                 attention: str = "xla"):
+        self.causal, self.backend, self.causal_blocks = causal, attention, causal_blocks
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -229,7 +228,7 @@ class Attention(nnx.Module):
         else:
             k, v, allowed = kv_cache(k, v)
             mask, blocks = Mask(allowed=allowed), None
-        out = attend(q, k, v, mask, dtype=self.dtype, query_blocks=blocks)
+        out = attend(q, k, v, mask, dtype=self.dtype, query_blocks=blocks, backend=self.backend)
         return self.project_out(out)
 
     def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array,
@@ -378,7 +377,8 @@ class Transformer(nnx.Module):
                             norm_eps=c.norm_eps, out_scale=out_scale, dtype=compute_dtype,
                             param_dtype=storage_dtype, causal_blocks=c.causal_blocks,
                             qkv_bias=c.qkv_bias, out_bias=c.out_bias, mlp_bias=c.mlp_bias,
-                            qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args)
+                            qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args,
+                            attention=c.attention)
         layers = [Block(**block_kwargs, moe=c.moe_options if c.is_moe_layer(i) else None,
                         rngs=rngs) for i in range(c.num_layers)]
         self.moe_layers = c.moe_layers

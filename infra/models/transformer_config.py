@@ -8,6 +8,9 @@ import dataclasses
 from infra.errors import ConfigError, check_positive_ints
 from infra.models.hparams import HyperParams
 
+#: `model.attention`: the kernels of `infra.models.attention_kernels`
+ATTENTION_BACKENDS = ("xla", "splash", "cudnn", "auto")
+
 # `model.remat`: recompute activations in the backward pass (policies: transformer.REMAT_POLICIES)
 REMAT = ("none", "full", "save_dots")
 
@@ -43,6 +46,7 @@ class TransformerConfig(HyperParams):
     remat: str = "none"  # none | full | save_dots: recompute activations in the backward pass
     scan_layers: bool = False  # one stacked block applied with a scan: faster compiles
     causal_blocks: int = 4  # query blocks of causal attention (1 = the whole score matrix)
+    attention: str = "auto"  # xla | splash (TPU) | cudnn (GPU) | auto (by backend)
     # blocks of the sequence the output projection and cross-entropy run over, each recomputed
     # in the backward pass (1 = all logits at once; >1 bounds the (batch, length, vocab) logits)
     loss_blocks: int = 1
@@ -66,6 +70,10 @@ class TransformerConfig(HyperParams):
                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                             mlp_dim=self.mlp_dim, max_seq_len=self.max_seq_len,
                             causal_blocks=self.causal_blocks, loss_blocks=self.loss_blocks)
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention must be one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}",
+                              key="model.attention", value="auto")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")
