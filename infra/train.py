@@ -91,8 +91,8 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     tc = TrainConfig.from_config(config.train)
     task = get_task(config)
     moe_parallel.check_experts_fit(int(config.model.get("num_experts", 0) or 0), mesh)
-    attention_kernels.resolve(config.model.get("attention", "xla"),
-                              mesh.devices.flat[0].platform)  # a kernel the devices lack
+    attention_kernels.resolve(config.model.get("attention", "xla"),  # a kernel the devices lack
+                              mesh.devices.flat[0].platform, config.model.get("dtype"))
     sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(),
                               tc.microbatches, task.rows_per_example)
     tx, schedule = make_optimizer(config.optim, tc.steps)

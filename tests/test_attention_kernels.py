@@ -83,7 +83,11 @@ def test_splash_sharded_over_batch_and_heads_equals_xla():
 def test_asking_for_a_kernel_the_devices_lack_is_one_config_error(tmp_path):
     assert kernels.resolve("auto", "cpu") == "xla"
     assert kernels.resolve("auto", "tpu") == "splash"
-    assert kernels.resolve("auto", "gpu") == "cudnn"
+    assert kernels.resolve("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert kernels.resolve("auto", "gpu", jnp.float32) == "xla"
+    with pytest.raises(ConfigError, match="cudnn needs a 16-bit compute dtype, not float32; "
+                                          "set model.dtype=bfloat16"):
+        kernels.resolve("cudnn", "gpu", jnp.float32)
     with pytest.raises(ConfigError, match="model.attention=splash needs TPU devices but this "
                                           "run's are cpu; set model.attention=auto"):
         kernels.resolve("splash", "cpu")

@@ -81,7 +81,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *, dtype,
     kv, s = k.shape[2], k.shape[1]
     group = heads // kv
     q = q * jnp.asarray(1.0 / math.sqrt(hd), q.dtype)
-    kernel = backend if interpret or backend == "xla" else kernels.resolve(backend, _platform())
+    kernel = (backend if interpret or backend == "xla"
+              else kernels.resolve(backend, _platform(), dtype))
     if kernel != "xla" and mask.allowed is None:
         fused = kernels.splash if kernel == "splash" else kernels.cudnn
         options = {"interpret": interpret} if kernel == "splash" else {}

@@ -9,7 +9,7 @@ attention (every backend; `infra.models.attention`).
             logical-axis rules (shard_map); activations split over `length` are refused.
     cudnn   jax.nn.dot_product_attention(implementation="cudnn"): causal, packed segments as a
             boolean mask
-    auto    splash on TPU, cudnn on GPU, xla elsewhere
+    auto    splash on TPU, cudnn on GPU (16-bit compute), xla elsewhere
 
 Asking for a kernel the devices lack is one ConfigError naming the key (`resolve`), raised
 when the run is built. A KV cache's explicit mask (serving) always runs the XLA attention.
@@ -30,10 +30,13 @@ _NEEDS = {"splash": "tpu", "cudnn": "gpu"}
 SPLASH_BLOCK = 512  # the splash kernel's query / key block (smaller for shorter sequences)
 
 
-def resolve(name: str, platform: str) -> str:
-    """The backend `model.attention = name` means on devices of `platform` (cpu, gpu, tpu)."""
+def resolve(name: str, platform: str, dtype=None) -> str:
+    """The backend `model.attention = name` means on devices of `platform` (cpu, gpu, tpu)
+    for a compute `dtype` (cuDNN's fused attention takes 16-bit floats only: `auto` then
+    keeps XLA's)."""
+    half = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if name == "auto":
-        return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+        return {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
     if name not in BACKENDS:
         raise ConfigError(f"model.attention must be one of {', '.join(BACKENDS)}, got {name!r}",
                           key="model.attention", value="auto")
@@ -41,6 +44,9 @@ def resolve(name: str, platform: str) -> str:
     if need is not None and platform != need:
         raise ConfigError(f"model.attention={name} needs {need.upper()} devices but this run's "
                           f"are {platform}", key="model.attention", value="auto")
+    if name == "cudnn" and not half:
+        raise ConfigError(f"model.attention=cudnn needs a 16-bit compute dtype, not "
+                          f"{jnp.dtype(dtype).name}", key="model.dtype", value="bfloat16")
     return name
 
 
