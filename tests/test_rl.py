@@ -203,11 +203,10 @@ def _records(workdir, key):
 
 @pytest.fixture(scope="module")
 def sft_start(tmp_path_factory):
-    """The SFT start of the GRPO smoke runs (`grpo.py:smoke-sft`)."""
+    """The SFT start of the GRPO and DPO runs (`grpo.py:smoke-sft`, trained in process)."""
     workdir = tmp_path_factory.mktemp("rl") / "sft"
-    p = cli("train", "--config", "experiments/grpo.py:smoke-sft", "--workdir", str(workdir),
-            "--config.sharding.print_table=false", "--config.train.steps=10")
-    assert p.returncode == 0, p.stderr[-2000:]
+    train.run(config.load("experiments/grpo.py:smoke-sft", {
+        "sharding.print_table": False, "train.steps": 10, "train.progress_bar": False}), workdir)
     return workdir
 
 
@@ -246,10 +245,10 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
     assert report["badput_s"]["rollout"] > 0
 
 
-def test_dpo_trains_through_the_cli_full_and_lora(tmp_path, sft_start):
-    """DPO from the SFT start on JSONL pairs, full fine-tuning (the reference is init.from's
-    parameters) and LoRA (the reference is the base weights): the loss on the pairs starts at
-    log 2 (policy = reference) and falls."""
+def test_dpo_trains_full_and_lora(tmp_path, sft_start):
+    """DPO (in process) from the SFT start on JSONL pairs, full fine-tuning (the reference is
+    init.from's parameters) and LoRA (the reference is the base weights): the loss on the pairs
+    starts at log 2 (policy = reference) and falls."""
     from infra.data.arithmetic import problems
 
     pairs = tmp_path / "pairs.jsonl"
@@ -257,15 +256,14 @@ def test_dpo_trains_through_the_cli_full_and_lora(tmp_path, sft_start):
         for p in problems(64, digits=2, seed=1, held_out=False):
             f.write(json.dumps({"prompt": p["prompt"], "chosen": p["answer"],
                                 "rejected": str(int(p["answer"]) + 1)}) + "\n")
-    for name, extra in (("full", ("--config.optim.lr=3e-3",)),
-                        ("lora", ("--config.finetune.lora.rank=4", "--config.optim.lr=3e-2"))):
+    for name, extra in (("full", {"optim.lr": 3e-3}),
+                        ("lora", {"finetune.lora.rank": 4, "optim.lr": 3e-2})):
         workdir = tmp_path / name
-        p = cli("train", "--config", "experiments/grpo.py:dpo-smoke", "--workdir", str(workdir),
-                f"--config.init.from={sft_start}", "--config.sharding.print_table=false",
-                "--config.data.source=jsonl", f"--config.data.train_files={pairs}",
-                f"--config.data.eval_files={pairs}", "--config.train.steps=8",
-                "--config.train.eval_every=8", *extra)
-        assert p.returncode == 0, p.stderr[-2000:]
+        train.run(config.load("experiments/grpo.py:dpo-smoke", {
+            "init.from": str(sft_start), "sharding.print_table": False,
+            "data.source": "jsonl", "data.train_files": str(pairs),
+            "data.eval_files": str(pairs), "train.steps": 8, "train.eval_every": 8,
+            "train.progress_bar": False, **extra}), workdir)
         evals = _records(workdir, "eval/loss")
         assert evals[0][1] == pytest.approx(math.log(2), abs=1e-6), evals
         assert evals[-1][1] < evals[0][1] - 1e-3, (name, evals)
