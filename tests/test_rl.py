@@ -270,28 +270,11 @@ def test_dpo_trains_full_and_lora(tmp_path, sft_start):
 
 
 def test_generated_preference_pairs_prefer_the_sum_over_a_near_miss():
-    for reverse in (False, True):
-        keys = arithmetic.ArithmeticKeys(arithmetic_examples=200, arithmetic_reverse=reverse)
-        train, held = keys.arithmetic_pairs(seed=0, fraction=0.1)
-        assert len(train) == 200 and len(held) == 64
-        assert not {r["prompt"] for _, _, r in train} & {r["prompt"] for _, _, r in held}
-        for _, _, r in train + held:
-            a, b = map(int, r["prompt"].rstrip("=").split("+"))
-            write = (lambda n: str(n)[::-1]) if reverse else str
-            assert r["chosen"] == write(a + b) and r["rejected"] != r["chosen"]
-            assert r["rejected"].isdigit()
-
-
-def test_careless_demonstrations_drop_carries_but_answers_stay_true():
-    assert [arithmetic.no_carry_sum(*p) for p in ((47, 85), (12, 34), (99, 1), (5, 5))] == [
-        22, 46, 90, 0]
-    keys = arithmetic.ArithmeticKeys(arithmetic_examples=2000, arithmetic_careless=0.5,
-                                     arithmetic_reverse=True)
-    train, held = keys.arithmetic_records(seed=0, fraction=0.1)
-    sloppy = [r for _, _, r in train if r["completion"] != r["answer"]]
-    assert 0.25 < len(sloppy) / len(train) < 0.4  # half of the ~2/3 of sums with a carry
-    for r in sloppy:
+    keys = arithmetic.ArithmeticKeys(arithmetic_examples=200)
+    train, held = keys.arithmetic_pairs(seed=0, fraction=0.1)
+    assert len(train) == 200 and len(held) == 64
+    assert not {r["prompt"] for _, _, r in train} & {r["prompt"] for _, _, r in held}
+    for _, _, r in train + held:
         a, b = map(int, r["prompt"].rstrip("=").split("+"))
-        assert r["completion"] == str(arithmetic.no_carry_sum(a, b))[::-1]
-        assert r["answer"] == str(a + b)[::-1]
-    assert all(r["completion"] == r["answer"] for _, _, r in held)
+        assert r["chosen"] == str(a + b) and r["rejected"] != r["chosen"]
+        assert r["rejected"].isdigit()
