@@ -1,4 +1,5 @@
-"""`python -m infra plot <workdir> [<workdir> ...] [--out loss.png]`: loss curves as one PNG.
+"""`python -m infra plot <workdir> [<workdir> ...] [--out loss.png] [--metric loss]`: loss
+curves (or another logged metric's, e.g. an RL run's `reward`) as one PNG.
 
 Two panels: loss against step, and loss against data seen (tokens = step × train.batch_size ×
 data.seq_len for the LM task, examples = step × train.batch_size otherwise, from each workdir's
@@ -49,7 +50,7 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def _read_run(workdir: str | Path) -> dict:
+def _read_run(workdir: str | Path, metric: str = "loss") -> dict:
     workdir = paths.path(workdir)
     if not workdir.is_dir():
         raise UserError(f"workdir '{workdir}' does not exist; pass the workdir of a training run")
@@ -61,10 +62,10 @@ def _read_run(workdir: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {workdir / METRICS_FILE} ({type(e).__name__}); "
                         f"it is not the JSONL a training run writes") from None
-    train, evals = _series(history, "train/loss"), _series(history, "eval/loss")
+    train, evals = _series(history, f"train/{metric}"), _series(history, f"eval/{metric}")
     if not train[0] and not evals[0]:
-        raise UserError(f"{workdir / METRICS_FILE} holds no finite train/loss or eval/loss yet; "
-                        f"train longer or pass another workdir")
+        raise UserError(f"{workdir / METRICS_FILE} holds no finite train/{metric} or "
+                        f"eval/{metric} yet; train longer or pass another workdir")
     per_step, unit = units_per_step(config_lib.read_saved(workdir))
     return {"workdir": workdir, "train": train, "eval": evals, "per_step": per_step, "unit": unit}
 
@@ -75,8 +76,9 @@ def _labels(workdirs: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(w) for n, w in zip(names, workdirs)]
 
 
-def plot_runs(workdirs, out: str | Path | None = None) -> Path:
-    """Draw the loss curves of every workdir into one PNG; returns its path.
+def plot_runs(workdirs, out: str | Path | None = None, metric: str = "loss") -> Path:
+    """Draw the `metric` (train/ and eval/) curves of every workdir into one PNG; returns its
+    path.
 
     `out` defaults to `loss.png` in the current directory. Raises `UserError` for a workdir without
     `metrics.jsonl` (or without any loss recorded).
@@ -88,7 +90,7 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     workdirs = [paths.path(w) for w in workdirs]
     if not workdirs:
         raise UserError("plot needs at least one workdir")
-    runs = [_read_run(w) for w in workdirs]
+    runs = [_read_run(w, metric) for w in workdirs]
     out = paths.path(out if out is not None else DEFAULT_NAME)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got '{out}'")
@@ -114,9 +116,9 @@ def plot_runs(workdirs, out: str | Path | None = None) -> Path:
     ax_data.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, 1.5M, 3G tokens
     ax_step.set_xlabel("step")
     ax_data.set_xlabel(f"{' / '.join(units)} seen")
-    ax_step.set_ylabel("loss")
-    ax_step.set_title("loss vs step")
-    ax_data.set_title(f"loss vs {' / '.join(units)} seen")
+    ax_step.set_ylabel(metric)
+    ax_step.set_title(f"{metric} vs step")
+    ax_data.set_title(f"{metric} vs {' / '.join(units)} seen")
     for ax in (ax_step, ax_data):
         ax.grid(True, alpha=0.3)
     ax_data.legend(fontsize="small", loc="upper right")
@@ -134,8 +136,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workdirs", nargs="+", metavar="workdir", help="training workdirs to overlay")
     p.add_argument("--out", default=None,
                    help=f"PNG to write (default: {DEFAULT_NAME} in the current directory)")
+    p.add_argument("--metric", default="loss",
+                   help="the logged metric to draw (train/<metric>, eval/<metric>), e.g. reward")
 
 
 def run_cli(args) -> int:
-    print(plot_runs(args.workdirs, args.out))
+    print(plot_runs(args.workdirs, args.out, args.metric))
     return 0

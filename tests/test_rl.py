@@ -243,6 +243,12 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
     assert _records(straight, "eval/reward/exact_answer")
     report = json.loads(cli("goodput", str(straight), "--json").stdout)
     assert report["badput_s"]["rollout"] > 0
+    from infra import plot
+
+    curve = plot.plot_runs([straight], tmp_path / "reward.png", metric="reward")
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="no finite train/nope or eval/nope"):
+        plot.plot_runs([straight], tmp_path / "nope.png", metric="nope")
 
 
 def test_dpo_trains_full_and_lora(tmp_path, sft_start):
