@@ -284,3 +284,17 @@ def test_generated_preference_pairs_prefer_the_sum_over_a_near_miss():
         a, b = map(int, r["prompt"].rstrip("=").split("+"))
         assert r["chosen"] == str(a + b) and r["rejected"] != r["chosen"]
         assert r["rejected"].isdigit()
+
+
+def test_max_problems_demonstrate_the_format_only():
+    keys = arithmetic.ArithmeticKeys(arithmetic_examples=1000, arithmetic_op="max")
+    train, held = keys.arithmetic_records(seed=0, fraction=0.1)
+    right = 0
+    for _, _, r in train:
+        a, b = (int(x) for x in r["prompt"][4:-2].split(","))
+        assert r["prompt"] == f"max({a},{b})=" and r["answer"] == str(max(a, b))
+        assert r["completion"] in (str(a), str(b))
+        right += r["completion"] == r["answer"]
+    assert 0.45 < right / len(train) < 0.6  # either number; both when they are equal
+    assert all(arithmetic.exact_answer([], [r["answer"]], [r["answer"]]) == [1.0]
+               for _, _, r in held)
