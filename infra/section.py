@@ -165,6 +165,13 @@ class Section:
             raise ConfigError(f"{self.key(field)} must be >= 0{note}, got {value}",
                               key=self.key(field), value="<value >= 0>")
 
+    def one_of(self, field: str, choices: tuple) -> None:
+        """ConfigError unless the field's value is one of `choices` (the first is suggested)."""
+        value = getattr(self, field)
+        if value not in choices:
+            raise ConfigError(f"{self.key(field)} must be one of {', '.join(map(str, choices))}, "
+                              f"got {value!r}", key=self.key(field), value=choices[0])
+
     def in_range(self, field: str, low: float, high: float, *, high_open: bool = False,
                  note: str = "", example: Any = None) -> None:
         value = getattr(self, field)

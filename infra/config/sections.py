@@ -265,9 +265,7 @@ class RLConfig(Section):
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"rl.temperature must be > 0, got {self.temperature}",
                               key="rl.temperature", value=1.0)
-        if self.loss_averaging not in ("token", "sequence"):
-            raise ConfigError(f"rl.loss_averaging must be 'token' or 'sequence', got "
-                              f"{self.loss_averaging!r}", key="rl.loss_averaging", value="token")
+        self.one_of("loss_averaging", ("token", "sequence"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from infra.errors import ConfigError
 from infra.section import Section
 
 OPS = ("add", "max")
@@ -42,9 +41,7 @@ class ArithmeticKeys(Section):
 
     def validate_arithmetic(self) -> None:
         self.positive("arithmetic_digits", "arithmetic_examples")
-        if self.arithmetic_op not in OPS:
-            raise ConfigError(f"data.arithmetic_op must be one of {', '.join(OPS)}, got "
-                              f"{self.arithmetic_op!r}", key="data.arithmetic_op", value="add")
+        self.one_of("arithmetic_op", OPS)
 
     def arithmetic_records(self, seed: int, fraction: float) -> tuple[list, list]:
         """(training, held-out) problems in `infra.data.sft`'s record form."""

@@ -53,9 +53,7 @@ class DPOData(ArithmeticKeys):
     def validate(self) -> None:
         self.positive("seq_len")
         self.validate_arithmetic()
-        if self.source not in ("jsonl", "arithmetic"):
-            raise ConfigError(f"data.source must be jsonl or arithmetic, got {self.source!r}",
-                              key="data.source", value="jsonl")
+        self.one_of("source", ("jsonl", "arithmetic"))
         self.non_negative("eval_batches", " (0 = every held-out pair)")
         self.in_range("val_fraction", 0, 1, high_open=True)
         if self.source == "jsonl" and not self.train_files:

@@ -64,9 +64,7 @@ class GRPOData(ArithmeticKeys):
         self.validate_arithmetic()
         self.non_negative("eval_prompts", " (0 = every held-out prompt)")
         self.in_range("val_fraction", 0, 1, high_open=True)
-        if self.source not in SOURCES:
-            raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got "
-                              f"{self.source!r}", key="data.source", value="jsonl")
+        self.one_of("source", SOURCES)
         if self.source == "jsonl" and not self.train_files:
             raise ConfigError("data.train_files is empty; pass JSONL prompts (or set "
                               "data.source=arithmetic)", key="data.train_files",

@@ -61,16 +61,9 @@ class SFTData(ArithmeticKeys):
             raise ConfigError(f"data.eval_batches must be >= 0 (0 = every held-out example), "
                               f"got {self.eval_batches}", key="data.eval_batches", value=0)
         self.in_range("val_fraction", 0, 1, high_open=True)
-        if self.source not in SOURCES:
-            raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got "
-                              f"{self.source!r}", key="data.source", value="jsonl")
-        if self.overlong not in sft.OVERLONG:
-            raise ConfigError(f"data.overlong must be one of {', '.join(sft.OVERLONG)}, got "
-                              f"{self.overlong!r}", key="data.overlong", value="truncate")
-        if self.docstrings_format not in ("completion", "chat"):
-            raise ConfigError(f"data.docstrings_format must be completion or chat, got "
-                              f"{self.docstrings_format!r}", key="data.docstrings_format",
-                              value="completion")
+        self.one_of("source", SOURCES)
+        self.one_of("overlong", sft.OVERLONG)
+        self.one_of("docstrings_format", ("completion", "chat"))
         if self.source == "jsonl" and not self.train_files:
             raise ConfigError("data.train_files is empty; pass JSONL files of examples (or set "
                               "data.source=stdlib_docstrings)", key="data.train_files",
