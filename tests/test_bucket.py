@@ -59,10 +59,11 @@ def restore_state(location):
 def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(emulator, tmp_path):
     args = ("--config", SMOKE, QUIET, "--config.train.steps=20", "--config.train.log_every=1",
             "--config.checkpoint.every=5", "--config.train.eval_every=10")
-    local = tmp_path / "local"
-    assert cli("train", *args, "--workdir", str(local)).returncode == 0
+    # this test's own compilation cache: the first run compiles from scratch, the others load
+    # the same programs
+    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
     workdir = "gs://bkt/runs/killed"
-    proc = popen("train", *args, "--workdir", workdir, env=emulator.env)
+    proc = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)
     metrics = paths.path(workdir) / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir))):
@@ -70,9 +71,14 @@ def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(em
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    p = gcli(emulator, "train", *args, "--workdir", workdir)
-    assert p.returncode == 0, p.stderr
-    assert "resumed from step" in p.stderr
+    # the resumption first waits out the killed run's lease (35 s); the uninterrupted local run
+    # to compare with trains meanwhile
+    resume = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)
+    local = tmp_path / "local"
+    assert cli("train", *args, "--workdir", str(local), env=cache).returncode == 0
+    _, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    assert "resumed from step" in err
     local_losses = [(r["step"], r["train/loss"]) for r in map(
         json.loads, (local / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     assert bucket_losses(workdir) == local_losses  # bit-identical floats

@@ -18,11 +18,13 @@ ONE = {"INFRA_CPU_DEVICES": "1"}
 pytest.importorskip("openai")
 
 
-def lora_run(base, workdir, seed: int):
+def lora_run(base, workdir, seed: int, cache):
+    """A LoRA fine-tune of `base`; runs that share `cache` compile their programs once."""
     p = cli("train", "--config", SMOKE, "--workdir", str(workdir), "--config.init.from",
             str(base), "--config.finetune.lora.rank=4", f"--config.train.seed={seed}",
             "--config.train.steps=4", "--config.checkpoint.every=4", "--config.optim.lr=0.05",
-            "--config.optim.warmup_steps=0", "--config.sharding.print_table=false", env=ONE)
+            "--config.optim.warmup_steps=0", "--config.sharding.print_table=false",
+            env=ONE | {"INFRA_COMPILE_CACHE": str(cache)})
     assert p.returncode == 0, p.stderr[-3000:]
     return workdir
 
@@ -47,8 +49,8 @@ def test_two_adapters_and_the_base_served_at_once(llama_dir, tmp_path):
     from infra.interop.importer import import_hf
 
     base = import_hf(llama_dir, tmp_path / "base")
-    runs = {name: lora_run(base, tmp_path / name, seed) for name, seed in (("left", 1),
-                                                                         ("right", 2))}
+    runs = {name: lora_run(base, tmp_path / name, seed, tmp_path / "compile-cache")
+            for name, seed in (("left", 1), ("right", 2))}
     p = cli("serve", "--workdir", str(base), "--adapter", f"x={base}", "--port", "0", env=ONE)
     assert p.returncode == 2 and "not a LoRA run" in p.stderr, p.stderr[-2000:]
     p = cli("serve", "--workdir", str(base), "--adapter", "nameless", env=ONE)
