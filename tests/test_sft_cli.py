@@ -55,10 +55,17 @@ def setup(tmp_path_factory):
     return hf_dir, args
 
 
+def compiled(straight_workdir):
+    """The environment of a run that shares the straight run's compilation cache: the straight
+    run compiles from scratch and writes it, a kill/resume of the same run loads its programs
+    (the directory itself: JAX's keys depend on where the cache is)."""
+    return {"INFRA_COMPILE_CACHE": str(straight_workdir.parent / "compile-cache")}
+
+
 @pytest.fixture(scope="module")
 def straight(setup, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight") / "run"
-    p = cli("train", *setup[1], "--workdir", str(workdir))
+    p = cli("train", *setup[1], "--workdir", str(workdir), env=compiled(workdir))
     assert p.returncode == 0, p.stderr
     assert "sft train data: 96 examples (96 kept)" in p.stdout and "packed into" in p.stdout
     return workdir
@@ -66,7 +73,7 @@ def straight(setup, tmp_path_factory):
 
 def test_sigkill_mid_fine_tune_resumes_with_a_bit_identical_loss_history(setup, straight, tmp_path):
     workdir = tmp_path / "killed"
-    proc = popen("train", *setup[1], "--workdir", str(workdir))
+    proc = popen("train", *setup[1], "--workdir", str(workdir), env=compiled(straight))
     # killed between checkpoints, once one is committed: the resume redoes some steps
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and committed(workdir)
              and any(s > committed(workdir)[-1] for s, _ in train_losses(workdir)), proc,
@@ -74,7 +81,7 @@ def test_sigkill_mid_fine_tune_resumes_with_a_bit_identical_loss_history(setup, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert any(s < STEPS for s, _ in train_losses(workdir))
-    p = cli("train", *setup[1], "--workdir", str(workdir))
+    p = cli("train", *setup[1], "--workdir", str(workdir), env=compiled(straight))
     assert p.returncode == 0, p.stderr
     assert "resumed from step" in p.stderr
     assert train_losses(workdir) == train_losses(straight)  # bit-identical floats
