@@ -182,6 +182,20 @@ def test_moe_config_counts_and_refusals():
     assert [mixed.is_moe_layer(i) for i in range(2)] == [False, True]
 
 
+def test_experts_that_do_not_split_over_the_expert_axis_are_refused_before_the_run_starts(
+        tmp_path):
+    """4 experts on mesh.expert=8: one line naming both keys, exit code 2, nothing written."""
+    from infra import train
+
+    cfg = config_lib.load("experiments/lm.py:moe-smoke", {"mesh.expert": 8, "mesh.data": 1})
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"num_experts \(4\) must be a multiple of "
+                                          r"mesh.expert \(8\).*mesh.expert=4") as e:
+        train.run(cfg, workdir)
+    assert e.value.exit_code == 2
+    assert not workdir.exists() or not any(workdir.iterdir())
+
+
 def test_an_moe_model_trains_and_logs_its_routers_in_both_layer_layouts(tmp_path):
     """`lm.py:moe-smoke` on 8 CPU devices: the loop and scan layouts give the same losses;
     metrics.jsonl has the router losses, per-expert loads (summing to 1), the dropped fraction
