@@ -60,6 +60,10 @@ def enable(flag: str | None = None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX otherwise puts XLA's GPU autotuning cache inside this directory, which writes the
+    # directory's path into every program's compile options, hence its cache key: a cache
+    # copied or moved (into a container image, to another machine) would never be found
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     if not _stats.get("listening"):
         jax.monitoring.register_event_listener(_count)
         _stats["listening"] = True
