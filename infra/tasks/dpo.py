@@ -127,7 +127,7 @@ class DPOTask(LanguageModelTask):
                                 global_batch_size=self.config.train.batch_size,
                                 seed=self.config.train.seed, process_index=process_index,
                                 process_count=process_count, start_step=start_step,
-                                what="training (preference pairs)")
+                                mask=True, what="training (preference pairs)")
 
     def eval_batches(self, process_index: int, process_count: int) -> list[Batch]:
         n = self.data_config.eval_batches
@@ -160,8 +160,6 @@ class DPOTask(LanguageModelTask):
     def prepare(self, batch: Batch, trainer, state) -> tuple[Batch, dict[str, float]]:
         """The global batch with the reference's per-token log-probabilities."""
         local = {**batch, "ref_logprobs": np.zeros(batch["loss_mask"].shape, np.float32)}
-        if "mask" not in local:
-            local["mask"] = np.ones(len(local["inputs"]), np.float32)
         placed = trainer.to_global(local)
         if self._scorer is None:
             self._scorer = Scorer(trainer)
