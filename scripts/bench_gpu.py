@@ -10,9 +10,10 @@ Per backend (`model.attention`: xla, then auto's kernel: cudnn on GPU, splash on
 time, median step time, tokens/s, MFU from XLA's cost-analysis FLOPs of the compiled step and
 the chip's dense bf16 peak (`infra.hardware`), and the stricter model-FLOPs MFU (6N + 12·L·d·s
 per token). XLA does not count the FLOPs inside a Pallas / cuDNN custom call, so a kernel's
-`mfu_xla` undercounts: compare kernels by step time and `mfu_model`. Figures not built yet
-(fp8 / int8 with qwix) are printed as lines with `"status": "unmeasured"`. Without an
-accelerator the full run exits with a one-line message.
+`mfu_xla` undercounts: compare kernels by step time and `mfu_model`. Then the fastest kernel
+with quantization-aware projections (`model.quantization`: fp8 with e5m2 gradients, int8; on
+CPU, `--quick` runs fp8 only). Without an accelerator the full run exits with a one-line
+message.
 """
 
 from __future__ import annotations
@@ -83,15 +84,15 @@ def main(argv=None) -> int:
     else:
         spec, batch, seq, steps, warmup = ("experiments/llama.py:llama3.2-1b", args.batch,
                                            args.seq, args.steps, args.warmup)
-    backends = ["xla"]
     kernel = resolve("auto", platform, "bfloat16")
-    if kernel != "xla":
-        backends.append(kernel)
+    runs = [("xla", "none")] + ([(kernel, "none")] if kernel != "xla" else [])
+    runs += [(kernel, "fp8")] + ([] if args.quick else [(kernel, "int8")])
     lines = []
-    for backend in backends:
+    for backend, quantization in runs:
         cfg = config_lib.load(spec, overrides={
             "data.seq_len": seq, "model.max_seq_len": seq, "model.dtype": "bfloat16",
             "model.remat": "none" if args.quick else args.remat, "model.attention": backend,
+            "model.quantization": quantization, "model.quantize_backward": quantization == "fp8",
             "train.batch_size": batch, "train.steps": 1000, "train.progress_bar": False,
             "mesh.data": 1, "mesh.fsdp": -1, "sharding.print_table": False})
         m = cfg.model
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
         peak = chip.peak_flops if chip else None
         flops = figures["xla_flops_per_step"]
         lines.append({"figure": "train_step", "config": spec, "attention": backend,
+                      "quantization": quantization,
                       "dtype": "bfloat16", "device": jax.devices()[0].device_kind,
                       "chip": chip.name if chip else None, "batch": batch, "seq": seq,
                       **figures, "tokens_per_s": tokens / figures["step_s"],
@@ -109,9 +111,6 @@ def main(argv=None) -> int:
                       "mfu_xla": flops / figures["step_s"] / peak if flops and peak else None,
                       "mfu_model": model_flops / figures["step_s"] / peak if peak else None,
                       "jax": jax.__version__})
-    for figure in ("fp8_train_step", "int8_train_step"):
-        lines.append({"figure": figure, "status": "unmeasured",
-                      "why": "quantization (qwix) is not built into the step yet"})
     text = "\n".join(json.dumps(line) for line in lines) + "\n"
     Path(args.out).write_text(text)
     print(text, end="")

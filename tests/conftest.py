@@ -1,10 +1,14 @@
 """Give JAX 8 emulated CPU devices before any backend initialises; fixtures several test files
 share."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# Tests compile from scratch (hermetic and comparable); tests of the cache set their own directory.
-os.environ.setdefault("INFRA_COMPILE_CACHE", "off")
+# The CLI processes tests start share one compilation cache for the session (set before xdist's
+# workers start, so they inherit it): the smoke configs compile the same programs again and
+# again. Tests of the cache, and runs that must compile from scratch, set their own directory.
+if "INFRA_COMPILE_CACHE" not in os.environ:
+    os.environ["INFRA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="infra-test-compile-cache-")
 
 import jax  # noqa: E402
 

@@ -52,8 +52,8 @@ def test_bench_quick_writes_every_section(tmp_path):
 
 
 def test_bench_gpu_quick_runs_on_cpu(tmp_path):
-    """`scripts/bench_gpu.py --quick`: a JSON line per figure, the measured ones positive, the
-    ones not built yet marked unmeasured; without --quick on CPU, one line and exit 1."""
+    """`scripts/bench_gpu.py --quick`: a JSON line per figure, every one measured and positive
+    (float, then fp8 quantization-aware); without --quick on CPU, one line and exit 1."""
     out = tmp_path / "bench_gpu.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     script = str(ROOT / "scripts" / "bench_gpu.py")
@@ -62,10 +62,10 @@ def test_bench_gpu_quick_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     step = [x for x in lines if x["figure"] == "train_step"]
-    assert [x["attention"] for x in step] == ["xla"]
-    _positive(step[0], "step_s", "compile_s", "tokens_per_s", "xla_flops_per_step", "params")
-    assert {x["figure"] for x in lines if x.get("status") == "unmeasured"} == {
-        "fp8_train_step", "int8_train_step"}
+    assert [(x["attention"], x["quantization"]) for x in step] == [("xla", "none"),
+                                                                   ("xla", "fp8")]
+    for line in step:
+        _positive(line, "step_s", "compile_s", "tokens_per_s", "xla_flops_per_step", "params")
     proc = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0

@@ -499,9 +499,9 @@ def test_the_cache_sharded_over_8_devices_gives_the_tokens_of_1_device():
     one = random_engine(config, devices=jax.devices()[:1], slots=4)
     eight = random_engine(config, devices=jax.devices(), slots=4)
     assert dict(eight.mesh.shape)["tensor"] == 2 and dict(eight.mesh.shape)["data"] == 4
-    spec = eight.cache[0].sharding.spec
+    spec = eight.cache["k"].sharding.spec
     assert spec[3] == "tensor" and not any(spec[:3]), spec  # kv heads split, pages whole
-    shard = eight.cache[0].addressable_shards[0].data.shape
+    shard = eight.cache["k"].addressable_shards[0].data.shape
     assert shard[3] == 1 and shard[1] == eight.pool.num_pages  # one kv head per device
     rng = random.Random(2)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (5, 18, 33, 9, 12)]

@@ -23,7 +23,7 @@ layer, ``blocks/[0-3]/mlp/down`` the first four layers' down projections (loop l
 Why our own adapter and not qwix's ``LoraProvider`` (checked: qwix 0.1.8): qwix intercepts
 ``dot_general`` / ``einsum`` calls and adds ``<weight>_lora_a/_b`` ``LoRAParam``s shaped after
 the matmul's operand. Our projections reshape each weight into one 2-D matmul first
-(``transformer.dense``, a CPU speed-up), so qwix would create flattened adapters (q: ``(D, r)``,
+(``projection.dense``, a CPU speed-up), so qwix would create flattened adapters (q: ``(D, r)``,
 ``(r, H*hd)``) and derive their shardings by indexing the weight's partition spec with the 2-D
 operand's dims: for o, ``(heads, head_dim, embed)`` seen as ``(heads*head_dim, embed)``, b would
 get head_dim's sharding instead of embed's. It creates the parameters by running the model on
@@ -50,7 +50,7 @@ from flax import nnx
 
 from infra.config.sections import LoraConfig
 from infra.errors import ConfigError
-from infra.models.transformer import dense
+from infra.models.projection import dense
 
 SUFFIX = "_lora"  # adapter of weight `q` is the submodule `q_lora`
 RANK_AXIS = "lora_rank"

@@ -50,6 +50,7 @@ from infra.errors import ConfigError
 from infra.models import moe as moe_lib
 from infra.models.attention import Mask, attend
 from infra.models.layers import LAYERS, stack_layers
+from infra.models.projection import dense, project
 from infra.models.transformer_config import REMAT, TransformerConfig
 from infra.sharding import activation_shards, constrain
 
@@ -74,29 +75,6 @@ def normal(stddev: float) -> jax.nn.initializers.Initializer:
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str, ...]) -> nnx.Param:
     """A Param initialised with ``init`` and annotated with logical axis names."""
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, *, transpose_w: bool = False,
-          preferred_element_type=None) -> jax.Array:
-    """``x (..., *w.shape[:n_in]) . w -> (..., *w.shape[n_in:])``, computed as one 2-D matmul.
-
-    Tokens are flattened into one leading dim first. The result is the same as the N-D einsum,
-    but XLA's CPU backend gives a weight gradient that contracts over (batch, length) a
-    transpose of the whole activation per matmul (24% of the bench GPT's step); as a 2-D dot it
-    needs none. Reshapes of row-major leading dims are free (bitcasts), and the sharding of the
-    merged (batch * length) dim is that of batch and length together. ``transpose_w``: ``w`` is
-    stored (out, in), as a tied embedding table is; the transpose is folded into the dot.
-    """
-    lead = x.shape[: x.ndim - n_in]
-    if transpose_w:
-        out_shape, k = w.shape[:-n_in], math.prod(w.shape[w.ndim - n_in:])
-        w2, dims = w.reshape(-1, k), (((1,), (1,)), ((), ()))
-    else:
-        out_shape, k = w.shape[n_in:], math.prod(w.shape[:n_in])
-        w2, dims = w.reshape(k, -1), (((1,), (0,)), ((), ()))
-    out = jax.lax.dot_general(x.reshape(-1, k), w2, dims,
-                              preferred_element_type=preferred_element_type)
-    return out.reshape(*lead, *out_shape)
 
 
 def rope_frequencies(half: int, theta: float,
@@ -158,7 +136,8 @@ class Attention(nnx.Module):
     Options the released Llama-family models need (all off by default): ``qkv_bias`` (Qwen2:
     biases on q, k, v), ``out_bias`` (Llama's ``attention_bias`` also biases o), ``qk_norm``
     (Qwen3: an RMSNorm over head_dim on each q and k head, before RoPE, eps ``norm_eps``) and
-    ``rope_scaling`` (Llama 3.1's); ``attention``: the kernel (`model.attention`)."""
+    ``rope_scaling`` (Llama 3.1's); ``attention``: the kernel (`model.attention`); ``precision``:
+    the projections' `infra.models.projection.project` options (quantization)."""
 
     #: weights a low-rank adapter may target -> how many leading (input) dims each contracts
     lora_targets = {"q": 1, "k": 1, "v": 1, "o": 2}
@@ -168,8 +147,9 @@ class Attention(nnx.Module):
                  causal: bool = True, causal_blocks: int = 1, qkv_bias: bool = False,
                  out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
                  rope_scaling: tuple[float, float, float, int] | None = None,
-                 attention: str = "xla"):
+                 attention: str = "xla", precision: dict | None = None):
         self.causal, self.backend, self.causal_blocks = causal, attention, causal_blocks
+        self.precision = dict(precision or {})
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -204,7 +184,7 @@ class Attention(nnx.Module):
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         dt = self.dtype
-        y = dense(x, getattr(self, name)[...].astype(dt))
+        y = project(x, getattr(self, name)[...], **self.precision)
         if hasattr(self, f"{name}_lora"):  # a low-rank adapter (infra/models/lora.py)
             y = y + getattr(self, f"{name}_lora")(x)
         if hasattr(self, f"{name}_bias"):
@@ -245,7 +225,7 @@ class Attention(nnx.Module):
 
     def project_out(self, out: jax.Array) -> jax.Array:
         """Attention output (batch, length, heads, head_dim) -> (batch, length, d_model)."""
-        y = dense(out, self.o[...].astype(self.dtype), n_in=2)
+        y = project(out.astype(self.dtype), self.o[...], 2, **self.precision)
         if hasattr(self, "o_lora"):
             y = y + self.o_lora(out)
         if hasattr(self, "o_bias"):
@@ -266,13 +246,14 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: (silu(x W_gate) * (x W_up)) W_down; ``bias``: biases on all three
-    (Llama's ``mlp_bias``)."""
+    (Llama's ``mlp_bias``); ``precision``: as `Attention`'s."""
 
     lora_targets = {"gate": 1, "up": 1, "down": 1}
 
     def __init__(self, *, d_model: int, mlp_dim: int, out_scale: float, dtype, param_dtype,
-                 rngs: nnx.Rngs, bias: bool = False):
+                 rngs: nnx.Rngs, bias: bool = False, precision: dict | None = None):
         self.dtype = dtype
+        self.precision = dict(precision or {})
         in_init = normal(1.0 / math.sqrt(d_model))
         self.gate = param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
         self.up = param(rngs, in_init, (d_model, mlp_dim), param_dtype, ("embed", "mlp"))
@@ -285,7 +266,7 @@ class MLP(nnx.Module):
             self.down_bias = param(rngs, zeros, (d_model,), param_dtype, ("embed",))
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
-        y = dense(x, getattr(self, name)[...].astype(self.dtype))
+        y = project(x, getattr(self, name)[...], **self.precision)
         if hasattr(self, f"{name}_lora"):  # a low-rank adapter (infra/models/lora.py)
             y = y + getattr(self, f"{name}_lora")(x)
         if hasattr(self, f"{name}_bias"):
@@ -306,7 +287,8 @@ class Block(nnx.Module):
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  mlp_dim: int, rope_theta: float, norm_eps: float, out_scale: float, dtype,
                  param_dtype, rngs: nnx.Rngs, causal: bool = True, causal_blocks: int = 1,
-                 mlp_bias: bool = False, moe: dict | None = None, **attention_options):
+                 mlp_bias: bool = False, moe: dict | None = None, precision: dict | None = None,
+                 **attention_options):
         """``attention_options``: `Attention`'s optional features (qkv_bias, out_bias, qk_norm,
         rope_scaling); ``moe``: `MoE`'s options (`TransformerConfig.moe_options`), with
         ``shared_hidden`` the shared experts' hidden size (0: none)."""
@@ -315,17 +297,19 @@ class Block(nnx.Module):
         self.attn = Attention(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_theta=rope_theta, out_scale=out_scale,
                               causal=causal, causal_blocks=causal_blocks, norm_eps=norm_eps,
-                              **attention_options, **common)
+                              precision=precision, **attention_options, **common)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps, **common)
         if moe:
             options = dict(moe)
             shared_hidden = options.pop("shared_hidden", 0)
             shared = MLP(d_model=d_model, mlp_dim=shared_hidden, out_scale=out_scale,
+                         precision=precision,
                          **common) if shared_hidden else None
             self.moe = moe_lib.MoE(d_model=d_model, out_scale=out_scale, shared=shared,
                                    **options, **common)
         else:
             self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
+                           precision=precision,
                            **common)
 
     def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
@@ -378,7 +362,7 @@ class Transformer(nnx.Module):
                             param_dtype=storage_dtype, causal_blocks=c.causal_blocks,
                             qkv_bias=c.qkv_bias, out_bias=c.out_bias, mlp_bias=c.mlp_bias,
                             qk_norm=c.qk_norm, rope_scaling=c.rope_scaling_args,
-                            attention=c.attention)
+                            attention=c.attention, precision=c.precision)
         layers = [Block(**block_kwargs, moe=c.moe_options if c.is_moe_layer(i) else None,
                         rngs=rngs) for i in range(c.num_layers)]
         self.moe_layers = c.moe_layers

@@ -10,6 +10,8 @@ from infra.models.hparams import HyperParams
 
 #: `model.attention`: the kernels of `infra.models.attention_kernels`
 ATTENTION_BACKENDS = ("xla", "splash", "cudnn", "auto")
+#: `model.quantization`: the projections' training precision (`infra.models.projection`)
+QUANTIZATION = ("none", "int8", "fp8")
 
 # `model.remat`: recompute activations in the backward pass (policies: transformer.REMAT_POLICIES)
 REMAT = ("none", "full", "save_dots")
@@ -47,6 +49,10 @@ class TransformerConfig(HyperParams):
     scan_layers: bool = False  # one stacked block applied with a scan: faster compiles
     causal_blocks: int = 4  # query blocks of causal attention (1 = the whole score matrix)
     attention: str = "auto"  # xla | splash (TPU) | cudnn (GPU) | auto (by backend)
+    # quantization-aware training of the projections (q, k, v, o, MLP): none | int8 | fp8;
+    # quantize_backward: their gradients too (int8, or fp8 e5m2). Parameters stay float.
+    quantization: str = "none"
+    quantize_backward: bool = False
     # blocks of the sequence the output projection and cross-entropy run over, each recomputed
     # in the backward pass (1 = all logits at once; >1 bounds the (batch, length, vocab) logits)
     loss_blocks: int = 1
@@ -62,7 +68,8 @@ class TransformerConfig(HyperParams):
     router_z_loss: float = 0.0  # weight of the router z-loss (ST-MoE)
     shared_experts: int = 0  # dense experts every token goes through (DeepSeek), each of moe size
 
-    choices = {**HyperParams.choices, "remat": REMAT, "rope_scaling": ("none", "llama3")}
+    choices = {**HyperParams.choices, "remat": REMAT, "rope_scaling": ("none", "llama3"),
+               "quantization": QUANTIZATION}
 
     def validate(self) -> None:
         check_positive_ints("model", vocab_size=self.vocab_size, d_model=self.d_model,
@@ -113,6 +120,11 @@ class TransformerConfig(HyperParams):
             raise ConfigError("model.scan_layers stacks identical layers; with some layers "
                               "dense (model.moe_every / model.dense_layers) set "
                               "model.scan_layers=false", key="model.scan_layers", value=False)
+
+    @property
+    def precision(self) -> dict:
+        """What each projection is computed in (`infra.models.projection.project`'s options)."""
+        return dict(quantization=self.quantization, backward=self.quantize_backward)
 
     @property
     def dense_layer_indices(self) -> tuple[int, ...]:

@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill_rows", type=int, default=8,
                    help="the most short prompts prefilled in one call (as many as fit "
                         "--prefill_chunk in 16-token buckets)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="serve the projection weights as int8 (per-channel scales; the "
+                        "checkpoint stays float)")
+    p.add_argument("--kv_cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache storage: the model's compute dtype, or int8 with a scale per "
+                        "position and head (about a quarter of float32's bytes)")
     p.add_argument("--tensor", type=int, default=None,
                    help="devices per model replica along kv heads (default: the most that divide them)")
     p.add_argument("--model_name", default=None, help="the model id clients pass (default: the workdir's name)")
@@ -155,7 +161,8 @@ def run_cli(args) -> int:
     engine = Engine.from_workdir(
         args.workdir, slots=args.slots, mesh=serve_mesh(config, tensor=args.tensor),
         max_len=args.max_len, adapters=adapters, page_size=args.page_size, num_pages=pages,
-        prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows)
+        prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
+        quantize=args.quantize, kv_cache=args.kv_cache)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]

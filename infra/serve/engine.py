@@ -24,8 +24,8 @@ computed in the compiled steps and copied to the host only when asked for; the p
 run under a `lax.cond`, so a prefill that does not ask pays nothing for them.
 
 Layout: the cache is paged, ``[layers, pages, page_size, kv_heads, head_dim]`` (keys and
-values; `infra.serve.pages` keeps which sequence holds which page, `forward` writes and gathers
-them): kv heads go on ``tensor`` like the k / v weights, so each device reads only its heads'
+values, float or int8: `infra.serve.kv_cache`; `infra.serve.pages` keeps which sequence holds
+which page, `forward` writes and gathers them): kv heads go on ``tensor`` like the k / v weights, so each device reads only its heads'
 cache; pages are not split over the data axes. The slot state is the decode batch (``batch``
 -> data axes). A prompt is admitted (`admit`: pages, its cached prefix shared), prefilled
 chunk by chunk (`prefill`), then decodes; `grow` gives decoding slots their next page. The
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Sequence
 
@@ -51,9 +50,11 @@ from infra.errors import UserError
 from infra.mesh import serve_mesh
 from infra.run import load_config
 from infra.serve import adapters as serve_adapters
-from infra.serve import forward, sampling, steps
+from infra.serve import sampling, steps
+from infra.serve import kv_cache as kv_cache_lib
 from infra.serve.loading import allowed_ids, load_model
 from infra.serve.pages import PagePool
+from infra.serve.quantize import quantize_weights
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
@@ -112,14 +113,15 @@ class Engine:
     def __init__(self, model_def, params: Any, config, *, mesh: Mesh, rules, slots: int,
                  allowed: np.ndarray, max_len: int | None = None, adapters: int = 0,
                  page_size: int = PAGE_SIZE, num_pages: int | None = None,
-                 prefill_chunk: int | None = None, prefill_rows: int = PREFILL_ROWS):
+                 prefill_chunk: int | None = None, prefill_rows: int = PREFILL_ROWS,
+                 kv_cache: str = "auto"):
         """`adapters` > 0: `params` hold that many LoRA adapters stacked
         (`infra.serve.adapters`); each request picks one (`insert(..., adapter=)`).
         `page_size` positions per cache page (the context: a dense cache); `num_pages` in all
         (default: every slot's whole context, plus the trash page); prompts are prefilled in
         chunks of at most `prefill_chunk` tokens (default: by backend, `PREFILL_CHUNK`), up to
         `prefill_rows` short prompts in one call (as many as fit `prefill_chunk` in buckets of
-        at least 16 tokens)."""
+        at least 16 tokens); `kv_cache`: its storage (`infra.serve.kv_cache`)."""
         self.config = config
         self.mesh, self.rules = mesh, rules
         self.slots = int(slots)
@@ -146,14 +148,13 @@ class Engine:
         dtype = jnp.dtype(m.dtype)
         shape = (int(m.num_layers), num_pages, self.page_size, int(m.num_kv_heads),
                  int(m.head_dim))
-        self._cache_sharding = self._sharding(forward.CACHE_AXES, shape)
         self._slot_sharding = self._sharding(("batch",), (self.slots,))
         self._seed_sharding = self._sharding(("batch", None), (self.slots, 2))
         self._top_sharding = self._sharding(("batch", None), (self.slots, TOP_LOGPROBS))
         self._replicated = NamedSharding(mesh, P())
-        self._cache_abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=self._cache_sharding)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self._cache_sharding)
-        self.cache = (zeros(), zeros())
+        self._cache_abstract = kv_cache_lib.abstract(shape, dtype, kv_cache, self._sharding)
+        self._cache_sharding = {k: s.sharding for k, s in self._cache_abstract.items()}
+        self.cache = kv_cache_lib.zeros(self._cache_abstract)
         self.state = self._initial_state()
         # host bookkeeping: each slot's pages (its block-table row), its prompt still to
         # prefill, and where its next token goes
@@ -175,11 +176,12 @@ class Engine:
     def from_workdir(cls, workdir: paths.PathLike, *, slots: int = 8, mesh: Mesh | None = None,
                      step: int | None = None, max_len: int | None = None,
                      adapters: dict[str, paths.PathLike] | None = None,
-                     **cache: Any) -> "Engine":
+                     quantize: str = "none", **cache: Any) -> "Engine":
         """The engine of the newest checkpoint in `workdir` (trained, fine-tuned or imported),
         with the run's tokenizer (`engine.tokenizer`); `adapters` {name: LoRA workdir}: served
-        beside it (adapter 0 is `workdir` itself, then these in order); `cache`: the paged
-        cache's `page_size`, `num_pages`, `prefill_chunk`."""
+        beside it (adapter 0 is `workdir` itself, then these in order); `quantize`: the
+        projection weights' format (`infra.serve.quantize`); `cache`: the paged cache's
+        `page_size`, `num_pages`, `prefill_chunk`."""
         if slots < 1:
             raise UserError(f"--slots must be >= 1, got {slots}")
         config = load_config(workdir)
@@ -189,6 +191,7 @@ class Engine:
         if adapters:
             params, model_def, stacked = serve_adapters.stack(workdir, config, params, adapters,
                                                               mesh)
+        params = quantize_weights(params, model_def, quantize)
         tok = load_tokenizer(config.data.tokenizer)
         limit = int(config.model.max_seq_len)
         if max_len is not None and not 1 < max_len <= limit:
@@ -245,10 +248,10 @@ class Engine:
         r = self._replicated
         host = steps.prefill_rows(rows, bucket, self.pages_per_seq)
         args = (self._abstract(self.params, self._param_shardings),
-                (self._cache_abstract, self._cache_abstract),
+                self._cache_abstract,
                 self._abstract(self.state, self._state_shardings()),
                 {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=r) for k, v in host.items()})
-        cache_sh = (self._cache_sharding, self._cache_sharding)
+        cache_sh = self._cache_sharding
         compiled = self._compile(
             run, args, (self._param_shardings, cache_sh, self._state_shardings(), r),
             (cache_sh, self._state_shardings(), r, (r,) * 3, (r,) * 3), donate=(1, 2))
@@ -259,9 +262,9 @@ class Engine:
         if self._decode is not None:
             return self._decode
         run = steps.decode(self._model_def, self._allowed, bool(self.adapters), self.max_len)
-        cache_sh = (self._cache_sharding, self._cache_sharding)
+        cache_sh = self._cache_sharding
         args = (self._abstract(self.params, self._param_shardings),
-                (self._cache_abstract, self._cache_abstract),
+                self._cache_abstract,
                 self._abstract(self.state, self._state_shardings()),
                 jax.ShapeDtypeStruct(self.table.shape, jnp.int32, sharding=self._replicated))
         self._decode = self._compile(
@@ -486,10 +489,9 @@ class Engine:
         """Bytes a decode step must read at least: every parameter, and every slot's whole
         context of keys and values (the step's shapes are fixed)."""
         params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-        layers, _, size, heads, dim = self._cache_abstract.shape
-        per_slot = layers * self.pages_per_seq * size * heads * dim
-        return params + 2 * self.slots * per_slot * self._cache_abstract.dtype.itemsize
+        per_page = self.cache_bytes() / self.pool.num_pages
+        return params + int(self.slots * self.pages_per_seq * per_page)
 
     def cache_bytes(self) -> int:
         """Device bytes of the KV cache (keys and values, every page)."""
-        return 2 * math.prod(self._cache_abstract.shape) * self._cache_abstract.dtype.itemsize
+        return kv_cache_lib.nbytes(self._cache_abstract)

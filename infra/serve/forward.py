@@ -5,9 +5,9 @@ The model computes everything (`Transformer.embed`, its blocks with `Attention`'
 in the cache and which of them each query may see, so cached logits equal a full forward pass
 to float32 rounding (tests/test_serve_engine.py checks 1e-5).
 
-The cache is paged: two arrays ``[layers, num_pages, page_size, kv_heads, head_dim]`` (keys,
-values); a sequence's positions are its pages in the order of its block-table row
-(`infra.serve.pages`), gathered for attention. A sequence's keys beyond its position hold
+The cache is paged: keys and values ``[layers, num_pages, page_size, kv_heads, head_dim]``
+(`infra.serve.kv_cache`: float, or int8 with scales); a sequence's positions are its pages in
+the order of its block-table row (`infra.serve.pages`), gathered for attention. A sequence's keys beyond its position hold
 whatever was there before (an earlier request): the mask never lets a query see them. With
 ``page_size`` = the context and one page per slot this is the dense cache of earlier versions.
 Models are in the loop layout (`blocks/<i>`): a `scan_layers` checkpoint is converted at load
@@ -20,19 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from infra.models.transformer import Transformer
-from infra.serve import sampling
+from infra.serve import kv_cache, sampling
+from infra.serve.kv_cache import Cache
 from infra.serve.pages import TRASH
 
 SCORE_BLOCK = 256  # prompt positions whose logits `prompt_logprobs` computes at once
-CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # logical names of a cache array
-Cache = tuple[jax.Array, jax.Array]
-
-
-def _gather(cache: jax.Array, table: jax.Array) -> jax.Array:
-    """The keys (or values) of the sequences whose pages `table` (batch, pages) lists, from one
-    layer's cache (num_pages, page_size, kv_heads, head_dim): (batch, pages * page_size, ...)."""
-    batch, pages = table.shape
-    return cache[table].reshape(batch, pages * cache.shape[1], *cache.shape[2:])
 
 
 def prefill(model: Transformer, cache: Cache, tokens: jax.Array, start: jax.Array,
@@ -45,8 +37,7 @@ def prefill(model: Transformer, cache: Cache, tokens: jax.Array, start: jax.Arra
     logits (rows, vocab) at each row's last real position and the residual stream (rows,
     chunk, d_model) after the last block (for `prompt_logprobs`)."""
     rows, chunk = tokens.shape
-    ks, vs = cache
-    size = ks.shape[2]
+    size = cache["k"].shape[2]
     index = jnp.arange(chunk)[None]
     positions = start[:, None] + index  # (rows, chunk)
     page_of = jnp.minimum(positions // size, table.shape[1] - 1)
@@ -58,15 +49,14 @@ def prefill(model: Transformer, cache: Cache, tokens: jax.Array, start: jax.Arra
 
     def layer(i: int):
         def update(k, v):
-            nonlocal ks, vs
-            ks = ks.at[i, pages, offsets].set(k.astype(ks.dtype))
-            vs = vs.at[i, pages, offsets].set(v.astype(vs.dtype))
-            return _gather(ks[i], table), _gather(vs[i], table), allowed
+            nonlocal cache
+            cache = kv_cache.write(cache, i, pages, offsets, k, v)
+            return *kv_cache.read(cache, i, table, k.dtype), allowed
         return update
 
     x = model.cached_layers(model.embed(tokens), positions, layer)
     last = x[jnp.arange(rows), jnp.maximum(length - 1, 0)][:, None]  # (rows, 1, d_model)
-    return (ks, vs), model.logits(last)[:, 0], x
+    return cache, model.logits(last)[:, 0], x
 
 
 def prompt_logprobs(model: Transformer, x: jax.Array, targets: jax.Array, allowed: jax.Array,
@@ -98,8 +88,7 @@ def decode(model: Transformer, cache: Cache, tokens: jax.Array, positions: jax.A
     active slot's pages (``table`` (slots, pages); an inactive slot's into the trash page) and
     attend to their sequence's positions ``[0, position]``. Returns the cache and float32
     logits (slots, vocab) for the next position."""
-    ks, vs = cache
-    size = ks.shape[2]
+    size = cache["k"].shape[2]
     slots = tokens.shape[0]
     pages = jnp.where(active, table[jnp.arange(slots), positions // size], TRASH)
     offsets = positions % size
@@ -108,11 +97,10 @@ def decode(model: Transformer, cache: Cache, tokens: jax.Array, positions: jax.A
 
     def layer(i: int):
         def update(k, v):
-            nonlocal ks, vs
-            ks = ks.at[i, pages, offsets].set(k[:, 0].astype(ks.dtype))
-            vs = vs.at[i, pages, offsets].set(v[:, 0].astype(vs.dtype))
-            return _gather(ks[i], table), _gather(vs[i], table), allowed
+            nonlocal cache
+            cache = kv_cache.write(cache, i, pages, offsets, k[:, 0], v[:, 0])
+            return *kv_cache.read(cache, i, table, k.dtype), allowed
         return update
 
     x = model.cached_layers(model.embed(tokens[:, None]), positions[:, None], layer)
-    return (ks, vs), model.logits(x)[:, 0]
+    return cache, model.logits(x)[:, 0]
