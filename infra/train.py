@@ -228,6 +228,18 @@ def _run(config, workdir: PathLike, events: EventLog) -> tuple[State, list[dict]
             peers.close(clean)
 
 
+def _kernel_flops(config, mesh) -> float:
+    """Per device and step: the FLOPs of a fused attention kernel, which XLA's count misses."""
+    from infra.plan.estimate import AnalyticTransformer
+
+    model = AnalyticTransformer.from_config(config)
+    if model is None:
+        return 0.0
+    per_token = attention_kernels.uncounted_flops_per_token(model.config, model.T,
+                                                            mesh.devices.flat[0].platform)
+    return per_token * model.rows * model.T / mesh.size
+
+
 def _print_layout(config, trainer: Trainer) -> None:
     """The mesh, every parameter's sharding and what trains (stdout)."""
     print(mesh_lib.describe(trainer.mesh))
@@ -286,7 +298,8 @@ def _train(config, workdir: PathLike, trainer: Trainer, ckpt: Checkpointer, eval
             _print_layout(config, trainer)
     meta = {"config": config.to_dict(), "experiment": config.experiment}
     meter = ThroughputMeter(units_per_step=tc.batch_size * task.units_per_example(),
-                            unit=task.unit, start_step=step, events=events)
+                            unit=task.unit, start_step=step, events=events,
+                            uncounted_flops=_kernel_flops(config, trainer.mesh))
     guard = NonFiniteGuard(tc.nonfinite, ckpt.latest_step)
     profiler = ProfilerWindow(ProfileConfig.from_config(config.profile).steps,
                               workdir / "tensorboard")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,24 @@ def popen(*args: str, env: dict | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "infra", *args],
         cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240, poll: float = 0.02) -> None:
+    """Wait until `predicate()` holds, failing (with the process's output) if `proc` ends or
+    `timeout` seconds pass first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def kill_when(predicate, proc: subprocess.Popen, timeout: float = 240,
+              poll: float = 0.02) -> None:
+    """SIGKILL `proc` as soon as `predicate()` holds (`wait_for`), and reap it."""
+    wait_for(predicate, proc, timeout, poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def assert_metric_everywhere(workdir: Path, stderr: str, name: str) -> None:

@@ -102,3 +102,30 @@ def test_asking_for_a_kernel_the_devices_lack_is_one_config_error(tmp_path):
         train.run(config_lib.load("experiments/lm.py:smoke", {"model.attention": "cudnn"}),
                   workdir)
     assert e.value.exit_code == 2 and (not workdir.exists() or not any(workdir.iterdir()))
+
+
+def test_a_kernels_flops_are_counted_as_xla_counts_its_own_attention():
+    """XLA's cost analysis cannot see inside a kernel's custom call: the MFU meter adds
+    `uncounted_flops_per_token`, which must equal what XLA counts for `xla` attention (4 causal
+    query blocks, every layer and row), forward and backward; nothing when XLA's own runs."""
+    from infra import utilization
+    from infra.models import hyper_params
+
+    q, k, v, _ = _inputs()
+    mask = Mask(causal=True, positions=jnp.arange(T))
+    blocks = [(i * T // 4, (i + 1) * T // 4) for i in range(4)]
+    incoming = jax.random.normal(jax.random.key(3), q.shape)  # a real incoming gradient
+
+    def loss(q, k, v):
+        return (attend(q, k, v, mask, dtype=jnp.float32, query_blocks=blocks) * incoming).sum()
+
+    counted = utilization.compiled_flops(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        q, k, v).compile())
+    model = hyper_params(config_lib.load("experiments/lm.py:smoke", {
+        "model.num_layers": 3, "model.num_heads": HEADS, "model.num_kv_heads": KV,
+        "model.head_dim": HD, "model.causal_blocks": 4, "model.max_seq_len": T}).model)
+    added = kernels.uncounted_flops_per_token(model, T, "tpu") * B * T
+    print(f"\nXLA counts {counted:.3e} FLOPs for one layer's xla attention; a kernel's, in 3 "
+          f"layers, are counted as {added:.3e}")
+    assert added == pytest.approx(3 * counted, rel=1e-3)
+    assert kernels.uncounted_flops_per_token(model, T, "cpu") == 0.0

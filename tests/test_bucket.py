@@ -17,7 +17,7 @@ import pytest
 from infra import paths  # every bucket path through it: it configures gcsfs first
 from infra.errors import UserError
 from tests.gcs_emulator import Emulator
-from tests.helpers import ROOT, Position, cli, popen
+from tests.helpers import ROOT, Position, cli, kill_when, popen
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,12 +65,8 @@ def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(em
     workdir = "gs://bkt/runs/killed"
     proc = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)
     metrics = paths.path(workdir) / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir))):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir)),
+              proc, timeout=300, poll=0.2)
     # the resumption first waits out the killed run's lease (35 s); the uninterrupted local run
     # to compare with trains meanwhile
     resume = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)

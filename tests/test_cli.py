@@ -1,12 +1,10 @@
 """The CLI as users run it: train, resume after a kill, bad input, list, smoke."""
 
 import json
-import signal
-import time
 
 import pytest
 
-from tests.helpers import cli, popen
+from tests.helpers import cli, kill_when, popen
 
 SMOKE = "experiments/lm.py:smoke"
 QUIET = ("--config.sharding.print_table=false",)
@@ -57,14 +55,7 @@ def test_killed_run_resumes_from_checkpoint_and_data_position(tmp_path):
     killed = tmp_path / "killed"
     proc = popen("train", "--config", SMOKE, "--workdir", str(killed), *steps, *QUIET)
     ckpts = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(
-        p.name.isdigit() and int(p.name) >= 40 for p in ckpts.glob("*")
-    ):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: any(p.name.isdigit() and int(p.name) >= 40 for p in ckpts.glob("*")), proc)
     saved = sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit())
     assert saved and saved[-1] < 120, "the run finished before it could be killed"
 

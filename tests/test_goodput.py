@@ -8,7 +8,7 @@ import pytest
 
 from infra.events import EventLog, read_events
 from infra.goodput import compute
-from tests.helpers import cli, popen
+from tests.helpers import cli, kill_when, popen
 
 SMOKE = "experiments/lm.py:smoke"
 
@@ -71,11 +71,8 @@ def test_a_killed_and_a_preempted_run_are_accounted_exactly(tmp_path):
             "--config.train.log_every=1", "--config.checkpoint.every=5")
     killed = tmp_path / "killed"
     proc = popen("train", *args, "--workdir", str(killed))
-    while not (killed / "metrics.jsonl").exists() or '"step": 13,' not in (
-            killed / "metrics.jsonl").read_text():
-        assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: (killed / "metrics.jsonl").exists()
+              and '"step": 13,' in (killed / "metrics.jsonl").read_text(), proc, poll=0.005)
     logged = max(e["last"] for e in read_events(killed) if e["event"] == "steps")
     p = cli("train", *args, "--workdir", str(killed))
     assert p.returncode == 0, p.stderr

@@ -81,6 +81,12 @@ def test_throughput_meter_excludes_compile_and_first_wait_and_reports_mfu():
     again = meter.lap(15)
     assert again["step_time_s"] == pytest.approx(2.0) and "compile_time_s" not in again
     assert again["input_wait_frac"] == 0.0
+    # a fused attention kernel's FLOPs, which XLA's count misses, are added to it
+    kernel = ThroughputMeter(units_per_step=1000, unit="tokens", peak=lambda: (2.0e10, "test"),
+                             clock=clock, uncounted_flops=1.0e9)
+    kernel.compiled(FakeJitted(clock, compile_s=1.0), "state", "batch")
+    clock.now += 1.0
+    assert kernel.lap(1)["mfu"] == pytest.approx(5.0e9 / 1.0 / 2.0e10)
 
 
 def test_pending_metrics_fetch_once_and_average():

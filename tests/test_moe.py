@@ -347,12 +347,9 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
     """`lm.py:moe-smoke` on data=2 x expert=4 through the CLI, killed (SIGKILL) after a
     checkpoint and resumed: the same losses, bit for bit, and the same final weights as a run
     never interrupted."""
-    import signal
-    import time
-
     import orbax.checkpoint as ocp
 
-    from tests.helpers import popen
+    from tests.helpers import kill_when, popen
 
     run = ("--config", "experiments/lm.py:moe-smoke", "--config.train.steps=8",
            "--config.train.log_every=1", "--config.train.eval_every=8",
@@ -369,13 +366,8 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
     cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
     assert cli("train", *run, "--workdir", str(straight), env=cache).returncode == 0
     proc = popen("train", *run, "--workdir", str(killed), env=cache)
-    deadline = time.time() + 240
     committed = killed / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
-    while not (committed.exists() and any(s >= 5 for s, _ in losses(killed))):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: committed.exists() and any(s >= 5 for s, _ in losses(killed)), proc)
     p = cli("train", *run, "--workdir", str(killed), env=cache)
     assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr[-2000:]
     assert losses(killed) == losses(straight)

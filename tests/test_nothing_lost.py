@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import ROOT, cli, popen
+from tests.helpers import ROOT, cli, popen, wait_for
 
 SMOKE = "experiments/lm.py:smoke"
 QUIET = "--config.sharding.print_table=false"
@@ -47,14 +47,6 @@ def files(path):
     """Every file of a workdir but the bookkeeping each attempt updates (lock, event log)."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
             if f.is_file() and f.name != ".lock" and f.relative_to(path).parts[0] != "events"}
-
-
-def wait_for(predicate, proc, timeout=240):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def handles_sigterm(proc):

@@ -57,7 +57,9 @@ sys.exit(rc)
 
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=2,tensor=2"])
 def test_plan_agrees_with_the_compiled_step(mesh):
-    cfg = config.load(SMOKE)
+    """...for a config meant for TPUs too (splash attention): the emulated devices compile xla
+    attention, whose FLOPs XLA counts (the run's MFU meter adds the kernel's the same way)."""
+    cfg = config.load(SMOKE, {"model.attention": "splash"})
     p = plan.plan(cfg, devices=8, mesh=mesh, chip="h100", price_per_chip_hour=2.0, compile=True)
     cp = p.compiled
     assert cp is not None and p.flops_label == plan.MEASURED
@@ -72,6 +74,7 @@ def test_plan_agrees_with_the_compiled_step(mesh):
     assert 0.5 < p.collective_ici_bytes / cp.collective_bytes < 2
     text = plan.format_plan(p)
     assert "measured (XLA)" in text and "exact (abstract state)" in text
+    assert any("compiled with model.attention=xla" in n for n in p.notes)
 
 
 def test_parallelism_and_memory_switches():

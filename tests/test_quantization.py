@@ -88,8 +88,10 @@ def runs(tmp_path_factory):
 
 
 def test_quantization_aware_training_tracks_float32(runs):
-    """First-step logits within 2% (int8) / 6% (fp8) of float32 and the final eval loss within
-    3% / 6%; the checkpoint and its parameters stay float32."""
+    """The final eval loss within 3% (int8) / 6% (fp8) of float32's, and the trained weights'
+    logits through the quantized products within 2% / 6% of the float ones; the checkpoint and
+    its parameters stay float32. (The initial weights' logits differ more: see
+    scripts/bench_quant.py.)"""
     from infra import run as run_lib
 
     config, _, float_evals = runs["none"]
@@ -102,7 +104,6 @@ def test_quantization_aware_training_tracks_float32(runs):
         print(f"\n{mode}: eval loss at step 0 {first[0]:.4f} vs {first[1]:.4f}, at step 30 "
               f"{last[0]:.4f} vs {last[1]:.4f}")
         assert abs(last[0] - last[1]) <= bound_loss * last[1]
-        # the same initial weights through both products
         sharded, _ = run_lib.sharded_model(qconfig)
         params, _ = run_lib.load_params(runs["root"] / mode, qconfig, sharded.abstract["params"],
                                         step=30)

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import ROOT, Position, cli, popen
+from tests.helpers import ROOT, Position, cli, popen, wait_for
 
 SMOKE = "experiments/lm.py:smoke"
 RUN = ("--config", SMOKE, "--config.train.steps=60", "--config.train.log_every=1",
@@ -50,14 +50,6 @@ def assert_bit_identical(a, b):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def wait_for(predicate, proc, timeout=240, poll=0.005):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(poll)
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +84,11 @@ def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight, compile
         proc = popen("train", *RUN, "--workdir", str(workdir), env=compiled)
         ckpts = workdir / "checkpoints"
         if i == 0:  # the first kill lands in the middle of an asynchronous save
-            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in ckpts.glob("*")), proc)
+            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in ckpts.glob("*")), proc,
+                     poll=0.005)
         else:
             wait_for(lambda: (workdir / "metrics.jsonl").exists()
-                     and any(s >= kill_at for s, _ in train_losses(workdir)), proc, poll=0.02)
+                     and any(s >= kill_at for s, _ in train_losses(workdir)), proc)
         unfinished = [p.name for p in ckpts.glob("*") if "tmp" in p.name]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -114,7 +107,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes_bit_exactly(tmp_path, straight,
     workdir = tmp_path / "term"
     proc = popen("train", *RUN, "--workdir", str(workdir), env=compiled)
     wait_for(lambda: (workdir / "metrics.jsonl").exists()
-             and any(s >= 23 for s, _ in train_losses(workdir)), proc, poll=0.02)
+             and any(s >= 23 for s, _ in train_losses(workdir)), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err

@@ -214,10 +214,7 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
     """`grpo.py:smoke` (LoRA, beta > 0: the base is the reference; two updates per rollout
     batch), killed (SIGKILL) after its step-2 checkpoint and resumed: every step's rewards and
     losses equal a straight run's; rollout time has its own goodput line."""
-    import signal
-    import time
-
-    from tests.helpers import popen
+    from tests.helpers import kill_when, popen
 
     run = ("--config", GRPO, f"--config.init.from={sft_start}", "--config.rl.beta=0.05",
            "--config.rl.num_iterations=2", "--config.finetune.lora.rank=4",
@@ -229,13 +226,9 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
     assert p.returncode == 0, p.stderr[-2000:]
     assert "eval reward" in p.stderr
     proc = popen("train", *run, "--workdir", str(killed), env=cache)
-    deadline = time.time() + 240
     committed = killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
-    while not (committed.exists() and any(s >= 3 for s, _ in _records(killed, "train/loss"))):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: committed.exists()
+              and any(s >= 3 for s, _ in _records(killed, "train/loss")), proc)
     p = cli("train", *run, "--workdir", str(killed), env=cache)
     assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr[-2000:]
     for key in ("train/loss", "train/reward", "train/kl", "train/completion_length"):

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
 import pytest
 
 from tests import hf_models
-from tests.helpers import cli, popen
-from tests.test_reliability import (assert_bit_identical, committed, saved_state, train_losses,
-                                   wait_for)
+from tests.helpers import cli, kill_when, popen
+from tests.test_reliability import assert_bit_identical, committed, saved_state, train_losses
 
 pytestmark = pytest.mark.slow
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -75,11 +73,8 @@ def test_sigkill_mid_fine_tune_resumes_with_a_bit_identical_loss_history(setup, 
     workdir = tmp_path / "killed"
     proc = popen("train", *setup[1], "--workdir", str(workdir), env=compiled(straight))
     # killed between checkpoints, once one is committed: the resume redoes some steps
-    wait_for(lambda: (workdir / "metrics.jsonl").exists() and committed(workdir)
-             and any(s > committed(workdir)[-1] for s, _ in train_losses(workdir)), proc,
-             poll=0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(lambda: (workdir / "metrics.jsonl").exists() and committed(workdir)
+              and any(s > committed(workdir)[-1] for s, _ in train_losses(workdir)), proc)
     assert any(s < STEPS for s, _ in train_losses(workdir))
     p = cli("train", *setup[1], "--workdir", str(workdir), env=compiled(straight))
     assert p.returncode == 0, p.stderr

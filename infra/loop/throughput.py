@@ -23,13 +23,17 @@ class ThroughputMeter:
 
     def __init__(self, *, units_per_step: int, unit: str, start_step: int = 0,
                  peak: Callable[[], tuple[float | None, str]] = utilization.peak_flops_per_device,
-                 clock: Callable[[], float] = time.perf_counter, events=None):
+                 clock: Callable[[], float] = time.perf_counter, events=None,
+                 uncounted_flops: float = 0.0):
+        """`uncounted_flops`: per device and step, what XLA's count of the compiled step misses
+        (a fused attention kernel's, `TransformerConfig.kernel_flops_per_token`)."""
         self.units_per_step, self.unit = units_per_step, unit
+        self._uncounted = uncounted_flops
         self._peak_fn, self._clock = peak, clock
         self.events = events  # `infra.events.EventLog`: compile, loop start, step intervals
         self._compiled = None
         self.compile_s: float | None = None
-        self.flops: float | None = None  # per device per step (XLA's count)
+        self.flops: float | None = None  # per device per step (XLA's count + uncounted)
         self.peak: float | None = None  # FLOP/s of one device
         self._waited = 0.0
         self._rollout: float | None = None  # seconds in `prepare` since the last lap
@@ -58,7 +62,8 @@ class ThroughputMeter:
             self._compiled = jitted.lower(*args).compile()
             host_malloc.release()  # the compiler's memory, freed but kept by the heap
             self.compile_s = self._clock() - t0
-            self.flops = utilization.compiled_flops(self._compiled)
+            counted = utilization.compiled_flops(self._compiled)
+            self.flops = counted + self._uncounted if counted else None
             self.peak, _ = self._peak_fn()
             self._t_last, self._waited = self._clock(), 0.0
             self._rollout = None if self._rollout is None else 0.0

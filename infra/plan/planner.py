@@ -116,8 +116,14 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     _check_inputs(price_per_chip_hour, assumed_mfu)
     cfg = _resolve_config(config, parse_mesh(mesh))
     jmesh, ici, dcn = _build_mesh(cfg, devices)
-    trainer = train.build(cfg, mesh=jmesh)
     notes: list[str] = []
+    kernel = cfg.model.get("attention")
+    if kernel in ("splash", "cudnn"):  # a TPU / GPU kernel: the emulated devices compile xla's
+        cfg.model.attention = "xla"
+        notes.append(f"compiled with model.attention=xla (the emulated devices cannot run "
+                     f"{kernel}): XLA's FLOPs include the attention, as the run's MFU meter "
+                     "adds the kernel's")
+    trainer = train.build(cfg, mesh=jmesh)
 
     # ---- exact: the abstract state's leaves and their shardings
     exact = _exact(trainer, cfg)
