@@ -100,11 +100,15 @@ class _Lease:
     """A bucket has no file locks: `<workdir>/.lock` is a lease that its holder rewrites every
     `HEARTBEAT_S` (a thread). A lease nobody refreshed for `EXPIRY_S` belongs to a run that died
     (SIGKILL, a lost VM): the claim waits that long, then takes it over; a lease that moves
-    means a live run, and the claim is refused. A run that ends deletes its lease."""
+    means a live run, and the claim is refused. A run that ends deletes its lease.
+    `INFRA_LEASE_EXPIRY_S` sets the expiry (the heartbeat keeps its share of it): a shorter one
+    takes over a dead run's workdir sooner, but a run paused longer than it loses its lease."""
 
     HEARTBEAT_S, EXPIRY_S = 10.0, 35.0
 
     def __init__(self, path: Path, clock=time.monotonic, sleep=time.sleep):
+        expiry = float(os.environ.get("INFRA_LEASE_EXPIRY_S") or self.EXPIRY_S)
+        self.EXPIRY_S, self.HEARTBEAT_S = expiry, expiry * self.HEARTBEAT_S / self.EXPIRY_S
         self.file, self._stop = path / LOCK_FILE, threading.Event()
         self._mine = json.dumps({**_owner(), "lease": os.urandom(8).hex()})
         if self.file.exists():

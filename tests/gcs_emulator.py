@@ -27,7 +27,9 @@ class Emulator:
         self.directory, self.bucket, self.proc = directory, bucket, None
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "EPATH_USE_TF": "false"}
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "EPATH_USE_TF": "false",
+                    # a killed run's lease is taken over after 14 s (heartbeat 4 s), not 35 s
+                    "INFRA_LEASE_EXPIRY_S": "14"}
 
     def start(self) -> "Emulator":
         self.proc = subprocess.Popen(

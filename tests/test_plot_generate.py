@@ -189,14 +189,16 @@ def test_a_second_generate_loads_what_the_first_compiled(runs, tmp_path):
     first = cli("--compile_cache", str(cache), *args)
     assert first.returncode == 0, first.stderr
     one = json.loads(first.stdout)
-    assert one["compile_cache"]["writes"] > 0 and one["compile_cache"]["hits"] == 0, one
+    # every program is written (a program built twice in one process, by two jit wrappers,
+    # may load its own first copy: a hit)
+    assert one["compile_cache"]["writes"] > 0, one
     entries = sorted(p.name for p in cache.iterdir())
     moved = tmp_path / "moved"  # a cache copied elsewhere (a container image) still serves
     cache.rename(moved)
     second = cli(*args, env={"INFRA_COMPILE_CACHE": str(moved)})
     assert second.returncode == 0, second.stderr
     two = json.loads(second.stdout)
-    assert two["compile_cache"] == {"hits": one["compile_cache"]["writes"], "writes": 0}, two
+    assert two["compile_cache"] == {"hits": sum(one["compile_cache"].values()), "writes": 0}, two
     assert two["token_ids"] == one["token_ids"]  # the same programs: the same tokens
     assert sorted(p.name for p in moved.iterdir()) == entries
     print(f"first token: {one['first_token_s']:.2f} s compiling, {two['first_token_s']:.2f} s "
