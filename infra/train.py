@@ -38,6 +38,7 @@ from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
 from infra.models import attention_kernels, lora, moe_parallel
+from infra.models.attention import uncounted_flops_per_token
 from infra.optim import make_optimizer
 from infra.paths import PathLike
 from infra.peers import PeerWatchdog
@@ -235,8 +236,7 @@ def _kernel_flops(config, mesh) -> float:
     model = AnalyticTransformer.from_config(config)
     if model is None:
         return 0.0
-    per_token = attention_kernels.uncounted_flops_per_token(model.config, model.T,
-                                                            mesh.devices.flat[0].platform)
+    per_token = uncounted_flops_per_token(model.config, model.T, mesh.devices.flat[0].platform)
     return per_token * model.rows * model.T / mesh.size
 
 

@@ -16,7 +16,7 @@ from infra import sharding
 from infra.errors import ConfigError
 from infra.mesh import make_mesh
 from infra.models import attention_kernels as kernels
-from infra.models.attention import Mask, attend
+from infra.models.attention import Mask, attend, uncounted_flops_per_token
 
 B, T, HEADS, KV, HD = 2, 128, 4, 2, 32
 
@@ -124,8 +124,8 @@ def test_a_kernels_flops_are_counted_as_xla_counts_its_own_attention():
     model = hyper_params(config_lib.load("experiments/lm.py:smoke", {
         "model.num_layers": 3, "model.num_heads": HEADS, "model.num_kv_heads": KV,
         "model.head_dim": HD, "model.causal_blocks": 4, "model.max_seq_len": T}).model)
-    added = kernels.uncounted_flops_per_token(model, T, "tpu") * B * T
+    added = uncounted_flops_per_token(model, T, "tpu") * B * T
     print(f"\nXLA counts {counted:.3e} FLOPs for one layer's xla attention; a kernel's, in 3 "
           f"layers, are counted as {added:.3e}")
     assert added == pytest.approx(3 * counted, rel=1e-3)
-    assert kernels.uncounted_flops_per_token(model, T, "cpu") == 0.0
+    assert uncounted_flops_per_token(model, T, "cpu") == 0.0

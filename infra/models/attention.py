@@ -25,6 +25,7 @@ slot's cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -126,3 +127,36 @@ def _attend_one(q, keys, values, allowed, group, dtype):
     probs = jax.nn.softmax(scores + bias[:, :, None, None], axis=1).astype(dtype)
     out = jnp.sum(probs[..., None] * values[:, :, :, None, :], axis=1)  # (batch, kv, group, hd)
     return out.reshape(b, 1, kv * group, hd).astype(dtype)
+
+
+def uncounted_flops_per_token(model, seq_len: int, platform: str) -> float:
+    """Training FLOPs per token that XLA's count of the compiled step misses on `platform`: a
+    fused kernel's attention (a custom call XLA cannot see into), counted as XLA counts `xla`
+    attention of the same shapes, forward and backward, causal query blocks included; 0 when
+    XLA's own attention runs. `model`: a `TransformerConfig` (causal attention)."""
+    if kernels.resolve(model.attention, platform, model.dtype) == "xla":
+        return 0.0
+    return model.num_layers * _xla_attention_flops(
+        seq_len, model.num_heads, model.num_kv_heads, model.head_dim,
+        min(model.causal_blocks, seq_len), jnp.dtype(model.dtype).name) / seq_len
+
+
+@functools.lru_cache(maxsize=16)
+def _xla_attention_flops(length: int, heads: int, kv_heads: int, head_dim: int, blocks: int,
+                         dtype: str) -> float:
+    """XLA's FLOPs of one sequence's causal `xla` attention, forward and backward (compiled
+    for abstract shapes, nothing run)."""
+    from infra import utilization
+
+    q = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, length, kv_heads, head_dim), dtype)
+    edges = [round(i * length / blocks) for i in range(blocks + 1)]
+    mask = Mask(causal=True, positions=jnp.arange(length))
+
+    def loss(q, k, v, incoming):
+        out = attend(q, k, v, mask, dtype=jnp.dtype(dtype),
+                     query_blocks=list(zip(edges[:-1], edges[1:])), backend="xla")
+        return (out * incoming).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return utilization.compiled_flops(grads.lower(q, kv, kv, q).compile()) or 0.0

@@ -50,40 +50,6 @@ def resolve(name: str, platform: str, dtype=None) -> str:
     return name
 
 
-def uncounted_flops_per_token(model, seq_len: int, platform: str) -> float:
-    """Training FLOPs per token that XLA's count of the compiled step misses on `platform`: a
-    fused kernel's attention (a custom call XLA cannot see into), counted as XLA counts `xla`
-    attention of the same shapes, forward and backward, causal query blocks included; 0 when
-    XLA's own attention runs. `model`: a `TransformerConfig` (causal attention)."""
-    if resolve(model.attention, platform, model.dtype) == "xla":
-        return 0.0
-    return model.num_layers * _xla_attention_flops(
-        seq_len, model.num_heads, model.num_kv_heads, model.head_dim,
-        min(model.causal_blocks, seq_len), jnp.dtype(model.dtype).name) / seq_len
-
-
-@functools.lru_cache(maxsize=16)
-def _xla_attention_flops(length: int, heads: int, kv_heads: int, head_dim: int, blocks: int,
-                         dtype: str) -> float:
-    """XLA's FLOPs of one sequence's causal `xla` attention, forward and backward (compiled
-    for abstract shapes, nothing run)."""
-    from infra import utilization
-    from infra.models.attention import Mask, attend
-
-    q = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
-    kv = jax.ShapeDtypeStruct((1, length, kv_heads, head_dim), dtype)
-    edges = [round(i * length / blocks) for i in range(blocks + 1)]
-    mask = Mask(causal=True, positions=jnp.arange(length))
-
-    def loss(q, k, v, incoming):
-        out = attend(q, k, v, mask, dtype=jnp.dtype(dtype),
-                     query_blocks=list(zip(edges[:-1], edges[1:])), backend="xla")
-        return (out * incoming).sum()
-
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return utilization.compiled_flops(grads.lower(q, kv, kv, q).compile()) or 0.0
-
-
 def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
            segment_ids: jax.Array | None, interpret: bool = False) -> jax.Array:
     """q (batch, t, heads, hd), already scaled; k, v (batch, t, kv_heads, hd) -> (batch, t,

@@ -161,8 +161,8 @@ def run_cli(args) -> int:
     engine = Engine.from_workdir(
         args.workdir, slots=args.slots, mesh=serve_mesh(config, tensor=args.tensor),
         max_len=args.max_len, adapters=adapters, page_size=args.page_size, num_pages=pages,
-        prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
-        quantize=args.quantize, kv_cache=args.kv_cache)
+        prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows, quantize=args.quantize,
+        kv_cache=args.kv_cache)
     start = time.perf_counter()
     compile_s = engine.warmup()
     cached = compile_cache.stats()["hits"]
@@ -183,9 +183,8 @@ def run_cli(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {', '.join([name, *adapters])} on http://{shown}:{port}/v1 ({engine.slots} "
           f"slots x {engine.max_len} tokens, KV cache {engine.cache_bytes() / 2**20:.1f} MiB in "
-          f"{engine.pool.num_pages} pages of {engine.page_size}, mesh "
-          f"{dict(engine.mesh.shape)}, checkpoint step "
-          f"{engine.step_restored}{', static batching' if args.static else ''}"
+          f"{engine.pool.num_pages} pages of {engine.page_size}, mesh {dict(engine.mesh.shape)}, "
+          f"checkpoint step {engine.step_restored}{', static batching' if args.static else ''}"
           f"{', API key required' if api.api_key else ''})", flush=True)
     try:
         while thread.is_alive() and not flag.raised:
