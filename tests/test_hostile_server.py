@@ -63,12 +63,12 @@ def workdir(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, workdir):
+    def __init__(self, workdir, *extra: str):
         self.proc = popen("serve", "--workdir", str(workdir), "--port", "0", "--slots", "2",
                           "--model_name", "tiny", "--max_body_mb", "1",
-                          "--template_timeout", str(TEMPLATE_TIMEOUT),
+                          "--template_timeout", str(TEMPLATE_TIMEOUT), *extra,
                           env={"INFRA_CPU_DEVICES": "1", "INFRA_SERVE_API_KEY": KEY})
-        line = self.proc.stdout.readline()
+        self.banner = line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
         self.port = int(match.group(1))
@@ -117,7 +117,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(workdir):
-    s = Server(workdir)
+    """The imported model served with int8 projection weights and an int8 KV cache (the CLI's
+    low-precision switches; what hostile input meets does not depend on them)."""
+    s = Server(workdir, "--quantize", "int8", "--kv_cache", "int8")
     yield s
     out, err = s.stop()
     assert s.proc.returncode == 0, err[-3000:]
@@ -210,6 +212,7 @@ def test_the_api_key_is_required_on_v1_only(server):
         openai.OpenAI(base_url=server.client.base_url, api_key="wrong",
                       max_retries=0).models.list()
     assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    assert "int8 weights, int8 KV cache, API key required" in server.banner, server.banner
     assert server.request("GET", "/health", key=None)[0] == 200
     assert server.request("GET", "/metrics", key=None)[0] == 200
 

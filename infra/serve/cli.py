@@ -179,13 +179,7 @@ def run_cli(args) -> int:
               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
               max_body_bytes=int(args.max_body_mb * 2**20))
     server, thread = _start_http(api, sock)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {', '.join([name, *adapters])} on http://{shown}:{port}/v1 ({engine.slots} "
-          f"slots x {engine.max_len} tokens, KV cache {engine.cache_bytes() / 2**20:.1f} MiB in "
-          f"{engine.pool.num_pages} pages of {engine.page_size}, mesh {dict(engine.mesh.shape)}, "
-          f"checkpoint step {engine.step_restored}{', static batching' if args.static else ''}"
-          f"{', API key required' if api.api_key else ''})", flush=True)
+    print(_banner(sock, [name, *adapters], engine, args, api.api_key), flush=True)
     try:
         while thread.is_alive() and not flag.raised:
             time.sleep(0.05)
@@ -197,6 +191,19 @@ def run_cli(args) -> int:
         scheduler.stop()
         sandbox.close()
     return 0
+
+
+def _banner(sock: socket.socket, names: list[str], engine, args, api_key) -> str:
+    """The line `serve` prints once it listens (tests and launchers read the address)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return (f"serving {', '.join(names)} on http://{shown}:{port}/v1 ({engine.slots} slots x "
+            f"{engine.max_len} tokens, KV cache {engine.cache_bytes() / 2**20:.1f} MiB in "
+            f"{engine.pool.num_pages} pages of {engine.page_size}, mesh {dict(engine.mesh.shape)}, "
+            f"checkpoint step {engine.step_restored}{', static batching' if args.static else ''}"
+            f"{', int8 weights' if args.quantize == 'int8' else ''}"
+            f"{', int8 KV cache' if args.kv_cache == 'int8' else ''}"
+            f"{', API key required' if api_key else ''})")
 
 
 def _start_http(api, sock: socket.socket):
