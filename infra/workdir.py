@@ -96,6 +96,21 @@ class FileLock:
         self._handle.close()
 
 
+def _lease_expiry(value: str | None, default: float) -> float:
+    """`INFRA_LEASE_EXPIRY_S` as seconds (unset or empty: `default`); UserError if it is not a
+    number of seconds of at least 2 (the heartbeat needs a share of it)."""
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 2.0 or seconds == float("inf"):
+        raise UserError(f"INFRA_LEASE_EXPIRY_S must be a number of seconds >= 2, got {value!r}; "
+                        "unset it for the default 35 s")
+    return seconds
+
+
 class _Lease:
     """A bucket has no file locks: `<workdir>/.lock` is a lease that its holder rewrites every
     `HEARTBEAT_S` (a thread). A lease nobody refreshed for `EXPIRY_S` belongs to a run that died
@@ -107,7 +122,7 @@ class _Lease:
     HEARTBEAT_S, EXPIRY_S = 10.0, 35.0
 
     def __init__(self, path: Path, clock=time.monotonic, sleep=time.sleep):
-        expiry = float(os.environ.get("INFRA_LEASE_EXPIRY_S") or self.EXPIRY_S)
+        expiry = _lease_expiry(os.environ.get("INFRA_LEASE_EXPIRY_S"), self.EXPIRY_S)
         self.EXPIRY_S, self.HEARTBEAT_S = expiry, expiry * self.HEARTBEAT_S / self.EXPIRY_S
         self.file, self._stop = path / LOCK_FILE, threading.Event()
         self._mine = json.dumps({**_owner(), "lease": os.urandom(8).hex()})

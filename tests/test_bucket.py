@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from infra import paths  # every bucket path through it: it configures gcsfs first
 from infra.errors import UserError
 from tests.gcs_emulator import Emulator
-from tests.helpers import ROOT, Position, cli, kill_when, popen
+from tests.helpers import ROOT, Position, cli, kill_when, popen, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -136,10 +135,7 @@ def test_the_emulator_dying_mid_save_is_one_line_and_the_last_commit_restores(em
     args = ("--config", SMOKE, QUIET, "--config.train.log_every=1", "--config.checkpoint.every=2",
             "--config.checkpoint.storage_retries=2", "--workdir", workdir)
     proc = popen("train", *args, "--config.train.steps=100000", env=emulator.env)
-    deadline = time.time() + 300
-    while len(committed_steps(workdir)) < 2:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
+    wait_for(lambda: len(committed_steps(workdir)) >= 2, proc, timeout=300, poll=0.2)
     emulator.stop()
     try:
         out, err = proc.communicate(timeout=600)
@@ -169,15 +165,24 @@ def test_a_missing_bucket_or_no_credentials_fail_before_any_compute(emulator):
     assert p.stderr.strip().splitlines()[-1].startswith("error: no Google Cloud credentials for gs://bkt/nocreds")
 
 
+def test_the_lease_expiry_setting_is_checked():
+    """`INFRA_LEASE_EXPIRY_S`: seconds (>= 2), or unset for 35 s; anything else is one line."""
+    from infra.errors import UserError
+    from infra.workdir import _lease_expiry
+
+    assert _lease_expiry(None, 35.0) == 35.0 and _lease_expiry("", 35.0) == 35.0
+    assert _lease_expiry("14", 35.0) == 14.0
+    for bad in ("abc", "0", "-5", "nan", "inf"):
+        with pytest.raises(UserError, match="INFRA_LEASE_EXPIRY_S must be a number of seconds"):
+            _lease_expiry(bad, 35.0)
+
+
 def test_a_second_trainer_on_a_bucket_workdir_is_refused(emulator):
     workdir = "gs://bkt/runs/shared"
     args = ("--config", SMOKE, QUIET, "--config.train.steps=100000", "--workdir", workdir)
     first = popen("train", *args, env=emulator.env)
     try:
-        deadline = time.time() + 300
-        while not (paths.path(workdir) / "metrics.jsonl").exists():
-            assert first.poll() is None and time.time() < deadline, first.communicate()
-            time.sleep(0.2)
+        wait_for((paths.path(workdir) / "metrics.jsonl").exists, first, timeout=300, poll=0.2)
         p = gcli(emulator, "train", *args)
         assert p.returncode == 2, p.stderr
         assert "is in use by another training run" in p.stderr.strip().splitlines()[-1]

@@ -26,7 +26,7 @@ class ThroughputMeter:
                  clock: Callable[[], float] = time.perf_counter, events=None,
                  uncounted_flops: float = 0.0):
         """`uncounted_flops`: per device and step, what XLA's count of the compiled step misses
-        (a fused attention kernel's, `TransformerConfig.kernel_flops_per_token`)."""
+        (a fused attention kernel's, `infra.models.attention.uncounted_flops_per_token`)."""
         self.units_per_step, self.unit = units_per_step, unit
         self._uncounted = uncounted_flops
         self._peak_fn, self._clock = peak, clock

@@ -303,14 +303,12 @@ class Block(nnx.Module):
             options = dict(moe)
             shared_hidden = options.pop("shared_hidden", 0)
             shared = MLP(d_model=d_model, mlp_dim=shared_hidden, out_scale=out_scale,
-                         precision=precision,
-                         **common) if shared_hidden else None
+                         precision=precision, **common) if shared_hidden else None
             self.moe = moe_lib.MoE(d_model=d_model, out_scale=out_scale, shared=shared,
                                    **options, **common)
         else:
             self.mlp = MLP(d_model=d_model, mlp_dim=mlp_dim, out_scale=out_scale, bias=mlp_bias,
-                           precision=precision,
-                           **common)
+                           precision=precision, **common)
 
     def forward(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                 kv_cache: KVUpdate | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:

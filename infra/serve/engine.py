@@ -25,8 +25,8 @@ run under a `lax.cond`, so a prefill that does not ask pays nothing for them.
 
 Layout: the cache is paged, ``[layers, pages, page_size, kv_heads, head_dim]`` (keys and
 values, float or int8: `infra.serve.kv_cache`; `infra.serve.pages` keeps which sequence holds
-which page, `forward` writes and gathers them): kv heads go on ``tensor`` like the k / v weights, so each device reads only its heads'
-cache; pages are not split over the data axes. The slot state is the decode batch (``batch``
+which page, `forward` writes and gathers them): kv heads go on ``tensor`` like the k / v
+weights, so each device reads only its heads' cache; pages are not split over the data axes. The slot state is the decode batch (``batch``
 -> data axes). A prompt is admitted (`admit`: pages, its cached prefix shared), prefilled
 chunk by chunk (`prefill`), then decodes; `grow` gives decoding slots their next page. The
 model is restored onto the serving mesh by `infra.serve.loading.load_model`.

@@ -7,8 +7,8 @@ to float32 rounding (tests/test_serve_engine.py checks 1e-5).
 
 The cache is paged: keys and values ``[layers, num_pages, page_size, kv_heads, head_dim]``
 (`infra.serve.kv_cache`: float, or int8 with scales); a sequence's positions are its pages in
-the order of its block-table row (`infra.serve.pages`), gathered for attention. A sequence's keys beyond its position hold
-whatever was there before (an earlier request): the mask never lets a query see them. With
+the order of its block-table row (`infra.serve.pages`), gathered for attention. A sequence's
+keys beyond its position hold whatever was there before (an earlier request): the mask never lets a query see them. With
 ``page_size`` = the context and one page per slot this is the dense cache of earlier versions.
 Models are in the loop layout (`blocks/<i>`): a `scan_layers` checkpoint is converted at load
 (`infra.serve.loading.load_model`).

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 from infra.errors import UserError
 
@@ -60,12 +61,11 @@ def write(cache: Cache, layer: int, pages: jax.Array, offsets: jax.Array, k: jax
     set to keys `k` and values `v` (that shape + (kv_heads, head_dim))."""
     out = dict(cache)
     for name, x in (("k", k), ("v", v)):
-        if f"{name}_scale" in cache:
-            scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True) / 127.0
-            scale = jnp.where(scale > 0, scale, 1.0)
-            q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127)
-            out[f"{name}_scale"] = out[f"{name}_scale"].at[layer, pages, offsets].set(scale)
-            x = q
+        if f"{name}_scale" in cache:  # absmax over head_dim, as the int8 serving weights
+            q = qwix.quantize(x.astype(jnp.float32), "int8",
+                              channelwise_axes=tuple(range(x.ndim - 1)))
+            out[f"{name}_scale"] = out[f"{name}_scale"].at[layer, pages, offsets].set(q.scale)
+            x = q.qvalue
         out[name] = out[name].at[layer, pages, offsets].set(x.astype(cache[name].dtype))
     return out
 
