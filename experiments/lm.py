@@ -13,6 +13,7 @@ VARIANTS = {
     "8b": "8B-class: Llama-3-8B layer shapes with the byte-level vocabulary (not the released model: see experiments/llama.py:llama3.1-8b)",
     "moe-smoke": "smoke with 4 experts (top 2) in every layer, dropless: seconds on 8 CPU devices",
     "moe-tiny": "tiny with 8 experts of 384 (top 2): the active parameters of tiny's 768-wide MLP",
+    "pipeline-smoke": "smoke with 8 layers in 4 pipeline stages (data=2 x stage=4, 8 microbatches)",
 }
 # mixture-of-experts variants: the dense variant's config plus these `model.*` keys
 MOE = {
@@ -33,9 +34,14 @@ MODELS = {
 
 def get_config(arg: str | None = None):
     variant = arg or "tiny"
-    variant, moe = MOE.get(variant, (variant, {}))
+    pipelined = variant == "pipeline-smoke"
+    variant, moe = MOE.get(variant, ("smoke" if pipelined else variant, {}))
     c = base_config()
     c.model.update(MODELS[variant], **moe)
+    if pipelined:
+        c.model.num_layers = 8
+        c.mesh.update(data=2, stage=4)
+        c.pipeline.microbatches = 8
     if variant == "smoke":
         c.data.seq_len = 64
         c.data.eval_batches = 2

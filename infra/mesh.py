@@ -1,7 +1,9 @@
 """Devices -> `jax.sharding.Mesh`, CPU-device emulation and multi-process start-up.
 
-Mesh axes are `data`, `fsdp`, `sequence`, `expert`, `tensor` (innermost: the fastest links). Each has an ICI size (`mesh.<axis>`, within a slice or
-host) and a DCN size (`mesh.dcn_<axis>`, across slices); -1 fills the remaining devices.
+Mesh axes are `data`, `stage`, `fsdp`, `sequence`, `expert`, `tensor` (innermost: the fastest
+links; `stage`: pipeline stages, `infra/models/pipeline.py`). Each has an ICI size
+(`mesh.<axis>`, within a slice or host) and a DCN size (`mesh.dcn_<axis>`, across slices); -1
+fills the remaining devices.
 
 Every mesh is made here: a run's own (`make_mesh(config.mesh)`), serving's (`serve_mesh`) and
 the one `hf export` reads a checkpoint onto (`fsdp_mesh`).
@@ -16,7 +18,7 @@ import os
 from infra.config.sections import DistributedConfig, MeshConfig
 from infra.errors import ConfigError, UserError
 
-AXES = ("data", "fsdp", "sequence", "expert", "tensor")
+AXES = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
 distributed_started = False  # whether `initialize_distributed` started jax.distributed here
 CPU_DEVICES_ENV = "INFRA_CPU_DEVICES"
 log = logging.getLogger(__name__)

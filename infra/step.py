@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from infra import sharding
+from infra.models import pipeline
 from infra.state import State, join_trained
 from infra.tasks import Task
 
@@ -23,12 +24,14 @@ def make_steps(
     mesh: jax.sharding.Mesh,
     rules,
     split_trained: Callable | None = None,
+    stages: pipeline.Schedule | None = None,
 ) -> tuple[Callable, Callable]:
     """`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics`.
 
     With `microbatches = k > 1` the batch is split into k equal microbatches whose gradients are
     accumulated with `jax.lax.scan`: the same update as one big batch, at 1/k of the activation
-    memory. Activations are pinned to the logical-axis rules while tracing.
+    memory. Activations are pinned to the logical-axis rules while tracing, and a transformer's
+    layers run on the pipeline schedule `stages` when there is one (`mesh.stage` > 1).
 
     `split_trained(params) -> (trained, frozen)` (`ModelDef.split_trained`): only `trained` is
     differentiated and updated (the optimizer state is theirs); `frozen` passes through the step
@@ -43,7 +46,7 @@ def make_steps(
     update = make_update(task, merge, tx, microbatches=microbatches, axes=axes)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        with sharding.activation_rules(mesh, rules):
+        with sharding.activation_rules(mesh, rules), pipeline.scheduled(stages):
             rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
             trained, frozen = split_trained(state["params"])
             if updates_per_batch == 1:
@@ -66,7 +69,7 @@ def make_steps(
         return new_state, metrics | {"lr": schedule(state["step"] * updates_per_batch)}
 
     def eval_step(params: dict, batch: dict) -> dict:
-        with sharding.activation_rules(mesh, rules):
+        with sharding.activation_rules(mesh, rules), pipeline.scheduled(stages):
             return task.eval_fn(merge(params), batch)
 
     return train_step, eval_step

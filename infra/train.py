@@ -37,7 +37,7 @@ from infra.loop.pending import PendingMetrics
 from infra.loop.profiler import ProfilerWindow
 from infra.loop.reporter import Reporter
 from infra.loop.throughput import ThroughputMeter
-from infra.models import attention_kernels, lora, moe_parallel
+from infra.models import attention_kernels, lora, moe_parallel, pipeline
 from infra.models.attention import uncounted_flops_per_token
 from infra.optim import make_optimizer
 from infra.paths import PathLike
@@ -61,6 +61,7 @@ class Trainer:
     eval_step: Callable[[dict, dict], dict]
     batch_shardings: dict
     rules: tuple = ()  # the logical-axis rules the state and batches are placed by
+    schedule: pipeline.Schedule | None = None  # pipeline stages (mesh.stage > 1)
 
     def to_global(self, local_batch: dict) -> dict:
         """This process's numpy batch -> global arrays in the batch shardings."""
@@ -92,6 +93,8 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     tc = TrainConfig.from_config(config.train)
     task = get_task(config)
     moe_parallel.check_experts_fit(int(config.model.get("num_experts", 0) or 0), mesh)
+    stages = pipeline.schedule_for(config.get("pipeline"), mesh, config.model, rules,
+                                     tc.batch_size * task.rows_per_example // tc.microbatches)
     attention_kernels.resolve(config.model.get("attention", "xla"),  # a kernel the devices lack
                               mesh.devices.flat[0].platform, config.model.get("dtype"))
     sharding.check_batch_size(tc.batch_size, mesh, rules, jax.process_count(),
@@ -101,7 +104,7 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     train_step, eval_step = make_steps(
         task, sharded.model.merge, tx, schedule,
         microbatches=tc.microbatches, mesh=mesh, rules=rules,
-        split_trained=sharded.model.split_trained,
+        split_trained=sharded.model.split_trained, stages=stages,
     )
     batch_sh = sharding.batch_shardings(mesh, rules, task.batch_axes())
     out = replicated(mesh)
@@ -121,6 +124,7 @@ def build(config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
         ),
         batch_shardings=batch_sh,
         rules=rules,
+        schedule=stages,
     )
 
 

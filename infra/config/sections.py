@@ -18,15 +18,16 @@ from ml_collections import ConfigDict
 from infra.errors import ConfigError
 from infra.section import Section
 
-# Logical axis -> mesh axes. Batch is split over every data-parallel axis (`expert` too: outside
-# the experts it is data parallelism) and `length` over `sequence` (sequence parallelism, a no-op
-# while that axis has size 1); weights are split over `fsdp` along `embed`, over `tensor` along
-# heads / mlp / vocab (Megatron style) and over `expert` along the experts. `act_*` names
+# Logical axis -> mesh axes. Batch is split over every data-parallel axis (`expert` and `stage`
+# too: outside the experts and the pipelined layers they are data parallelism) and `length` over
+# `sequence` (sequence parallelism, a no-op while that axis has size 1); weights are split over
+# `fsdp` along `embed`, over `tensor` along heads / mlp / vocab (Megatron style), over `expert`
+# along the experts and over `stage` along the stacked layers (pipeline stages). `act_*` names
 # are activation dimensions (the model pins them with `infra.sharding.constrain`). Names that only
 # one task's models use (image patches, embedding-table rows, forecast windows) are that task's
 # `logical_rules`, appended after these (`infra.tasks.logical_rules`).
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", ("data", "stage", "fsdp", "expert")),
     ("length", "sequence"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -36,7 +37,7 @@ DEFAULT_RULES = (
     ("expert", "expert"),
     ("vocab", "tensor"),
     ("norm", None),
-    ("layers", None),
+    ("layers", "stage"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -141,11 +142,13 @@ class MeshConfig(Section):
     prefix: ClassVar[str] = "mesh"
 
     data: int = -1
+    stage: int = 1  # pipeline stages (infra/models/pipeline.py)
     fsdp: int = 1
     sequence: int = 1
     expert: int = 1
     tensor: int = 1
     dcn_data: int = 1
+    dcn_stage: int = 1
     dcn_fsdp: int = 1
     dcn_sequence: int = 1
     dcn_expert: int = 1
@@ -192,6 +195,23 @@ class ShardingConfig(Section):
                 f"unknown sharding.preset '{self.preset}'; known presets: {', '.join(PRESETS)}",
                 key="sharding.preset", value="fsdp", verb="set e.g.",
                 note=", or leave it empty and set the mesh.* sizes yourself")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Section):
+    """Pipeline parallelism over `mesh.stage` (infra/models/pipeline.py): each step's batch is
+    split into `microbatches` that flow through the stages (GPipe); with `repeats` R > 1 every
+    stage holds R non-consecutive chunks of layers (circular), shrinking the idle fraction
+    (S - 1) / (R * M + S - 1). Ignored while `mesh.stage` is 1."""
+
+    prefix: ClassVar[str] = "pipeline"
+
+    microbatches: int = 0  # M, a multiple of the stages; 0 = as many as the stages
+    repeats: int = 1  # R: layer chunks per stage
+
+    def validate(self) -> None:
+        self.non_negative("microbatches", " (0 = mesh.stage)")
+        self.positive("repeats")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +310,7 @@ LOOP_SECTIONS: dict[str, type[Section]] = {
     "mesh": MeshConfig,
     "distributed": DistributedConfig,
     "sharding": ShardingConfig,
+    "pipeline": PipelineConfig,
     "init": InitConfig,
     "finetune.lora": LoraConfig,
     "rl": RLConfig,

@@ -48,6 +48,7 @@ from flax import nnx
 
 from infra.errors import ConfigError
 from infra.models import moe as moe_lib
+from infra.models import pipeline
 from infra.models.attention import Mask, attend
 from infra.models.layers import LAYERS, stack_layers
 from infra.models.projection import dense, project
@@ -432,6 +433,9 @@ class Transformer(nnx.Module):
             positions = jnp.arange(length)
         x = self.embed(tokens)
         policy = REMAT_POLICIES[self.remat]
+        schedule = pipeline.active()
+        if schedule is not None:
+            return self._pipelined(x, positions, segment_ids, schedule, policy), {}
         body = _apply_block
         if self.scan_layers:
             if self.remat != "none":
@@ -453,6 +457,21 @@ class Transformer(nnx.Module):
             x, stats = body(block, x, positions, segment_ids)
             total.update({k: total.get(k, 0.0) + v for k, v in stats.items()})
         return x, total
+
+    def _pipelined(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                   schedule: pipeline.Schedule, policy) -> jax.Array:
+        """The blocks over ``x`` as pipeline stages (`infra.models.pipeline`); each tick is
+        rematerialised with the model's remat policy."""
+        graphdef, weights, names = pipeline.stacked_layers(self.blocks, self.scan_layers)
+
+        def chunk(w, h: jax.Array, pos: jax.Array, seg) -> jax.Array:
+            def layer(h, wl):
+                return nnx.merge(graphdef, wl).forward(h, pos, seg)[0], None
+            return jax.lax.scan(layer, h, w)[0]
+
+        side, rows = (positions, segment_ids), (positions.ndim == 2, segment_ids is not None)
+        return pipeline.run(chunk, weights, names, x, side, rows, schedule=schedule,
+                            remat_policy=policy)[0]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids (batch, length) -> the residual stream (batch, length, d_model)."""

@@ -1,0 +1,228 @@
+"""Pipeline parallelism: a transformer's layers split into stages over the `stage` mesh axis,
+the batch's microbatches flowing through them (GPipe, with circular repeats).
+
+Layout. The stacked layers (`L` of them, leading dim `layers`, which the rules shard over
+`stage`) are viewed as `R` repeats x `S` stages x `L / (S R)` layers: stage `s` holds the
+chunks `s, s + S, s + 2S, ...` of consecutive layers. With `R = 1` that is exactly the
+contiguous block the `layers` sharding already puts on it, so no weight moves. With `R > 1`
+the chunks are not contiguous and each step re-arranges the weights over `stage` (and the
+gradients back): the checkpoint keeps the model's own layer order, so it restores on any mesh.
+
+Schedule. One `jax.lax.scan` over `T = R M + S - 1` ticks. At tick `t` stage `s` works on
+iteration `i = t - s` (idle unless `0 <= i < R M`): microbatch `i mod M` in repeat `i // M`.
+All stages compute at once (`jax.vmap` with `spmd_axis_name="stage"`), then each passes its
+output to the next with `jax.lax.ppermute` (stage S-1 to stage 0, which keeps what it receives
+in a buffer of M microbatches until the next repeat picks it up; `M >= S` makes it arrive in
+time). The buffer starts as the inputs and ends as the outputs. The backward pass is autodiff
+of the scan (GPipe's order), each tick rematerialised with the model's `remat` policy. Idle
+ticks compute on placeholder values whose results are never used: the bubble, (S - 1) / T of
+the stage-ticks.
+
+Inside the stages the rules lose `stage` (the vmapped dim holds it), so a block's activation
+constraints keep their data / fsdp / tensor layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from infra import sharding
+from infra.errors import ConfigError
+
+AXIS = "stage"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """S stages, M microbatches, R repeats (layer chunks per stage)."""
+
+    stages: int
+    microbatches: int
+    repeats: int = 1
+
+    @property
+    def ticks(self) -> int:
+        return self.repeats * self.microbatches + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        """The idle fraction of the stage-ticks, (S - 1) / (R M + S - 1)."""
+        return (self.stages - 1) / self.ticks
+
+
+def schedule_for(pipeline, mesh, model, rules, rows: int) -> Schedule | None:
+    """The run's schedule (None while `mesh.stage` is 1), checked against the model and the
+    ``rows`` of a batch (per gradient-accumulation microbatch): a one-line ConfigError at build
+    time rather than a failure while tracing."""
+    from infra.config.sections import PipelineConfig
+
+    cfg = PipelineConfig.from_config(pipeline) if pipeline is not None else PipelineConfig()
+    stages = int(dict(mesh.shape).get(AXIS, 1))
+    if stages == 1:
+        return None
+    m = cfg.microbatches or stages
+    if m % stages:
+        raise ConfigError(f"pipeline.microbatches ({m}) must be a multiple of mesh.stage "
+                          f"({stages})", key="pipeline.microbatches", value=stages)
+    layers = int(model.get("num_layers", 0) or 0)
+    if not layers:
+        raise ConfigError(f"mesh.stage={stages} splits a transformer's layers into pipeline "
+                          f"stages; model.name={model.get('name')!r} has none",
+                          key="mesh.stage", value=1)
+    chunks = stages * cfg.repeats
+    if layers % chunks:
+        raise ConfigError(f"model.num_layers ({layers}) must be a multiple of mesh.stage x "
+                          f"pipeline.repeats ({stages} x {cfg.repeats})",
+                          key="pipeline.repeats", value=1)
+    if int(model.get("num_experts", 0) or 0):
+        raise ConfigError("pipeline stages do not support mixture-of-experts layers yet (their "
+                          "router losses are not split by microbatch); set mesh.stage=1",
+                          key="mesh.stage", value=1)
+    inner = sharding.batch_shards(mesh, _without_stage(rules))
+    if rows % (m * inner):
+        raise ConfigError(f"a batch of {rows} rows (train.batch_size / train.microbatches) does "
+                          f"not split into pipeline.microbatches={m} of {inner} batch shards "
+                          f"each; use a multiple of {m * inner} rows", key="pipeline.microbatches",
+                          value=m)
+    return Schedule(stages, m, cfg.repeats)
+
+
+_ACTIVE: contextvars.ContextVar[Schedule | None] = contextvars.ContextVar(
+    "infra_pipeline_schedule", default=None)
+
+
+@contextlib.contextmanager
+def scheduled(schedule: Schedule | None) -> Iterator[None]:
+    """While tracing inside this context the transformer runs its layers on `schedule`."""
+    token = _ACTIVE.set(schedule)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> Schedule | None:
+    return _ACTIVE.get()
+
+
+def stacked_layers(blocks: nnx.Module, stacked: bool) -> tuple[Any, Any, list[tuple]]:
+    """(graphdef of one block, its state with every leaf stacked over the layers, the logical
+    names of each leaf in `jax.tree.leaves` order, `layers` first) of the scan layout's stacked
+    block (``stacked``) or the loop layout's list of blocks."""
+    def names_of(state, prefix: tuple = ()) -> list[tuple]:
+        variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return [prefix + tuple(v.get_metadata().get("out_sharding") or ()) for v in variables]
+
+    if stacked:
+        graphdef, state = nnx.split(blocks)
+        return graphdef, state, names_of(state)
+    graphdef, first = nnx.split(blocks[0])
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), first,
+                         *(nnx.split(b)[1] for b in blocks[1:]))
+    return graphdef, state, names_of(first, ("layers",))
+
+
+def _without_stage(rules) -> tuple:
+    """The rules with `stage` removed from every entry (it holds the vmapped stage dim)."""
+    def drop(axes):
+        if isinstance(axes, tuple):
+            kept = tuple(a for a in axes if a != AXIS)
+            return kept or None
+        return None if axes == AXIS else axes
+    return tuple((name, drop(axes)) for name, axes in rules)
+
+
+def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
+        per_row: tuple[bool, ...], *, schedule: Schedule, remat_policy: Callable | None = None
+        ) -> tuple[jax.Array, jax.Array]:
+    """The layers over ``x`` (batch, length, d) on the pipeline; returns (output like ``x``,
+    the number of busy stage-ticks the program counted).
+
+    ``stage_fn(chunk, h, *side_m)`` applies one chunk of consecutive layers (``chunk``: the
+    leaves of ``weights`` with a leading dim of L / (S R) layers) to ``h`` (microbatch, length,
+    d); ``side``: further inputs of ``stage_fn``, those marked in ``per_row`` (batch, ...) split
+    with the rows, the others passed whole. ``names``: the logical names of each leaf of
+    ``weights`` (`jax.tree.leaves` order), `layers` first."""
+    mesh, rules = sharding.active_rules()
+    S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+    batch = x.shape[0]
+    if batch % M:
+        raise ConfigError(f"the batch of {batch} rows does not split into pipeline.microbatches "
+                          f"({M}); use a multiple of {M} rows (per gradient-accumulation "
+                          "microbatch)")
+
+    def arrange(w: jax.Array, logical: tuple) -> jax.Array:  # (L, ...) -> (S, R, L/(S R), ...)
+        w = w.reshape(R, S, w.shape[0] // (S * R), *w.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(w, ("layers", None, None, *logical[1:]))
+
+    leaves, tree = jax.tree.flatten(weights)
+    weights = tree.unflatten([arrange(w, n) for w, n in zip(leaves, names, strict=True)])
+    inner = _without_stage(rules)
+
+    def on_stages(a: jax.Array, logical: tuple) -> jax.Array:  # leading dim over `stage`
+        spec = sharding.fit_spec(sharding.logical_to_spec(logical, inner), a.shape[1:], mesh)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(AXIS, *spec)))
+
+    def split(a):  # rows i, i + M, ... form microbatch i: every device keeps its own rows
+        return a.reshape(batch // M, M, *a.shape[1:]).swapaxes(0, 1)
+
+    residual = ("batch", "length", "act_embed")
+    with sharding.activation_rules(mesh, inner):
+        micro = sharding.constrain(split(x), (None, *residual))
+        buffer = on_stages(jnp.broadcast_to(micro, (S, *micro.shape)), (None, *residual))
+        side = tuple(split(a) if row else a for a, row in zip(side, per_row))
+        compute = stage_fn if remat_policy is None else jax.checkpoint(stage_fn,
+                                                                       policy=remat_policy)
+
+        def stage(s, chunks, buf, received, t):
+            """Stage ``s`` at tick ``t``: (its output, its buffer, whether it was busy)."""
+            i = t - s
+            busy = (i >= 0) & (i < R * M)
+            m, r = jnp.mod(i, M), jnp.clip(i // M, 0, R - 1)
+            done = t - S  # the iteration the last stage finished a tick ago (stage 0 keeps it)
+            keep = (s == 0) & (done >= 0) & (done < R * M)
+            slot = jnp.mod(done, M)
+            buf = buf.at[slot].set(jnp.where(keep, received, buf[slot]))
+            h = jnp.where(s == 0, buf[m], received)
+            args = tuple(a[m] if row else a for a, row in zip(side, per_row))
+            chunk = jax.tree.map(lambda w: w[r], chunks)
+            return compute(chunk, h, *args), buf, busy
+
+        ring = [(i, (i + 1) % S) for i in range(S)]
+        shift = jax.shard_map(lambda a: jax.lax.ppermute(a, AXIS, ring), mesh=mesh,
+                              in_specs=P(AXIS), out_specs=P(AXIS), axis_names={AXIS})
+        stages = jax.vmap(stage, in_axes=(0, 0, 0, 0, None), spmd_axis_name=AXIS)
+        ids = jnp.arange(S)
+
+        def tick(carry, t):
+            received, buf, busy = carry
+            out, buf, now = stages(ids, weights, buf, received, t)
+            return (shift(out), buf, busy + jnp.sum(now.astype(jnp.int32))), None
+
+        start = on_stages(jnp.zeros((S, *micro.shape[1:]), x.dtype), residual)
+        (received, buffer, busy), _ = jax.lax.scan(
+            tick, (start, buffer, jnp.zeros((), jnp.int32)), jnp.arange(schedule.ticks))
+        out = buffer[0].at[(R * M - 1) % M].set(received[0])  # the last microbatch's output
+    out = out.swapaxes(0, 1).reshape(x.shape)
+    return sharding.constrain(out, residual), busy
+
+
+def bubble_of_busy(busy: int, schedule: Schedule) -> float:
+    """The idle fraction of the stage-ticks, from the busy ones a program counted."""
+    return 1.0 - busy / (schedule.stages * schedule.ticks)
+
+
+def point_to_point_bytes(schedule: Schedule, microbatch_bytes: float) -> float:
+    """Bytes each device sends to the next stage per step: one microbatch's activations per
+    tick forward, and their gradient backward."""
+    return 2.0 * schedule.ticks * microbatch_bytes
+
