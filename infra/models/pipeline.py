@@ -14,7 +14,7 @@ All stages compute at once (`jax.vmap` with `spmd_axis_name="stage"`), then each
 output to the next with `jax.lax.ppermute` (stage S-1 to stage 0, which keeps what it receives
 in a buffer of M microbatches until the next repeat picks it up; `M >= S` makes it arrive in
 time). The buffer starts as the inputs and ends as the outputs. The backward pass is autodiff
-of the scan (GPipe's order), each tick rematerialised with the model's `remat` policy. Idle
+of the scan (GPipe's order); with the model's `remat` each tick is rematerialised. Idle
 ticks compute on placeholder values whose results are never used: the bubble, (S - 1) / T of
 the stage-ticks.
 
@@ -87,12 +87,11 @@ def schedule_for(pipeline, mesh, model, rules, rows: int) -> Schedule | None:
         raise ConfigError("pipeline stages do not support mixture-of-experts layers yet (their "
                           "router losses are not split by microbatch); set mesh.stage=1",
                           key="mesh.stage", value=1)
-    inner = sharding.batch_shards(mesh, _without_stage(rules))
+    inner = sharding.batch_shards(mesh, without_stage(rules))
     if rows % (m * inner):
         raise ConfigError(f"a batch of {rows} rows (train.batch_size / train.microbatches) does "
                           f"not split into pipeline.microbatches={m} of {inner} batch shards "
-                          f"each; use a multiple of {m * inner} rows", key="pipeline.microbatches",
-                          value=m)
+                          f"each; use a multiple of {m * inner} rows")
     return Schedule(stages, m, cfg.repeats)
 
 
@@ -131,7 +130,7 @@ def stacked_layers(blocks: nnx.Module, stacked: bool) -> tuple[Any, Any, list[tu
     return graphdef, state, names_of(first, ("layers",))
 
 
-def _without_stage(rules) -> tuple:
+def without_stage(rules) -> tuple:
     """The rules with `stage` removed from every entry (it holds the vmapped stage dim)."""
     def drop(axes):
         if isinstance(axes, tuple):
@@ -142,7 +141,7 @@ def _without_stage(rules) -> tuple:
 
 
 def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
-        per_row: tuple[bool, ...], *, schedule: Schedule, remat_policy: Callable | None = None
+        per_row: tuple[bool, ...], *, schedule: Schedule, remat: bool = False
         ) -> tuple[jax.Array, jax.Array]:
     """The layers over ``x`` (batch, length, d) on the pipeline; returns (output like ``x``,
     the number of busy stage-ticks the program counted).
@@ -151,7 +150,9 @@ def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
     leaves of ``weights`` with a leading dim of L / (S R) layers) to ``h`` (microbatch, length,
     d); ``side``: further inputs of ``stage_fn``, those marked in ``per_row`` (batch, ...) split
     with the rows, the others passed whole. ``names``: the logical names of each leaf of
-    ``weights`` (`jax.tree.leaves` order), `layers` first."""
+    ``weights`` (`jax.tree.leaves` order), `layers` first. ``remat``: keep only each tick's
+    input for the backward pass and recompute the tick (``stage_fn`` may rematerialise
+    within)."""
     mesh, rules = sharding.active_rules()
     S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
     batch = x.shape[0]
@@ -166,7 +167,7 @@ def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
 
     leaves, tree = jax.tree.flatten(weights)
     weights = tree.unflatten([arrange(w, n) for w, n in zip(leaves, names, strict=True)])
-    inner = _without_stage(rules)
+    inner = without_stage(rules)
 
     def on_stages(a: jax.Array, logical: tuple) -> jax.Array:  # leading dim over `stage`
         spec = sharding.fit_spec(sharding.logical_to_spec(logical, inner), a.shape[1:], mesh)
@@ -180,8 +181,7 @@ def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
         micro = sharding.constrain(split(x), (None, *residual))
         buffer = on_stages(jnp.broadcast_to(micro, (S, *micro.shape)), (None, *residual))
         side = tuple(split(a) if row else a for a, row in zip(side, per_row))
-        compute = stage_fn if remat_policy is None else jax.checkpoint(stage_fn,
-                                                                       policy=remat_policy)
+        compute = jax.checkpoint(stage_fn) if remat else stage_fn
 
         def stage(s, chunks, buf, received, t):
             """Stage ``s`` at tick ``t``: (its output, its buffer, whether it was busy)."""

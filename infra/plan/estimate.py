@@ -39,6 +39,9 @@ compute dtype, p = bytes of the param dtype):
   A group that spans k ICI domains (explicit `dcn_*` sizes, or more chips than one domain holds —
   a GPU node, a TPU slice) of m devices each is done hierarchically: S·(m-1)/m over ICI and
   S·(k-1)/(k·m) over DCN per device.
+* Pipeline stages (`mesh.stage` = S > 1, M microbatches, R repeats, T = R·M + S − 1 ticks): the
+  bubble is (S − 1) / T of the stage-ticks, and the idle ticks compute like busy ones (the
+  layers' FLOPs × T / (R·M)); activations in flight and the point-to-point sends: `_pipeline`.
 * Step time = max(compute, weight/gradient collectives) + activation collectives, where
   compute = FLOPs per device / (peak · assumed MFU, default 0.5), collective time = ICI bytes /
   (bidirectional ICI bandwidth / 2) + DCN bytes / DCN bandwidth. FSDP and data-parallel
@@ -83,6 +86,7 @@ class Estimate:
     collectives: list[Collective]
     activation_bytes: float | None = None  # per device
     gather_buffer_bytes: float | None = None  # per device
+    pipeline: dict | None = None  # pipeline stages: the schedule's figures (`_pipeline`)
     flops_per_device: float | None = None  # with remat recompute
     model_flops_per_device: float | None = None  # without it (for MFU)
 
@@ -150,20 +154,29 @@ class AnalyticTransformer:
         model = self.flops_per_token() * tokens
         return model + self.remat_flops_per_token(remat) * tokens, model
 
-    def activation_bytes(self, tokens: float, c: int, t: dict[str, int], remat: str) -> float:
-        d, H, K, h, F, V, T = self.d, self.H, self.K, self.h, self.F, self.V, self.T
+    def layer_bytes(self, c: int, t: dict[str, int]) -> tuple[float, float]:
+        """Bytes per local token one layer saves for the backward pass: (everything, the
+        weight projections' outputs only — what `save_dots` keeps)."""
+        d, H, K, h, F, T = self.d, self.H, self.K, self.h, self.F, self.T
         probs = 4 + (c if c < 4 else 0)
         full = (c * (4 * d / t["d"] + 2 * H * h / t["H"] + 2 * K * h / t["K"] + 3 * F / t["F"])
                 + probs * (H / t["H"]) * T)
         dots = c * (3 * d / t["d"] + H * h / t["H"] + 2 * K * h / t["K"] + 2 * F / t["F"])
+        return full, dots
+
+    def final_bytes(self, c: int, t: dict[str, int]) -> float:
+        """Bytes per local token of the final norm and the f32 logits and their gradient."""
+        return c * self.d / t["d"] + 8 * self.V / t["V"] / self.config.loss_blocks
+
+    def activation_bytes(self, tokens: float, c: int, t: dict[str, int], remat: str) -> float:
+        full, dots = self.layer_bytes(c, t)
         if remat == "full":
-            per_layer = self.L * c * d / t["d"] + full  # block inputs + one layer recomputed
+            per_layer = self.L * c * self.d / t["d"] + full  # block inputs + one layer recomputed
         elif remat == "save_dots":
             per_layer = self.L * dots + full
         else:
             per_layer = self.L * full
-        final = c * d / t["d"] + 8 * V / t["V"] / self.config.loss_blocks
-        return tokens * (per_layer + final)
+        return tokens * (per_layer + self.final_bytes(c, t))
 
 
 # --------------------------------------------------------------------------- ICI / DCN split
@@ -201,7 +214,8 @@ class Topology:
 
 
 def estimate(cfg, mesh, rules, param_leaves, *, ici: dict[str, int], dcn: dict[str, int],
-             chip: Chip | None, compute_bytes: int, remat: str, microbatches: int) -> Estimate:
+             chip: Chip | None, compute_bytes: int, remat: str, microbatches: int,
+             stages=None) -> Estimate:
     """The analytic figures for `cfg` on `mesh`: collectives of the weights (any model) and, for
     a transformer, activations, gathered-weight buffers, FLOPs and activation collectives.
     `param_leaves`: abstract parameters carrying their `NamedSharding`s."""
@@ -231,10 +245,63 @@ def estimate(cfg, mesh, rules, param_leaves, *, ici: dict[str, int], dcn: dict[s
         gather_buffer = 2 * model.config.largest_layer_params / t_w * c
     collectives += _activation_collectives(model, mesh, rules, topo, tokens_local, c, t, remat,
                                            microbatches)
-    return Estimate(model=model, collectives=collectives,
-                    activation_bytes=model.activation_bytes(tokens_local, c, t, remat),
-                    gather_buffer_bytes=gather_buffer,
+    activations, pipeline = model.activation_bytes(tokens_local, c, t, remat), None
+    if stages is not None:
+        pipeline = _pipeline(model, stages, mesh, rules, topo, param_leaves, c, t, remat,
+                             microbatches, tokens_local)
+        collectives += pipeline.pop("collectives")
+        activations = pipeline["activation_bytes"]
+        # idle ticks compute like busy ones: the layers' FLOPs grow by T / (R M); with remat
+        # each tick's forward runs once more
+        layers = hw - 6 * model.V * model.d * B * model.T
+        if remat != "none":
+            layers += model.remat_flops_per_token("full") * B * model.T
+        hw += layers * stages.ticks / (stages.repeats * stages.microbatches) - layers
+    return Estimate(model=model, collectives=collectives, activation_bytes=activations,
+                    gather_buffer_bytes=gather_buffer, pipeline=pipeline,
                     flops_per_device=hw / mesh.size, model_flops_per_device=mf / mesh.size)
+
+
+def _pipeline(model, stages, mesh, rules, topo, param_leaves, c, t, remat, microbatches,
+              tokens_local) -> dict:
+    """The pipeline schedule's figures per device (`infra.models.pipeline`): its bubble, the
+    activations in flight, the point-to-point sends and, with repeats, the weights' re-arrangement.
+
+    With S stages, M microbatches, R repeats, T = R M + S - 1 ticks and a microbatch of m local
+    tokens (the batch split over the data axes, accumulation steps and M): a stage saves for
+    the backward pass, besides the buffer of M microbatch inputs, either every layer's
+    activations of each microbatch it runs (remat=none: R M chunks of L / (S R) layers) or only
+    each tick's input, recomputing one tick at a time with its blocks rematerialised by the
+    policy. Each tick it sends one microbatch's activations (m d c bytes) to the next stage,
+    and their gradient back."""
+    from infra.models.pipeline import without_stage
+
+    S, M, R, T = stages.stages, stages.microbatches, stages.repeats, stages.ticks
+    inner = without_stage(rules)
+    m = (model.rows / _factor(inner, mesh, "batch", model.rows) / microbatches / M
+         * model.T / _factor(inner, mesh, "length", model.T))
+    send = m * model.d / t["d"] * c
+    chunk = model.L // (S * R)
+    full, dots = model.layer_bytes(c, t)
+    if remat == "none":
+        saved = R * M * chunk * full * m
+    else:  # each tick's input; while a tick is recomputed, its blocks' saved set and one layer's
+        kept = dots if remat == "save_dots" else c * model.d / t["d"]
+        saved = T * send + chunk * kept * m + full * m
+    in_flight = M * send + saved + tokens_local * model.final_bytes(c, t)
+    p2p = 2 * T * send * microbatches
+    slices = topo.across["stage"]
+    dcn_share = slices / S if slices > 1 else 0.0
+    collectives = [Collective("pipeline sends to the next stage, fwd + bwd", ("stage",),
+                              p2p * (1 - dcn_share), p2p * dcn_share, overlapped=False)]
+    if R > 1:  # the chunks are not the contiguous blocks the checkpoint's layout shards
+        local = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                    for x in param_leaves if "stage" in _spec_axes(x.sharding.spec))
+        ici_b, dcn_b = topo.split(("stage",), 2 * local * microbatches)
+        collectives.append(Collective("pipeline re-arrangement of weights (repeats > 1) and "
+                                      "gradients", ("stage",), ici_b, dcn_b, overlapped=False))
+    return dict(stages=S, microbatches=M, repeats=R, ticks=T, bubble=stages.bubble,
+                activation_bytes=in_flight, point_to_point_bytes=p2p, collectives=collectives)
 
 
 def step_time(flops_per_device: float, model_flops_per_device: float | None,
@@ -276,10 +343,10 @@ def _weight_collectives(param_leaves, mesh, topo, mp_axes, dp_axes, c, microbatc
         local = math.prod(leaf.sharding.shard_shape(leaf.shape))
         p = leaf.dtype.itemsize
         axes = _spec_axes(leaf.sharding.spec)
-        # a weight split over `expert` is the experts' own (model parallel); the others are
-        # replicated over it, and `expert` is one more data axis for their gradients
+        # a weight split over `expert` / `stage` is the experts' / stage's own (model parallel);
+        # the others are replicated over it, one more data axis for their gradients
         gather = tuple(a for a in mesh.axis_names if a in axes and a not in mp_axes
-                       and a != "expert" and mesh.shape[a] > 1)
+                       and a not in ("expert", "stage") and mesh.shape[a] > 1)
         reduce = tuple(a for a in mesh.axis_names if a in dp_axes and a not in axes
                        and a not in mp_axes and mesh.shape[a] > 1)
         if gather:

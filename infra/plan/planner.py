@@ -71,6 +71,9 @@ class Plan:
     active_param_count: int | None = None
     expert_bytes: int | None = None  # exact, per device
     expert_bytes_total: int | None = None
+    # pipeline stages (None without): stages, microbatches, repeats, ticks, bubble, per device
+    # weights_bytes (exact), activation_bytes in flight and point_to_point_bytes (estimates)
+    pipeline: dict | None = None
 
     @property
     def state_bytes(self) -> int:
@@ -130,7 +133,8 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     param_leaves, batch = exact.pop("param_leaves"), exact.pop("batch")
 
     # ---- estimate: the analytic model
-    est = _estimate(cfg, jmesh, param_leaves, exact, ici=ici, dcn=dcn, chip=chip, notes=notes)
+    est = _estimate(cfg, jmesh, param_leaves, exact, ici=ici, dcn=dcn, chip=chip, notes=notes,
+                    stages=trainer.schedule)
 
     # ---- measured: the compiled program
     compiled = _compiled(trainer, batch, devices, compile, exact["param_count"], notes)
@@ -157,6 +161,7 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
         flops_per_device=flops, flops_label=label, analytic_flops_per_device=analytic,
         model_flops_per_device=est.model_flops_per_device, collectives=est.collectives,
         compiled=compiled, notes=notes,
+        pipeline=est.pipeline and {**est.pipeline, "weights_bytes": exact["params_bytes"]},
         **(dataclasses.asdict(timing) if timing else {}),
     )
     if chip is not None:
@@ -207,7 +212,8 @@ def _exact(trainer, cfg) -> dict:
         params_bytes_total=params_total, opt_bytes_total=opt_total)
 
 
-def _estimate(cfg, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: list[str]):
+def _estimate(cfg, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: list[str],
+              stages=None):
     """The analytic model's figures (activations, FLOPs, collectives), where it has one."""
     import jax.numpy as jnp
 
@@ -218,7 +224,7 @@ def _estimate(cfg, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: l
     est = estimate_lib.estimate(
         cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip, remat=exact["remat"],
         compute_bytes=jnp.dtype(exact["compute_dtype"]).itemsize,
-        microbatches=exact["microbatches"])
+        microbatches=exact["microbatches"], stages=stages)
     if est.model is None:
         notes.append(f"no analytic model for model.name={cfg.model.get('name')!r}: activations, "
                      "analytic FLOPs and activation collectives are not estimated; use --compile")

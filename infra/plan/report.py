@@ -53,6 +53,15 @@ def format_plan(p: Plan) -> str:
                          f"dispatch over expert={p.mesh['expert']}: in the collectives below"
                          if p.mesh.get("expert", 1) > 1 else
                          "no expert mesh axis: no dispatch communication"))
+    if p.pipeline:
+        pp = p.pipeline
+        lines.append(
+            f"  pipeline: {pp['stages']} stages x {pp['microbatches']} microbatches x "
+            f"{pp['repeats']} repeat(s) = {pp['ticks']} ticks; bubble {pp['bubble']:.1%} of the "
+            f"stage-ticks ((S-1)/(R*M+S-1), exact); per stage: weights "
+            f"{_bytes(pp['weights_bytes'])} (exact), activations in flight "
+            f"{_bytes(pp['activation_bytes'])}, sends {_bytes(pp['point_to_point_bytes'])} per "
+            f"step (estimates)")
     lines += [
         "",
     ]
