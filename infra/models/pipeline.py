@@ -140,7 +140,30 @@ def without_stage(rules) -> tuple:
     return tuple((name, drop(axes)) for name, axes in rules)
 
 
-def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
+def run_blocks(blocks: nnx.Module, stacked: bool, x: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None, *, schedule: Schedule,
+               policy: Callable | None = None) -> jax.Array:
+    """A transformer's blocks (the scan layout's stacked block, or the loop layout's list) over
+    its residual stream ``x`` as pipeline stages. With a remat ``policy`` each block is
+    rematerialised by it and each tick as a whole too (only the ticks' inputs are kept across
+    the schedule)."""
+    graphdef, weights, names = stacked_layers(blocks, stacked)
+
+    def layer(h: jax.Array, w, pos: jax.Array, seg) -> jax.Array:
+        return nnx.merge(graphdef, w).forward(h, pos, seg)[0]
+
+    if policy is not None:
+        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+
+    def chunk(w, h: jax.Array, pos: jax.Array, seg) -> jax.Array:
+        return jax.lax.scan(lambda h, wl: (layer(h, wl, pos, seg), None), h, w)[0]
+
+    side, rows = (positions, segment_ids), (positions.ndim == 2, segment_ids is not None)
+    return run(chunk, weights, names, x, side, rows, schedule=schedule,
+               remat=policy is not None)[0]
+
+
+def run(stage_fn: Callable, weights: Any, names: list[tuple], x: jax.Array, side: tuple,
         per_row: tuple[bool, ...], *, schedule: Schedule, remat: bool = False
         ) -> tuple[jax.Array, jax.Array]:
     """The layers over ``x`` (batch, length, d) on the pipeline; returns (output like ``x``,
@@ -154,19 +177,13 @@ def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
     input for the backward pass and recompute the tick (``stage_fn`` may rematerialise
     within)."""
     mesh, rules = sharding.active_rules()
-    S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+    S, M = schedule.stages, schedule.microbatches
     batch = x.shape[0]
     if batch % M:
         raise ConfigError(f"the batch of {batch} rows does not split into pipeline.microbatches "
                           f"({M}); use a multiple of {M} rows (per gradient-accumulation "
                           "microbatch)")
-
-    def arrange(w: jax.Array, logical: tuple) -> jax.Array:  # (L, ...) -> (S, R, L/(S R), ...)
-        w = w.reshape(R, S, w.shape[0] // (S * R), *w.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(w, ("layers", None, None, *logical[1:]))
-
-    leaves, tree = jax.tree.flatten(weights)
-    weights = tree.unflatten([arrange(w, n) for w, n in zip(leaves, names, strict=True)])
+    weights = _arranged(weights, names, schedule)
     inner = without_stage(rules)
 
     def on_stages(a: jax.Array, logical: tuple) -> jax.Array:  # leading dim over `stage`
@@ -181,48 +198,56 @@ def run(stage_fn: Callable, weights: Any, names: Any, x: jax.Array, side: tuple,
         micro = sharding.constrain(split(x), (None, *residual))
         buffer = on_stages(jnp.broadcast_to(micro, (S, *micro.shape)), (None, *residual))
         side = tuple(split(a) if row else a for a, row in zip(side, per_row))
-        compute = jax.checkpoint(stage_fn) if remat else stage_fn
-
-        def stage(s, chunks, buf, received, t):
-            """Stage ``s`` at tick ``t``: (its output, its buffer, whether it was busy)."""
-            i = t - s
-            busy = (i >= 0) & (i < R * M)
-            m, r = jnp.mod(i, M), jnp.clip(i // M, 0, R - 1)
-            done = t - S  # the iteration the last stage finished a tick ago (stage 0 keeps it)
-            keep = (s == 0) & (done >= 0) & (done < R * M)
-            slot = jnp.mod(done, M)
-            buf = buf.at[slot].set(jnp.where(keep, received, buf[slot]))
-            h = jnp.where(s == 0, buf[m], received)
-            args = tuple(a[m] if row else a for a, row in zip(side, per_row))
-            chunk = jax.tree.map(lambda w: w[r], chunks)
-            return compute(chunk, h, *args), buf, busy
-
+        stage = _stage(jax.checkpoint(stage_fn) if remat else stage_fn, side, per_row, schedule)
+        stages = jax.vmap(stage, in_axes=(0, 0, 0, 0, None), spmd_axis_name=AXIS)
         ring = [(i, (i + 1) % S) for i in range(S)]
         shift = jax.shard_map(lambda a: jax.lax.ppermute(a, AXIS, ring), mesh=mesh,
                               in_specs=P(AXIS), out_specs=P(AXIS), axis_names={AXIS})
-        stages = jax.vmap(stage, in_axes=(0, 0, 0, 0, None), spmd_axis_name=AXIS)
-        ids = jnp.arange(S)
 
         def tick(carry, t):
             received, buf, busy = carry
-            out, buf, now = stages(ids, weights, buf, received, t)
+            out, buf, now = stages(jnp.arange(S), weights, buf, received, t)
             return (shift(out), buf, busy + jnp.sum(now.astype(jnp.int32))), None
 
         start = on_stages(jnp.zeros((S, *micro.shape[1:]), x.dtype), residual)
         (received, buffer, busy), _ = jax.lax.scan(
             tick, (start, buffer, jnp.zeros((), jnp.int32)), jnp.arange(schedule.ticks))
-        out = buffer[0].at[(R * M - 1) % M].set(received[0])  # the last microbatch's output
+        last = (schedule.repeats * M - 1) % M  # the last microbatch's output, just received
+        out = buffer[0].at[last].set(received[0])
     out = out.swapaxes(0, 1).reshape(x.shape)
     return sharding.constrain(out, residual), busy
 
 
-def bubble_of_busy(busy: int, schedule: Schedule) -> float:
-    """The idle fraction of the stage-ticks, from the busy ones a program counted."""
-    return 1.0 - busy / (schedule.stages * schedule.ticks)
+def _arranged(weights: Any, names: list[tuple], schedule: Schedule) -> Any:
+    """Each stacked leaf (L, ...) as (S, R, L / (S R), ...), stage s's chunks on stage s."""
+    S, R = schedule.stages, schedule.repeats
+
+    def arrange(w: jax.Array, logical: tuple) -> jax.Array:
+        w = w.reshape(R, S, w.shape[0] // (S * R), *w.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(w, ("layers", None, None, *logical[1:]))
+
+    leaves, tree = jax.tree.flatten(weights)
+    return tree.unflatten([arrange(w, n) for w, n in zip(leaves, names, strict=True)])
 
 
-def point_to_point_bytes(schedule: Schedule, microbatch_bytes: float) -> float:
-    """Bytes each device sends to the next stage per step: one microbatch's activations per
-    tick forward, and their gradient backward."""
-    return 2.0 * schedule.ticks * microbatch_bytes
+def _stage(compute: Callable, side: tuple, per_row: tuple[bool, ...],
+           schedule: Schedule) -> Callable:
+    """What stage ``s`` does at tick ``t``: (its output, its buffer, whether it was busy).
+    Stage 0 first keeps what the last stage finished a tick ago in its buffer, then takes its
+    input from the buffer; the others take what the previous stage sent."""
+    S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
 
+    def stage(s, chunks, buf, received, t):
+        i = t - s
+        busy = (i >= 0) & (i < R * M)
+        m, r = jnp.mod(i, M), jnp.clip(i // M, 0, R - 1)
+        done = t - S
+        keep = (s == 0) & (done >= 0) & (done < R * M)
+        slot = jnp.mod(done, M)
+        buf = buf.at[slot].set(jnp.where(keep, received, buf[slot]))
+        h = jnp.where(s == 0, buf[m], received)
+        args = tuple(a[m] if row else a for a, row in zip(side, per_row))
+        chunk = jax.tree.map(lambda w: w[r], chunks)
+        return compute(chunk, h, *args), buf, busy
+
+    return stage

@@ -435,7 +435,8 @@ class Transformer(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         schedule = pipeline.active()
         if schedule is not None:
-            return self._pipelined(x, positions, segment_ids, schedule, policy), {}
+            return pipeline.run_blocks(self.blocks, self.scan_layers, x, positions, segment_ids,
+                                       schedule=schedule, policy=policy), {}
         body = _apply_block
         if self.scan_layers:
             if self.remat != "none":
@@ -457,26 +458,6 @@ class Transformer(nnx.Module):
             x, stats = body(block, x, positions, segment_ids)
             total.update({k: total.get(k, 0.0) + v for k, v in stats.items()})
         return x, total
-
-    def _pipelined(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                   schedule: pipeline.Schedule, policy) -> jax.Array:
-        """The blocks over ``x`` as pipeline stages (`infra.models.pipeline`). With remat each
-        block is rematerialised by the model's policy and each tick as a whole too (only the
-        ticks' inputs are kept across the schedule)."""
-        graphdef, weights, names = pipeline.stacked_layers(self.blocks, self.scan_layers)
-
-        def layer(h: jax.Array, w, pos: jax.Array, seg) -> jax.Array:
-            return nnx.merge(graphdef, w).forward(h, pos, seg)[0]
-
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-
-        def chunk(w, h: jax.Array, pos: jax.Array, seg) -> jax.Array:
-            return jax.lax.scan(lambda h, wl: (layer(h, wl, pos, seg), None), h, w)[0]
-
-        side, rows = (positions, segment_ids), (positions.ndim == 2, segment_ids is not None)
-        return pipeline.run(chunk, weights, names, x, side, rows, schedule=schedule,
-                            remat=self.remat != "none")[0]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token ids (batch, length) -> the residual stream (batch, length, d_model)."""

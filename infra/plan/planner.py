@@ -133,8 +133,7 @@ def plan(config, *, devices: int, mesh: dict[str, int] | str | None = None,
     param_leaves, batch = exact.pop("param_leaves"), exact.pop("batch")
 
     # ---- estimate: the analytic model
-    est = _estimate(cfg, jmesh, param_leaves, exact, ici=ici, dcn=dcn, chip=chip, notes=notes,
-                    stages=trainer.schedule)
+    est = _estimate(trainer, jmesh, param_leaves, exact, ici=ici, dcn=dcn, chip=chip, notes=notes)
 
     # ---- measured: the compiled program
     compiled = _compiled(trainer, batch, devices, compile, exact["param_count"], notes)
@@ -212,19 +211,20 @@ def _exact(trainer, cfg) -> dict:
         params_bytes_total=params_total, opt_bytes_total=opt_total)
 
 
-def _estimate(cfg, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: list[str],
-              stages=None):
-    """The analytic model's figures (activations, FLOPs, collectives), where it has one."""
+def _estimate(trainer, jmesh, param_leaves, exact: dict, *, ici, dcn, chip, notes: list[str]):
+    """The analytic model's figures (activations, FLOPs, collectives, the pipeline's), where it
+    has one."""
     import jax.numpy as jnp
 
     from infra import sharding
     from infra.tasks import logical_rules
 
+    cfg = trainer.config
     rules = sharding.normalize_rules(logical_rules(cfg), jmesh)
     est = estimate_lib.estimate(
         cfg, jmesh, rules, param_leaves, ici=ici, dcn=dcn, chip=chip, remat=exact["remat"],
         compute_bytes=jnp.dtype(exact["compute_dtype"]).itemsize,
-        microbatches=exact["microbatches"], stages=stages)
+        microbatches=exact["microbatches"], stages=trainer.schedule)
     if est.model is None:
         notes.append(f"no analytic model for model.name={cfg.model.get('name')!r}: activations, "
                      "analytic FLOPs and activation collectives are not estimated; use --compile")
