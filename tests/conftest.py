@@ -13,6 +13,14 @@ if "INFRA_COMPILE_CACHE" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The tests' own processes (xdist's workers) compile through the same cache, with the CLI's
+# settings (infra/compile_cache.py): many tests build the same small models on the same meshes,
+# and in-process programs equal to a CLI run's are loaded instead of compiled again.
+if os.environ["INFRA_COMPILE_CACHE"].strip().lower() not in ("off", "none", "0", "false"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["INFRA_COMPILE_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
