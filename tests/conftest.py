@@ -28,6 +28,29 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+# How xdist spreads the tests (pyproject.toml: --dist loadfile --no-loadscope-reorder): each
+# test file runs whole on one worker, so its module fixtures (trained runs, imported models,
+# servers) are built once, not once on each worker; and the files start in this order, the
+# slowest first (their summed test time in CI), then the others as collected, so that no long
+# file starts last while the other worker has nothing left to do. Only an order: a file
+# missing here, or in the wrong place, costs time, never a test.
+SLOWEST_FIRST = [
+    "test_serve_engine.py", "test_nothing_lost.py", "test_reliability.py", "test_bucket.py",
+    "test_moe.py", "test_parallelism.py", "test_gguf.py", "test_multihost.py", "test_vision.py",
+    "test_quantization.py", "test_sft_cli.py", "test_serve_adapters.py", "test_rl.py",
+    "test_interop_cli.py", "test_bench.py", "test_transformer.py", "test_sft.py", "test_cli.py",
+    "test_forecast.py", "test_interop.py", "test_goodput.py", "test_dlrm.py",
+    "test_plot_generate.py", "test_notebook.py", "test_bad_input.py", "test_hostile_server.py",
+    "test_hostile_tools.py", "test_hostile_import.py", "test_model_memory.py",
+    "test_serve_logprobs.py", "test_sharding.py", "test_serve_http.py", "test_tokenizer.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture
 def mount(tmp_path):
     """`mount(name, options)`: a tmpfs at tmp_path/name (skips where mounting is not permitted)."""
