@@ -469,15 +469,14 @@ def test_random_signals_at_random_moments_never_change_the_result(tmp_path):
             "--config.train.eval_every=20", "--config.checkpoint.every=4",
             "--config.checkpoint.keep=2")
     straight, chaos = tmp_path / "straight", tmp_path / "chaos"
-    # A compilation cache of this test's own, empty at its start: the straight run compiles
-    # from scratch and writes it, each chaos run loads the same programs instead of compiling
-    # them again (signals while XLA compiles: test_a_signal_during_start_up_exits_cleanly).
-    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
-    assert cli("train", *args, "--workdir", str(straight), env=cache).returncode == 0
+    # The session's compilation cache (tests/conftest.py): by the chaos runs it holds the
+    # straight run's programs, which they load instead of compiling them again (signals while
+    # XLA compiles: test_a_signal_during_start_up_exits_cleanly).
+    assert cli("train", *args, "--workdir", str(straight)).returncode == 0
     rng = random.Random(int(os.environ.get("INFRA_TEST_SEED", "12")))
     codes = []
     for cycle in range(40):
-        proc = popen("train", *args, "--workdir", str(chaos), env=cache)
+        proc = popen("train", *args, "--workdir", str(chaos))
         if cycle < 8:
             sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
             if rng.random() < 0.3:  # during start-up
