@@ -144,7 +144,10 @@ def test_the_emulator_dying_mid_save_is_one_line_and_the_last_commit_restores(em
     finally:
         emulator.start()
     last = committed_steps(workdir)[-1]
-    p = gcli(emulator, "train", *args, f"--config.train.steps={last + 2}")
+    # the dead run's lease is taken over once it has not moved for 4 s (not the emulator's
+    # 14 s: no other run is alive to lose it)
+    p = cli("train", *args, f"--config.train.steps={last + 2}",
+            env=emulator.env | {"INFRA_LEASE_EXPIRY_S": "4"})
     assert p.returncode == 0, p.stderr
     assert f"resumed from step {last}" in p.stderr  # never a half-written step
 
