@@ -58,19 +58,17 @@ def restore_state(location):
 def test_a_bucket_workdir_trains_resumes_bit_exactly_and_serves_every_command(emulator, tmp_path):
     args = ("--config", SMOKE, QUIET, "--config.train.steps=20", "--config.train.log_every=1",
             "--config.checkpoint.every=5", "--config.train.eval_every=10")
-    # this test's own compilation cache: the first run compiles from scratch, the others load
-    # the same programs
-    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
+    # every run loads its programs from the session's compilation cache (tests/conftest.py)
     workdir = "gs://bkt/runs/killed"
-    proc = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)
+    proc = popen("train", *args, "--workdir", workdir, env=emulator.env)
     metrics = paths.path(workdir) / "metrics.jsonl"
     kill_when(lambda: metrics.exists() and any(s >= 12 for s, _ in bucket_losses(workdir)),
               proc, timeout=300, poll=0.2)
     # the resumption first waits out the killed run's lease (14 s here); the uninterrupted local run
     # to compare with trains meanwhile
-    resume = popen("train", *args, "--workdir", workdir, env=emulator.env | cache)
+    resume = popen("train", *args, "--workdir", workdir, env=emulator.env)
     local = tmp_path / "local"
-    assert cli("train", *args, "--workdir", str(local), env=cache).returncode == 0
+    assert cli("train", *args, "--workdir", str(local)).returncode == 0
     _, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, err
     assert "resumed from step" in err
@@ -146,7 +144,10 @@ def test_the_emulator_dying_mid_save_is_one_line_and_the_last_commit_restores(em
     finally:
         emulator.start()
     last = committed_steps(workdir)[-1]
-    p = gcli(emulator, "train", *args, f"--config.train.steps={last + 2}")
+    # the dead run's lease is taken over once it has not moved for 4 s (not the emulator's
+    # 14 s: no other run is alive to lose it)
+    p = cli("train", *args, f"--config.train.steps={last + 2}",
+            env=emulator.env | {"INFRA_LEASE_EXPIRY_S": "4"})
     assert p.returncode == 0, p.stderr
     assert f"resumed from step {last}" in p.stderr  # never a half-written step
 

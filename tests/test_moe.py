@@ -361,14 +361,13 @@ def test_sigkill_and_resume_of_an_expert_parallel_run_is_bit_identical(tmp_path)
             json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # this test's own compilation cache: the straight run compiles from scratch, the killed
-    # run and its resumption load the same programs
-    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
-    assert cli("train", *run, "--workdir", str(straight), env=cache).returncode == 0
-    proc = popen("train", *run, "--workdir", str(killed), env=cache)
+    # the killed run and its resumption load the straight run's programs from the session's
+    # compilation cache (tests/conftest.py)
+    assert cli("train", *run, "--workdir", str(straight)).returncode == 0
+    proc = popen("train", *run, "--workdir", str(killed))
     committed = killed / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
     kill_when(lambda: committed.exists() and any(s >= 5 for s, _ in losses(killed)), proc)
-    p = cli("train", *run, "--workdir", str(killed), env=cache)
+    p = cli("train", *run, "--workdir", str(killed))
     assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr[-2000:]
     assert losses(killed) == losses(straight)
     final = [ocp.StandardCheckpointer().restore(w / "checkpoints" / "8" / "state")

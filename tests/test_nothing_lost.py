@@ -104,6 +104,22 @@ def test_sigterm_ends_a_stuck_run_within_its_grace_period():
         assert exits == [143, 143]
 
 
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+    """lm.py:smoke trained 10 steps, checkpoints at 5 and 10: the start of several tests below,
+    each of which damages its own copy (`copy_of`) and trains on in it."""
+    workdir = tmp_path_factory.mktemp("ten-steps") / "run"
+    p = cli("train", "--config", SMOKE, "--workdir", str(workdir), QUIET,
+            "--config.checkpoint.every=5", "--config.train.steps=10")
+    assert p.returncode == 0, p.stderr
+    return workdir
+
+
+def copy_of(workdir, to):
+    shutil.copytree(workdir, to)
+    return to
+
+
 # 3. read errors that are not corruption ----------------------------------------------------------
 
 def _as_other_user(*args):
@@ -120,10 +136,9 @@ def _as_other_user(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_an_unreadable_checkpoint_stops_the_run_and_moves_nothing(tmp_path):
-    workdir = tmp_path / "perm"
+def test_an_unreadable_checkpoint_stops_the_run_and_moves_nothing(tmp_path, ten_steps):
+    workdir = copy_of(ten_steps, tmp_path / "perm")
     args = ("--config", SMOKE, "--workdir", str(workdir), QUIET, "--config.checkpoint.every=5")
-    assert cli("train", *args, "--config.train.steps=10").returncode == 0
     manifest = workdir / "checkpoints" / "10" / "state" / "manifest.ocdbt"
     manifest.chmod(0)
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
@@ -137,11 +152,11 @@ def test_an_unreadable_checkpoint_stops_the_run_and_moves_nothing(tmp_path):
     assert [s for s, _ in losses(workdir)] == list(range(5, 21, 5))  # nothing was redone
 
 
-def test_a_workdir_whose_checkpoints_were_lost_is_not_restarted_from_scratch(tmp_path):
-    workdir = tmp_path / "lost"
+def test_a_workdir_whose_checkpoints_were_lost_is_not_restarted_from_scratch(tmp_path,
+                                                                             ten_steps):
+    workdir = copy_of(ten_steps, tmp_path / "lost")
     args = ("--config", SMOKE, "--workdir", str(workdir), QUIET, "--config.checkpoint.every=5",
             "--config.train.steps=10")
-    assert cli("train", *args).returncode == 0
     checkpoints = workdir / "checkpoints"
     for step in (5, 10):  # what an earlier run's fallback did to two unreadable checkpoints
         (checkpoints / str(step)).rename(checkpoints / f"corrupt-{step}-1")
@@ -204,10 +219,9 @@ def test_a_listing_that_fails_never_makes_a_workdir_look_empty(tmp_path, monkeyp
     assert saved.read_bytes() == b"weights"
 
 
-def test_a_torn_metrics_record_is_skipped_with_a_warning(tmp_path):
-    workdir = tmp_path / "torn"
+def test_a_torn_metrics_record_is_skipped_with_a_warning(tmp_path, ten_steps):
+    workdir = copy_of(ten_steps, tmp_path / "torn")
     args = ("--config", SMOKE, "--workdir", str(workdir), QUIET, "--config.checkpoint.every=5")
-    assert cli("train", *args, "--config.train.steps=10").returncode == 0
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "train/lo')  # the disk filled up mid-write
     p = cli("train", *args, "--config.train.steps=15")
@@ -409,10 +423,9 @@ def test_plot_skips_records_it_cannot_use(trained, tmp_path):
 
 # 10. the rest ---------------------------------------------------------------------------------------
 
-def test_an_edited_data_position_is_refused(tmp_path):
-    workdir = tmp_path / "data"
+def test_an_edited_data_position_is_refused(tmp_path, ten_steps):
+    workdir = copy_of(ten_steps, tmp_path / "data")
     args = ("--config", SMOKE, "--workdir", str(workdir), QUIET, "--config.checkpoint.every=5")
-    assert cli("train", *args, "--config.train.steps=10").returncode == 0
     position = workdir / "checkpoints" / "10" / "data" / "process_0-of-1.json"
     state = json.loads(position.read_text())
     position.write_text(json.dumps({**state, "next_index": state["next_index"] + 3}))
@@ -469,15 +482,14 @@ def test_random_signals_at_random_moments_never_change_the_result(tmp_path):
             "--config.train.eval_every=20", "--config.checkpoint.every=4",
             "--config.checkpoint.keep=2")
     straight, chaos = tmp_path / "straight", tmp_path / "chaos"
-    # A compilation cache of this test's own, empty at its start: the straight run compiles
-    # from scratch and writes it, each chaos run loads the same programs instead of compiling
-    # them again (signals while XLA compiles: test_a_signal_during_start_up_exits_cleanly).
-    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
-    assert cli("train", *args, "--workdir", str(straight), env=cache).returncode == 0
+    # The session's compilation cache (tests/conftest.py): by the chaos runs it holds the
+    # straight run's programs, which they load instead of compiling them again (signals while
+    # XLA compiles: test_a_signal_during_start_up_exits_cleanly).
+    assert cli("train", *args, "--workdir", str(straight)).returncode == 0
     rng = random.Random(int(os.environ.get("INFRA_TEST_SEED", "12")))
     codes = []
     for cycle in range(40):
-        proc = popen("train", *args, "--workdir", str(chaos), env=cache)
+        proc = popen("train", *args, "--workdir", str(chaos))
         if cycle < 8:
             sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
             if rng.random() < 0.3:  # during start-up

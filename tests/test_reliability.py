@@ -53,35 +53,23 @@ def assert_bit_identical(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """The uninterrupted run, and the compilation cache it wrote (its programs, compiled from
-    scratch)."""
-    workdir, cache = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("compiled")
-    p = cli("train", *RUN, "--workdir", str(workdir), env={"INFRA_COMPILE_CACHE": str(cache)})
+def straight(tmp_path_factory):
+    """The uninterrupted run. Its programs are in the session's compilation cache
+    (tests/conftest.py) by the time the runs below start: they load them instead of compiling
+    them again, so a test that starts many runs spends its time on them, not on XLA."""
+    workdir = tmp_path_factory.mktemp("straight")
+    p = cli("train", *RUN, "--workdir", str(workdir))
     assert p.returncode == 0, p.stderr
-    return workdir, cache
+    return workdir
 
 
-@pytest.fixture(scope="module")
-def straight(straight_run):
-    return straight_run[0]
-
-
-@pytest.fixture(scope="module")
-def compiled(straight_run):
-    """The environment of a run that loads the straight run's programs from its compilation
-    cache instead of compiling them again: a test that starts many runs spends its time on them,
-    not on XLA. (The directory itself, not a copy: JAX's keys depend on where the cache is.)"""
-    return {"INFRA_COMPILE_CACHE": str(straight_run[1])}
-
-
-def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight, compiled):
+def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight):
     rng = random.Random(int(os.environ.get("INFRA_TEST_SEED", "1234")))
     kill_steps = sorted(rng.sample(range(3, 57), 5))
     workdir = tmp_path / "killed"
     during_save = 0
     for i, kill_at in enumerate(kill_steps):
-        proc = popen("train", *RUN, "--workdir", str(workdir), env=compiled)
+        proc = popen("train", *RUN, "--workdir", str(workdir))
         ckpts = workdir / "checkpoints"
         if i == 0:  # the first kill lands in the middle of an asynchronous save
             wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in ckpts.glob("*")), proc,
@@ -95,7 +83,7 @@ def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight, compile
         during_save += bool(unfinished)
     assert during_save >= 1, "no kill landed during an asynchronous save"
 
-    p = cli("train", *RUN, "--workdir", str(workdir), env=compiled)
+    p = cli("train", *RUN, "--workdir", str(workdir))
     assert p.returncode == 0, p.stderr
     assert not [p.name for p in (workdir / "checkpoints").glob("*") if "tmp" in p.name]
     assert train_losses(workdir) == train_losses(straight)  # bit-identical floats
@@ -103,9 +91,9 @@ def test_sigkill_at_random_steps_resumes_bit_exactly(tmp_path, straight, compile
     assert_bit_identical(saved_state(workdir, 60), saved_state(straight, 60))
 
 
-def test_sigterm_writes_a_checkpoint_and_resumes_bit_exactly(tmp_path, straight, compiled):
+def test_sigterm_writes_a_checkpoint_and_resumes_bit_exactly(tmp_path, straight):
     workdir = tmp_path / "term"
-    proc = popen("train", *RUN, "--workdir", str(workdir), env=compiled)
+    proc = popen("train", *RUN, "--workdir", str(workdir))
     wait_for(lambda: (workdir / "metrics.jsonl").exists()
              and any(s >= 23 for s, _ in train_losses(workdir)), proc)
     proc.send_signal(signal.SIGTERM)
@@ -116,7 +104,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes_bit_exactly(tmp_path, straight,
     assert committed(workdir)[-1] == stopped  # written off the 5-step interval, and committed
     assert "run the same command to resume" in err.strip().splitlines()[-1]
 
-    p = cli("train", *RUN, "--workdir", str(workdir), env=compiled)
+    p = cli("train", *RUN, "--workdir", str(workdir))
     assert p.returncode == 0, p.stderr
     assert f"resumed from step {stopped}" in p.stderr
     assert train_losses(workdir) == train_losses(straight)

@@ -220,16 +220,15 @@ def test_grpo_sigkill_and_resume_gives_the_same_rewards_and_losses(tmp_path, sft
            "--config.rl.num_iterations=2", "--config.finetune.lora.rank=4",
            "--config.sharding.print_table=false", "--config.train.steps=4")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # this test's own compilation cache: the straight run compiles, the others load
-    cache = {"INFRA_COMPILE_CACHE": str(tmp_path / "compile-cache")}
-    p = cli("train", *run, "--workdir", str(straight), env=cache)
+    # the straight run's programs: the others load them from the session's compilation cache
+    p = cli("train", *run, "--workdir", str(straight))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "eval reward" in p.stderr
-    proc = popen("train", *run, "--workdir", str(killed), env=cache)
+    proc = popen("train", *run, "--workdir", str(killed))
     committed = killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
     kill_when(lambda: committed.exists()
               and any(s >= 3 for s, _ in _records(killed, "train/loss")), proc)
-    p = cli("train", *run, "--workdir", str(killed), env=cache)
+    p = cli("train", *run, "--workdir", str(killed))
     assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr[-2000:]
     for key in ("train/loss", "train/reward", "train/kl", "train/completion_length"):
         assert _records(killed, key) == _records(straight, key), key

@@ -29,8 +29,9 @@ def lora_run(base, workdir, seed: int, cache):
     return workdir
 
 
-def alone(workdir, prompt: list[int], max_tokens: int) -> list[int]:
-    """The greedy completion of `workdir` served by an engine of its own (1 device)."""
+def alone(workdir, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The greedy completion of each prompt by `workdir` served by an engine of its own (1
+    device), one request at a time (each alone in its batch)."""
     from infra.mesh import serve_mesh
     from infra.run import load_config
     from infra.serve.engine import Engine
@@ -39,9 +40,13 @@ def alone(workdir, prompt: list[int], max_tokens: int) -> list[int]:
     config = load_config(workdir)
     engine = Engine.from_workdir(workdir, slots=2, mesh=serve_mesh(config, jax.devices()[:1]))
     s = Scheduler(engine, engine.tokenizer)
-    r = s.submit(Request(np.asarray(prompt, np.int32), max_tokens=max_tokens, ignore_eos=True))
-    s.run_until_idle()
-    return r.token_ids
+    completions = []
+    for prompt in prompts:
+        r = s.submit(Request(np.asarray(prompt, np.int32), max_tokens=max_tokens,
+                             ignore_eos=True))
+        s.run_until_idle()
+        completions.append(r.token_ids)
+    return completions
 
 
 @pytest.mark.slow
@@ -83,7 +88,6 @@ def test_two_adapters_and_the_base_served_at_once(llama_dir, tmp_path):
 
     tok = load_tokenizer(load_config(base).data.tokenizer)
     for model, workdir in (("base", base), *runs.items()):
-        for i, prompt in enumerate(prompts):
-            assert got[model, i] == [tok.token_text(t) for t in alone(workdir, prompt, 10)], \
-                (model, i)
+        for i, ids in enumerate(alone(workdir, prompts, 10)):
+            assert got[model, i] == [tok.token_text(t) for t in ids], (model, i)
     assert got["left", 0] != got["right", 0] or got["left", 1] != got["right", 1]
