@@ -16,11 +16,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 # The tests' own processes (xdist's workers) compile through the same cache, with the CLI's
 # settings (infra/compile_cache.py): many tests build the same small models on the same meshes,
 # and in-process programs equal to a CLI run's are loaded instead of compiled again.
-if os.environ["INFRA_COMPILE_CACHE"].strip().lower() not in ("off", "none", "0", "false"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["INFRA_COMPILE_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+from infra import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,7 +33,7 @@ import pytest  # noqa: E402
 # file starts last while the other worker has nothing left to do. Only an order: a file
 # missing here, or in the wrong place, costs time, never a test.
 SLOWEST_FIRST = [
-    "test_serve_engine.py", "test_nothing_lost.py", "test_reliability.py", "test_bucket.py",
+    "test_serve_engine.py", "test_pipeline.py", "test_nothing_lost.py", "test_reliability.py", "test_bucket.py",
     "test_moe.py", "test_parallelism.py", "test_gguf.py", "test_multihost.py", "test_vision.py",
     "test_quantization.py", "test_sft_cli.py", "test_serve_adapters.py", "test_rl.py",
     "test_interop_cli.py", "test_bench.py", "test_transformer.py", "test_sft.py", "test_cli.py",

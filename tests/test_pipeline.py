@@ -3,7 +3,6 @@ unpipelined model's, checkpoints move between pipelined and unpipelined meshes, 
 pipelined run resumes bit-exactly, and the planner's bubble is what the program idles."""
 
 import json
-import os
 import shutil
 import signal
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infra import compile_cache, config, sharding, train
+from infra import config, sharding, train
 from infra.errors import ConfigError
 from infra.models import pipeline
 from infra.plan import plan
@@ -37,20 +36,6 @@ MESHES = {  # both layer layouts with both repeats; remat per tick once
 }
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compile_cache():
-    """This module's runs load what another run compiled (the same program on the same mesh)
-    from the session's compilation cache, as its CLI runs do; other modules compile as before."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = jax.config.jax_compilation_cache_dir
-    compile_cache.enable(os.environ[compile_cache.ENV])
-    compilation_cache.reset_cache()  # JAX decided whether to use a cache at its first compile
-    yield
-    jax.config.update("jax_compilation_cache_dir", before)
-    compilation_cache.reset_cache()
 
 
 def losses(history) -> np.ndarray:
