@@ -213,3 +213,9 @@ def test_a_released_8b_model_plans_on_two_slices_with_stages_over_dcn():
 def test_a_pipeline_the_model_cannot_take_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train.build(load(**overrides))
+
+
+def test_stages_for_a_model_without_a_pipeline_are_one_config_error():
+    vit = config.load("experiments/vit.py:smoke", {"mesh.data": 2, "mesh.stage": 4})
+    with pytest.raises(ConfigError, match="model.name='vit' has no pipeline; set "):
+        train.build(vit)

@@ -73,11 +73,11 @@ def schedule_for(pipeline, mesh, model, rules, rows: int) -> Schedule | None:
     if m % stages:
         raise ConfigError(f"pipeline.microbatches ({m}) must be a multiple of mesh.stage "
                           f"({stages})", key="pipeline.microbatches", value=stages)
-    layers = int(model.get("num_layers", 0) or 0)
-    if not layers:
+    if model.get("name") != "transformer":
         raise ConfigError(f"mesh.stage={stages} splits a transformer's layers into pipeline "
-                          f"stages; model.name={model.get('name')!r} has none",
+                          f"stages; model.name={model.get('name')!r} has no pipeline",
                           key="mesh.stage", value=1)
+    layers = int(model.num_layers)
     chunks = stages * cfg.repeats
     if layers % chunks:
         raise ConfigError(f"model.num_layers ({layers}) must be a multiple of mesh.stage x "
