@@ -25,7 +25,10 @@ Rules = Sequence[tuple[str, Any]]
 
 
 def normalize_rules(rules: Rules, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
-    """Check that every rule names real mesh axes; return the rules as tuples."""
+    """Check that every rule names real mesh axes (one of ours that a mesh made by hand lacks
+    is size 1); return the rules as tuples."""
+    from infra.mesh import AXES
+
     out = []
     for rule in rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
@@ -33,7 +36,7 @@ def normalize_rules(rules: Rules, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
         name, axes = rule
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
         for axis in (axes if isinstance(axes, tuple) else (axes,)):
-            if axis is not None and axis not in mesh.shape:
+            if axis is not None and axis not in mesh.shape and axis not in AXES:
                 raise ConfigError(
                     f"sharding.rules maps '{name}' to mesh axis '{axis}', which the mesh does not "
                     f"have; mesh axes are {', '.join(mesh.shape)}"
@@ -63,9 +66,22 @@ def param_specs(abstract_model: nnx.Module, rules: Rules) -> dict:
     return nnx.to_pure_dict(specs)
 
 
+def on_mesh(spec: P, mesh: Mesh) -> P:
+    """`spec` less the axes `mesh` does not have (a mesh made by hand without, say, `stage`:
+    the default rules' axis of size 1)."""
+    def keep(axes):
+        if isinstance(axes, tuple):
+            kept = tuple(a for a in axes if a in mesh.shape)
+            return kept or None
+        return axes if axes in mesh.shape else None
+    return P(*(keep(axes) for axes in spec))
+
+
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide (e.g. 2 kv heads over tensor=4)."""
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 kv heads over tensor=4), and
+    those the mesh does not have."""
     fitted = []
+    spec = on_mesh(spec, mesh)
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
         size = math.prod(mesh.shape[a] for a in names)
@@ -109,7 +125,7 @@ def state_shardings(abstract_state: Any, param_shardings: dict, mesh: Mesh) -> A
 
 def batch_sharding(mesh: Mesh, rules: Rules, logical: Sequence[str] = ("batch",)) -> NamedSharding:
     """Sharding of an input array whose leading dims have the given logical names."""
-    return NamedSharding(mesh, logical_to_spec(logical, rules))
+    return NamedSharding(mesh, on_mesh(logical_to_spec(logical, rules), mesh))
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
@@ -120,7 +136,7 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
 def _mesh_size(mesh: Mesh, spec_entry) -> int:
     """Number of shards of one PartitionSpec entry (None, an axis name or a tuple of them)."""
     names = spec_entry if isinstance(spec_entry, tuple) else (spec_entry,) if spec_entry else ()
-    return math.prod(mesh.shape[a] for a in names)
+    return math.prod(mesh.shape.get(a, 1) for a in names)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, process_count: int,

@@ -174,8 +174,10 @@ def test_every_section_is_typed_where_it_is_declared(tmp_path):
     tx, schedule = make_optimizer(optim, 10)
     assert float(schedule(10)) == pytest.approx(optim.lr * optim.min_lr_ratio)
     assert mesh_lib.mesh_shape(config.MeshConfig(data=2, fsdp=-1), 8) == (
-        {"data": 2, "fsdp": 4, "sequence": 1, "expert": 1, "tensor": 1},
-        {"data": 1, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1})
+        {"data": 2, "stage": 1, "fsdp": 4, "sequence": 1, "expert": 1,
+         "tensor": 1},
+        {"data": 1, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1,
+         "tensor": 1})
     with pytest.raises(ConfigError, match="mesh.fsdp must be a positive int or -1"):
         config.MeshConfig(fsdp=0)
     assert config.base_config().train.to_dict() == config.TrainConfig.defaults()

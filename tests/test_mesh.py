@@ -14,13 +14,14 @@ def cfg(**sizes):
 
 
 def test_fill_and_explicit_sizes():
-    assert dict(mesh.make_mesh(cfg()).shape) == {"data": 8, "fsdp": 1, "sequence": 1,
-                                                 "expert": 1, "tensor": 1}
+    assert dict(mesh.make_mesh(cfg()).shape) == {"data": 8, "stage": 1, "fsdp": 1,
+                                                 "sequence": 1, "expert": 1, "tensor": 1}
     assert dict(mesh.make_mesh(cfg(data=2, fsdp=-1, tensor=2)).shape) == {
-        "data": 2, "fsdp": 2, "sequence": 1, "expert": 1, "tensor": 2}
+        "data": 2, "stage": 1, "fsdp": 2, "sequence": 1, "expert": 1, "tensor": 2}
     assert dict(mesh.make_mesh(cfg(data=2, expert=4)).shape)["expert"] == 4
+    assert dict(mesh.make_mesh(cfg(data=2, stage=4)).shape)["stage"] == 4
     m = mesh.make_mesh(cfg(data=1, fsdp=4, tensor=2))
-    assert m.axis_types == (jax.sharding.AxisType.Auto,) * 5
+    assert m.axis_types == (jax.sharding.AxisType.Auto,) * 6
     assert m.size == 8
 
 

@@ -40,7 +40,8 @@ sys.exit(rc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table, _, payload = proc.stdout.partition("JSON")
     d = json.loads(payload)
-    assert d["mesh"] == {"data": 1, "fsdp": 256, "sequence": 1, "expert": 1, "tensor": 1}
+    assert d["mesh"] == {"data": 1, "stage": 1, "fsdp": 256, "sequence": 1, "expert": 1,
+                         "tensor": 1}
     assert d["param_count"] > 6e9 and d["compiled"] is None  # too big to compile by default
     whole = d["params_bytes_total"] + d["opt_bytes_total"]
     per_device = d["params_bytes"] + d["opt_bytes"]
@@ -80,7 +81,8 @@ def test_plan_agrees_with_the_compiled_step(mesh):
 def test_parallelism_and_memory_switches():
     base = plan.plan(config.load(SMOKE), devices=8, mesh="fsdp=4,dcn_data=2", chip="tpu-v5p",
                      compile=False)
-    assert base.dcn == {"data": 2, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1}
+    assert base.dcn == {"data": 2, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1,
+                        "tensor": 1}
     by_what = {(c.what.split(" (")[0], c.axes): c for c in base.collectives}
     gather = by_what[("all-gather weights, fwd + bwd", ("fsdp",))]
     assert gather.ici_bytes > 0 and gather.dcn_bytes == 0
@@ -103,7 +105,8 @@ def test_parallelism_and_memory_switches():
 
 def test_gpu_collectives_beyond_a_node_cross_the_network():
     chip = hardware.get_chip("h100")
-    ici = {"data": 1, "fsdp": 256, "sequence": 1, "expert": 1, "tensor": 1}
+    ici = {"data": 1, "stage": 1, "fsdp": 256, "sequence": 1, "expert": 1,
+           "tensor": 1}
     dcn = dict.fromkeys(ici, 1)
     topo = Topology(list(ici), ici, dcn, chip)
     on_ici, on_dcn = topo.split(("fsdp",), 1.0)

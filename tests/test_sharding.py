@@ -34,8 +34,8 @@ def test_param_shardings_follow_rules_on_2x2x2():
     for name, spec in expected.items():
         live = flat[name].sharding
         assert live.spec == spec, (name, live.spec, spec)
-        assert dict(live.mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "expert": 1,
-                                         "tensor": 2}
+        assert dict(live.mesh.shape) == {"data": 2, "stage": 1, "fsdp": 2, "sequence": 1,
+                                         "expert": 1, "tensor": 2}
     # a 2-way split really halves the per-device shard
     q = flat["blocks/0/attn/q"]
     assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2, q.shape[2])
@@ -52,7 +52,7 @@ def test_batch_is_split_over_data_and_fsdp():
     trainer = build(**MESH_2x2x2)
     local = trainer.task.eval_batches(0, 1)[0]
     batch = sharding.to_global(local, trainer.batch_shardings)
-    assert batch["inputs"].sharding.spec == P(("data", "fsdp", "expert"), "sequence")
+    assert batch["inputs"].sharding.spec == P(("data", "stage", "fsdp", "expert"), "sequence")
     assert len({str(s.index) for s in batch["inputs"].addressable_shards}) == 4
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), local["inputs"])
 

@@ -427,8 +427,9 @@ def test_stacked_params_carry_layers_axis():
     # Every layer gets its own initial values.
     assert not np.allclose(np.asarray(q[0]), np.asarray(q[1]))
     specs = sharding.param_specs(nnx.eval_shape(lambda: make(scan_layers=True)), DEFAULT_RULES)
-    assert specs["blocks"]["attn"]["q"] == P(None, "fsdp", "tensor", None)
-    assert specs["blocks"]["mlp"]["down"] == P(None, "tensor", "fsdp")
+    # the stacked layers over `stage` (pipeline stages; size 1 unless mesh.stage is set)
+    assert specs["blocks"]["attn"]["q"] == P("stage", "fsdp", "tensor", None)
+    assert specs["blocks"]["mlp"]["down"] == P("stage", "tensor", "fsdp")
 
 
 def test_scan_pure_dict_workflow_sharded_init_and_grad():

@@ -23,7 +23,9 @@ from infra.errors import UserError
 
 #: `serve --kv_cache`: the cache's storage (``auto``: the model's compute dtype)
 KV_FORMATS = ("auto", "int8")
-AXES = ("layers", None, None, "kv_heads", "head_dim")  # logical names of a cache array
+# logical names of a cache array: (layers, slots or pages, positions, kv heads, head_dim); the
+# layers stay whole (serving has no pipeline stages), kv heads follow the weights' `tensor`
+AXES = (None, None, None, "kv_heads", "head_dim")
 Cache = dict[str, jax.Array]
 
 
