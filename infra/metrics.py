@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from infra import paths
 from infra.errors import CheckpointError, write_fix
+from infra.event_file import EventFileWriter
 from infra.paths import PathLike
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,27 +83,20 @@ def write_failure(path: PathLike, e: OSError) -> CheckpointError:
 
 
 class _EventFile:
-    """A TensorBoard event file written synchronously (tensorboardX's own writer queues events
-    for a thread that, on a full disk, dies and leaves the queue to block the loop forever).
-    In a bucket the file is written locally and uploaded whole at each flush."""
+    """A TensorBoard event file written synchronously (`infra.event_file`). In a bucket the
+    file is written locally and uploaded whole at each flush."""
 
     def __init__(self, logdir: PathLike):
-        from tensorboardX.event_file_writer import EventsWriter
-
         self.remote = paths.path(logdir) if paths.is_remote(logdir) else None
         local = Path(tempfile.mkdtemp(prefix="infra-tb-")) if self.remote else Path(logdir)
         local.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(local / "events"))
-        self._local = Path(self._writer._file_name)
+        self._writer = EventFileWriter(local)
+        self._local = self._writer.path
         self.path = self.remote / self._local.name if self.remote else self._local
 
     def add_scalars(self, step: int, metrics: dict[str, float]) -> None:
-        from tensorboardX.proto import event_pb2
-        from tensorboardX.summary import scalar
-
         for name, value in metrics.items():
-            self._writer.write_event(
-                event_pb2.Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+            self._writer.add_scalar(name, value, step)
 
     def flush(self) -> None:
         self._writer.flush()

@@ -66,15 +66,24 @@ def param_specs(abstract_model: nnx.Module, rules: Rules) -> dict:
     return nnx.to_pure_dict(specs)
 
 
+def _filtered(axes: Any, keep) -> Any:
+    """One spec or rule entry (None, an axis, or a tuple of axes) with only the axes `keep`
+    accepts; None where none is left."""
+    if isinstance(axes, tuple):
+        return tuple(a for a in axes if keep(a)) or None
+    return axes if axes is not None and keep(axes) else None
+
+
 def on_mesh(spec: P, mesh: Mesh) -> P:
     """`spec` less the axes `mesh` does not have (a mesh made by hand without, say, `stage`:
     the default rules' axis of size 1)."""
-    def keep(axes):
-        if isinstance(axes, tuple):
-            kept = tuple(a for a in axes if a in mesh.shape)
-            return kept or None
-        return axes if axes in mesh.shape else None
-    return P(*(keep(axes) for axes in spec))
+    return P(*(_filtered(axes, mesh.shape.__contains__) for axes in spec))
+
+
+def rules_without(rules: Rules, axis: str) -> tuple[tuple[str, Any], ...]:
+    """The rules with mesh axis `axis` removed from every entry (inside a `shard_map` manual
+    over it, or where a vmapped dim holds it)."""
+    return tuple((name, _filtered(axes, lambda a: a != axis)) for name, axes in rules)
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

@@ -11,6 +11,29 @@ SCALARS = ("train/loss", "train/lr", "train/grad_norm", "train/step_time_s", "tr
            "train/input_wait_frac", "train/compile_time_s", "eval/loss")
 
 
+def test_event_files_read_back_with_tensorboards_checked_reader(tmp_path):
+    """Our hand-encoded records pass TensorBoard's CRC checks; two writers in one directory
+    within a second (a run and its resume) keep separate files."""
+    from tensorboard.backend.event_processing import event_accumulator, event_file_loader
+
+    from infra.event_file import EventFileWriter, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    first, second = EventFileWriter(tmp_path), EventFileWriter(tmp_path)
+    first.add_scalar("train/loss", 3.25, 1)
+    first.add_scalar("moe/load/0", float("inf"), 2**40)
+    second.add_scalar("train/loss", 2.5, 2)
+    for w in (first, second):
+        w.close()
+    assert first.path != second.path
+    events = list(event_file_loader.EventFileLoader(str(first.path)).Load())
+    assert events[0].file_version == "brain.Event:2" and len(events) == 3
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 3.25), (2, 2.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("moe/load/0")] == [(2**40, float("inf"))]
+
+
 @pytest.mark.slow
 def test_tensorboard_scalars_match_jsonl_and_profile_is_captured(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator

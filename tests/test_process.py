@@ -7,7 +7,7 @@ from tests.helpers import ROOT
 
 PROBE = """
 import logging, sys
-import jax, flax, grain, orbax.checkpoint, tensorboardX  # what the libraries do on import
+import jax, flax, grain, orbax.checkpoint, tqdm  # what the libraries do on import
 hook, unraisable = sys.excepthook, sys.unraisablehook
 handlers = list(logging.getLogger().handlers)
 import infra, infra.train, infra.checkpoint, infra.generate, infra.plan, infra.cli, infra.evaluate

@@ -87,7 +87,7 @@ def schedule_for(pipeline, mesh, model, rules, rows: int) -> Schedule | None:
         raise ConfigError("pipeline stages do not support mixture-of-experts layers yet (their "
                           "router losses are not split by microbatch); set mesh.stage=1",
                           key="mesh.stage", value=1)
-    inner = sharding.batch_shards(mesh, without_stage(rules))
+    inner = sharding.batch_shards(mesh, sharding.rules_without(rules, AXIS))
     if rows % (m * inner):
         raise ConfigError(f"a batch of {rows} rows (train.batch_size / train.microbatches) does "
                           f"not split into pipeline.microbatches={m} of {inner} batch shards "
@@ -128,16 +128,6 @@ def stacked_layers(blocks: nnx.Module, stacked: bool) -> tuple[Any, Any, list[tu
     state = jax.tree.map(lambda *xs: jnp.stack(xs), first,
                          *(nnx.split(b)[1] for b in blocks[1:]))
     return graphdef, state, names_of(first, ("layers",))
-
-
-def without_stage(rules) -> tuple:
-    """The rules with `stage` removed from every entry (it holds the vmapped stage dim)."""
-    def drop(axes):
-        if isinstance(axes, tuple):
-            kept = tuple(a for a in axes if a != AXIS)
-            return kept or None
-        return None if axes == AXIS else axes
-    return tuple((name, drop(axes)) for name, axes in rules)
 
 
 def run_blocks(blocks: nnx.Module, stacked: bool, x: jax.Array, positions: jax.Array,
@@ -184,7 +174,7 @@ def run(stage_fn: Callable, weights: Any, names: list[tuple], x: jax.Array, side
                           f"({M}); use a multiple of {M} rows (per gradient-accumulation "
                           "microbatch)")
     weights = _arranged(weights, names, schedule)
-    inner = without_stage(rules)
+    inner = sharding.rules_without(rules, AXIS)
 
     def on_stages(a: jax.Array, logical: tuple) -> jax.Array:  # leading dim over `stage`
         spec = sharding.fit_spec(sharding.logical_to_spec(logical, inner), a.shape[1:], mesh)

@@ -274,10 +274,10 @@ def _pipeline(model, stages, mesh, rules, topo, param_leaves, c, t, remat, micro
     each tick's input, recomputing one tick at a time with its blocks rematerialised by the
     policy. Each tick it sends one microbatch's activations (m d c bytes) to the next stage,
     and their gradient back."""
-    from infra.models.pipeline import without_stage
+    from infra.sharding import rules_without
 
     S, M, R, T = stages.stages, stages.microbatches, stages.repeats, stages.ticks
-    inner = without_stage(rules)
+    inner = rules_without(rules, "stage")
     m = (model.rows / _factor(inner, mesh, "batch", model.rows) / microbatches / M
          * model.T / _factor(inner, mesh, "length", model.T))
     send = m * model.d / t["d"] * c
