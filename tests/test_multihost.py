@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from tests.helpers import ROOT, cli
@@ -32,23 +31,21 @@ def test_two_processes_match_one_and_resume_in_one_on_another_mesh(tmp_path):
     p = cli("train", *ARGS, "--workdir", str(one), "--config.mesh.data=8")
     assert p.returncode == 0, p.stderr
     ref = losses(one)
+    assert sorted(ref) == list(range(1, 21))
 
-    two = tmp_path / "two"
-    p = launch(2, 4, "train", *ARGS, "--workdir", str(two), "--config.mesh.data=8")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "process 1 of 2" in p.stdout + p.stderr
-    got = losses(two)
-    assert sorted(got) == sorted(ref) == list(range(1, 21))
-    diff = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
-    print(f"2 processes vs 1: max relative loss difference {diff:.2e}")
-    assert diff <= 1e-4
-
-    # stop a 2-process run at step 10 (checkpointed cooperatively), resume it in 1 process
-    # on a different mesh: the curve continues as if nothing happened
+    # 2 processes of 4 devices on fsdp=4 x data=2, stopped at step 10 (checkpointed
+    # cooperatively), then resumed in 1 process on data=2 x tensor=4: the curve is the
+    # 1-process data=8 run's throughout
     moved = tmp_path / "moved"
     p = launch(2, 4, "train", *ARGS, "--workdir", str(moved), "--config.mesh.fsdp=4",
                "--config.mesh.data=2", "--config.train.stop_at=10")
     assert p.returncode == 0, p.stdout + p.stderr
+    assert "process 1 of 2" in p.stdout + p.stderr
+    two = losses(moved)
+    assert sorted(two) == list(range(1, 11))
+    diff = max(abs(two[s] - ref[s]) / ref[s] for s in two)
+    print(f"2 processes vs 1: max relative loss difference {diff:.2e}")
+    assert diff <= 1e-4
     data_files = sorted(f.name for f in (moved / "checkpoints" / "10" / "data").glob("*.json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     p = cli("train", *ARGS, "--workdir", str(moved), "--config.mesh.data=2", "--config.mesh.tensor=4")
@@ -56,11 +53,9 @@ def test_two_processes_match_one_and_resume_in_one_on_another_mesh(tmp_path):
     assert "resumed from step 10" in p.stderr
     resumed = losses(moved)
     assert sorted(resumed) == list(range(1, 21))
-    diff = max(abs(resumed[s] - ref[s]) / ref[s] for s in ref)
+    diff = max(abs(resumed[s] - ref[s]) / ref[s] for s in range(11, 21))
     print(f"2-process checkpoint resumed in 1 process on data=2,tensor=4: max relative diff {diff:.2e}")
     assert diff <= 1e-4
-    np.testing.assert_allclose(
-        [resumed[s] for s in range(11, 21)], [ref[s] for s in range(11, 21)], rtol=1e-4)
     # goodput of the two runs in that workdir: one event log per process, merged
     assert sorted(f.name for f in (moved / "events").glob("*.jsonl")) == [
         "process_0.jsonl", "process_1.jsonl"]
@@ -80,7 +75,6 @@ def test_launcher_needs_a_command():
 
 def start_pair(workdir, *extra):
     """Two processes of one run, started directly (no launcher that could stop the survivor)."""
-    import os
     import socket
 
     from tests.helpers import popen

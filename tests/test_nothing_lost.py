@@ -245,7 +245,7 @@ def test_a_second_trainer_is_refused_and_readers_never_race_the_first(tmp_path):
         assert p.returncode == 2
         one_error_line(p, "is in use by another training run", f"pid {first.pid}")
         assert records(workdir)[:len(before)] == before
-        for _ in range(5):  # keep=1: each step deletes the previous checkpoint
+        for _ in range(3):  # keep=1: each step deletes the previous checkpoint
             g = cli("generate", "--workdir", str(workdir), "--prompt", "def ",
                     "--max_new_tokens", "4", "--temperature", "0")
             assert g.returncode == 0, g.stderr
